@@ -1,0 +1,81 @@
+"""Fixtures shared by the test suite: the local MNIST mirror and throwaway project copies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's scripts: dvc, mlflow, ...
+
+# Deterministic identity for the throwaway git repositories the tests create.
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "mnist-gan tests",
+    "GIT_AUTHOR_EMAIL": "tests@example.invalid",
+    "GIT_COMMITTER_NAME": "mnist-gan tests",
+    "GIT_COMMITTER_EMAIL": "tests@example.invalid",
+}
+
+
+@pytest.fixture(scope="session")
+def shared_mirror() -> Path:
+    """The local MNIST mirror: ``$MNIST_MIRROR`` (first entry) or ``../shared/mnist``."""
+    env = os.environ.get("MNIST_MIRROR", "").split(",")[0].strip()
+    path = Path(env) if env else ROOT.parent / "shared" / "mnist"
+    assert (path / "train-images-idx3-ubyte.gz").exists() or (
+        path / "train-images-idx3-ubyte"
+    ).exists(), f"no MNIST mirror at {path}: set MNIST_MIRROR to a folder holding the MNIST files"
+    return path.resolve()
+
+
+def run(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, returning its result; on an unexpected failure show its output."""
+    full_env = {**os.environ, **GIT_ENV, **(env or {})}
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
+    res = subprocess.run(
+        cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and res.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {res.returncode}\n--- stdout\n{res.stdout}\n"
+            f"--- stderr\n{res.stderr}"
+        )
+    return res
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A fresh git repository holding the project's files (as git sees them), no outputs.
+
+    Tests that run ``dvc repro`` work here, so the real workspace is never touched.
+    """
+    dest = tmp_path / "project"
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if not src.is_file() or name == "dvc.lock":
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    run(["git", "init", "-q", "-b", "main"], cwd=dest)
+    run(["git", "add", "-A"], cwd=dest)
+    run(["git", "commit", "-q", "-m", "project copy"], cwd=dest)
+    return dest
