@@ -3,8 +3,8 @@
 Every stage reads its section once through :func:`load_params`. The file is parsed into frozen
 dataclasses; an unknown key, a wrong type or a value out of range raises :class:`ParamsError`
 naming the file and ``section.key`` before any work starts. The committed ``params.yaml`` lists
-every key, so ``dvc params diff`` and ``dvc exp show`` tell the whole truth; the dataclass defaults equal it and serve the library
-and the tests.
+every key, so ``dvc params diff`` and ``dvc exp show`` tell the whole truth; the dataclass
+defaults equal it and serve the library and the tests.
 """
 
 from __future__ import annotations
