@@ -6,24 +6,34 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The DVC remote that `make remote-folder` / `make remote-s3` add (as the default remote).
+REMOTE ?= storage
+# `make server`: the team's tracking server (backend store and artifacts under SERVER_DIR).
+SERVER_DIR ?= $(CURDIR)/mlflow-server
 # The default MLflow store: a SQLite file at the project root, by absolute path so that
 # queued DVC experiments (run in temporary copies) log into the same store.
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+# dvc.yaml's commands call `python`: make it the venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run test test-fast lint format ui bench
+.PHONY: help setup run test test-fast lint format ui bench remote-folder remote-s3 server
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,s3]"
+	# moto (the team tests' S3 server) in a second command, held to the botocore that dvc-s3's
+	# aiobotocore pins: resolving both in one command backtracks through boto3 for minutes.
+	$(BIN)/python -m pip install --quiet -e ".[team-test]" \
+		"botocore==$$($(BIN)/python -c 'import botocore; print(botocore.__version__)')"
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install the project with its dev extra (quick when done)
+setup: $(STAMP)  ## create .venv and install the project with its dev, s3 and team-test extras
 
 run: setup  ## fetch, normalize, train and evaluate: dvc repro
 	$(BIN)/dvc repro
@@ -47,3 +57,21 @@ ui: setup  ## open the MLflow UI on the tracking store, on $(HOST):$(PORT)
 
 bench: setup  ## training throughput against the common tutorial baseline
 	$(BIN)/python benchmarks/train_throughput.py
+
+remote-folder: setup  ## add a folder (local disk or NFS) as the default DVC remote: DIR=/path
+	@test -n "$(DIR)" || { echo "usage: make remote-folder DIR=/shared/path [REMOTE=name]" >&2; exit 2; }
+	mkdir -p "$(DIR)"
+	$(BIN)/dvc remote add --default --force $(REMOTE) "$(abspath $(DIR))"
+	@echo "remote '$(REMOTE)' -> $(abspath $(DIR)); commit .dvc/config, then: dvc push --run-cache"
+
+remote-s3: setup  ## add an S3 bucket as the default remote: URL=s3://bucket/path [ENDPOINT=url]
+	@test -n "$(URL)" || { echo "usage: make remote-s3 URL=s3://bucket/path [ENDPOINT=https://host:port] [REMOTE=name]" >&2; exit 2; }
+	$(BIN)/dvc remote add --default --force $(REMOTE) "$(URL)"
+	$(if $(ENDPOINT),$(BIN)/dvc remote modify $(REMOTE) endpointurl "$(ENDPOINT)")
+	@echo "remote '$(REMOTE)' -> $(URL); commit .dvc/config. Credentials stay out of git: set"
+	@echo "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or: dvc remote modify --local $(REMOTE) access_key_id ..."
+
+server: setup  ## the team's MLflow tracking server (SQLite + artifacts in SERVER_DIR) on $(HOST):$(PORT)
+	mkdir -p "$(SERVER_DIR)/artifacts"
+	$(BIN)/mlflow server --backend-store-uri "sqlite:///$(SERVER_DIR)/mlflow.db" \
+		--artifacts-destination "$(SERVER_DIR)/artifacts" --host $(HOST) --port $(PORT)

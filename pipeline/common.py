@@ -20,7 +20,7 @@ PARAMS_OPTION = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     default="params.yaml",
     show_default=True,
-    help="The params file; the stage reads its own section and `base`.",
+    help="The params file; the stage reads only its own sections of it.",
 )
 
 
