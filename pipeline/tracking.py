@@ -2,22 +2,116 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 
 def project_root() -> Path:
-    """The folder the stage runs in: DVC runs every stage from the project root."""
-    return Path.cwd().resolve()
+    """The project's own root, also when DVC runs a stage in a temporary copy of the repository.
+
+    ``dvc repro`` runs stages from the project root, but queued and ``--temp`` experiments run
+    in a copy under ``<root>/.dvc/tmp/exps/<tmpdir>/`` that is deleted afterwards. DVC passes the
+    original root to every stage as ``DVC_ROOT``; the path of the copy is the fallback.
+    """
+    cwd = Path.cwd().resolve()
+    env = os.environ.get("DVC_ROOT", "").strip()
+    if env and Path(env).is_dir():
+        return Path(env).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 3, 0, -1):  # the innermost .dvc/tmp/exps/<tmpdir>
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
 
 
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` when set, else a SQLite store at the project root (absolute)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     return uri or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking store that the URI names cannot be used; the message says which and why."""
+
+
+def check_reachable(uri: str | None = None, timeout: float = 10.0) -> str:
+    """Fail fast, before any work, when the tracking store cannot be reached.
+
+    MLflow's client retries a dead server for minutes at the first call that needs it, so a bad
+    ``MLFLOW_TRACKING_URI`` would cost a training run. An http(s) server must answer the REST
+    API (any answer but 401/403 will do); a SQLite or file store needs its folder to exist.
+    Other stores (PostgreSQL, Databricks) are left to MLflow.
+
+    Args:
+        uri: The tracking URI; default :func:`tracking_uri`.
+        timeout: Seconds to wait for the server's answer.
+
+    Returns:
+        The URI that was checked.
+
+    Raises:
+        TrackingUnreachable: naming the URI and what is wrong.
+    """
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        query = urllib.parse.urlencode({"experiment_name": EXPERIMENT})
+        url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}"
+        headers = {}
+        if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            headers["Authorization"] = f"Bearer {token}"
+        elif user := os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            import base64
+
+            pair = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+            headers["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
+        context = None
+        if scheme == "https":  # the TLS settings MLflow's own client honours
+            context = ssl.create_default_context(
+                cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
+            )
+            if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout, context=context):
+                pass
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise TrackingUnreachable(
+                    f"the MLflow tracking server at {uri} refused the credentials "
+                    f"(HTTP {exc.code}): set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN"
+                ) from None
+            # Any other answer (404 for an experiment not made yet) means a server is there.
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnreachable(
+                f"cannot reach the MLflow tracking server at {uri} ({reason}): start it "
+                "(`make server`) or fix MLFLOW_TRACKING_URI; stopping before any work"
+            ) from None
+    elif scheme in ("sqlite", "file", ""):
+        if scheme == "sqlite":
+            path = Path(uri.removeprefix("sqlite:///"))
+        else:
+            path = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path))  # mlruns/
+        if not path.parent.is_dir():
+            raise TrackingUnreachable(
+                f"the MLflow tracking store {uri} is in a folder that does not exist "
+                f"({path.parent}): create it or fix MLFLOW_TRACKING_URI; stopping before any work"
+            )
+    return uri
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -60,3 +154,104 @@ def read_run_id(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     return text or None
+
+
+EXPERIMENT = "mnist-gan"
+
+
+def run_tags(stage: str) -> dict[str, str]:
+    """Tags that tie a run to its code and DVC experiment: stage, git commit, experiment names."""
+    tags = {"stage": stage}
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
+    envs = (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev"))
+    for env, tag in envs:
+        value = os.environ.get(env, "").strip()
+        if value:
+            tags[tag] = value
+    return tags
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store, ``mlruns/`` beside the database file; else the server's default.
+
+    MLflow's default is ``./mlruns`` under the current folder, which for a DVC experiment run
+    in a temporary copy would vanish with the copy.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return (Path(uri[len(prefix) :]).resolve().parent / "mlruns").as_uri()
+
+
+def start_run(stage: str, resume_run_id: str | None = None) -> tuple[Any, bool]:
+    """Start a run in the ``mnist-gan`` experiment, or reopen ``resume_run_id`` when it exists.
+
+    Args:
+        stage: The stage name (run name unless ``DVC_EXP_NAME`` is set, and tag ``stage``).
+        resume_run_id: A run to continue (e.g. from a training checkpoint).
+
+    Returns:
+        The active run and whether it was resumed.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        with contextlib.suppress(MlflowException):  # created meanwhile by a parallel run
+            mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
+    mlflow.set_experiment(EXPERIMENT)
+    if resume_run_id:
+        try:
+            return mlflow.start_run(run_id=resume_run_id), True
+        except MlflowException:  # the run is not in this store (it moved or was deleted)
+            pass
+    run = mlflow.start_run(run_name=os.environ.get("DVC_EXP_NAME") or stage, tags=run_tags(stage))
+    return run, False
+
+
+def log_image_grid(images: Any, key: str, step: int, nrow: int = 8) -> None:
+    """Log images (B, 1, H, W) in [-1, 1] as one grid under ``key`` at ``step`` (a UI slider)."""
+    import mlflow
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1))  # (3, H', W')
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")  # (H', W', 3)
+    mlflow.log_image(array, key=key, step=step)
+
+
+def log_generator_model(model_dir: Path, latent_dim: int, example: Any) -> None:
+    """Log the generator as a pyfunc model: ``gan_pyfunc.py`` as code, ``model_dir`` as artifact.
+
+    Nothing is pickled: MLflow stores the code file and the safetensors folder, plus the
+    ``mnist_gan`` package so the model loads where the project is not installed.
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    import mnist_gan
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))]),  # z
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),  # images
+    )
+    # Quiet logs: no progress bar for the validation's artifact download, and no advice to
+    # type-hint predict (the signature above is the schema).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hints? .*predict", category=UserWarning)
+        mlflow.pyfunc.log_model(
+            name="generator",
+            python_model=str(Path(__file__).with_name("gan_pyfunc.py")),
+            artifacts={"gan": str(model_dir)},
+            code_paths=[str(Path(mnist_gan.__file__).parent)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=["torch", "numpy", "safetensors", "pyyaml"],
+        )

@@ -93,14 +93,16 @@ class ClassifierParams:
 
     epochs: int = 4
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3  # peak learning rate of the one-cycle schedule
     features: int = 128  # dimension of the penultimate (feature) layer
+    shift: int = 2  # augmentation: random translations of up to this many pixels; 0 disables
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs: must be >= 1")
-        _check(self.batch_size >= 1, "batch_size: must be >= 1")
+        _check(self.batch_size >= 2, "batch_size: must be >= 2")
         _check(self.lr > 0, "lr: must be > 0")
         _check(self.features >= 1, "features: must be >= 1")
+        _check(0 <= self.shift <= 8, "shift: must be in [0, 8]")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,10 @@ class TrainParams:
         _check(0.0 <= self.beta2 < 1.0, "beta2: must be in [0, 1)")
         _check(0.0 <= self.ema < 1.0, "ema: must be in [0, 1)")
         _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing: must be in [0, 0.5)")
+        _check(
+            self.label_smoothing == 0.0 or self.loss != "hinge",
+            "label_smoothing: applies to the bce and minimax losses only; use 0 with hinge",
+        )
         _check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
         _check(self.sample_every >= 0, "sample_every: must be >= 0")
 

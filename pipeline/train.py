@@ -1,0 +1,127 @@
+"""Stage `train`: train the GAN on DATA/train.safetensors, tracked in MLflow, resumable.
+
+Writes OUT (generator, discriminator and EMA generator as safetensors, config.json), METRICS
+(final losses, train seconds, images per second), PLOTS/curves.json (one entry per epoch) and
+PLOTS/samples.png. Checkpoints go to CHECKPOINTS every train.checkpoint_every epochs; run again
+after an interruption and training resumes there (same params, data and device only) and
+continues the same MLflow run. A NaN or infinite loss stops with an error naming the epoch and
+step, marks the run FAILED and exits 1, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import click
+import mlflow
+import tracking
+from common import PARAMS_OPTION, load_or_exit
+from torchvision.utils import save_image
+
+from mnist_gan.data import DataError, load_normalized
+from mnist_gan.models import save_gan
+from mnist_gan.params import params_to_dict
+from mnist_gan.training import (
+    CheckpointStore,
+    DivergenceError,
+    EpochStats,
+    GANTrainer,
+    fingerprint,
+    fixed_noise,
+)
+from mnist_gan.utils import atomic_dir, atomic_path, resolve_device, sha256_file, write_json
+
+GRID = 64  # samples in a grid (8 x 8)
+
+
+def _path(help_text: str, **kw: bool) -> dict:
+    return {"type": click.Path(path_type=Path, **kw), "required": True, "help": help_text}
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary files go, checkpoint stays
+
+
+@click.command(help=__doc__)
+@click.option("--data", **_path("Folder holding train.safetensors.", file_okay=False))
+@click.option("--out", **_path("GAN folder (replaced only on success).", file_okay=False))
+@click.option("--metrics", **_path("JSON file for the final metrics.", dir_okay=False))
+@click.option("--plots", **_path("Folder for curves.json and samples.png.", file_okay=False))
+@click.option("--checkpoints", **_path("Folder for checkpoints (not cached).", file_okay=False))
+@click.option("--run-id-file", **_path("File that receives the MLflow run id.", dir_okay=False))
+@PARAMS_OPTION
+def main(
+    data: Path,
+    out: Path,
+    metrics: Path,
+    plots: Path,
+    checkpoints: Path,
+    run_id_file: Path,
+    params_file: Path,
+) -> None:
+    """Train the GAN and log the run to MLflow."""
+    params = load_or_exit(params_file)
+    cfg, seed = params.train, params.base.seed
+    try:
+        tracking.check_reachable()  # a dead tracking server fails now, not after training
+        images, _ = load_normalized(data / "train.safetensors")
+        device = resolve_device(params.base.device)
+        data_sha = sha256_file(data / "train.safetensors")
+        trainer = GANTrainer(cfg, images, seed=seed, device=device)
+    except (DataError, RuntimeError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    store = CheckpointStore(checkpoints, fingerprint(cfg, seed, data_sha, device.type))
+    state = store.load()
+    click.echo(store.note, err=True)
+    if state is not None:
+        trainer.load_state_dict(state)
+    run, resumed = tracking.start_run("train", state.get("run_id") if state else None)
+    tracking.write_run_id(run_id_file, run.info.run_id)
+    if not resumed:
+        flat = tracking.flatten({"base": params_to_dict(params.base), "train": params_to_dict(cfg)})
+        mlflow.log_params({**flat, "data.train_sha256": data_sha})
+    noise = fixed_noise(GRID, cfg.latent_dim, seed)
+
+    def on_epoch(t: GANTrainer, stats: EpochStats) -> None:
+        values = stats.as_dict()
+        mlflow.log_metrics({k: v for k, v in values.items() if k != "epoch"}, step=stats.epoch)
+        if (cfg.sample_every and stats.epoch % cfg.sample_every == 0) or stats.epoch == cfg.epochs:
+            tracking.log_image_grid(t.sample(noise), key="samples", step=stats.epoch)
+        click.echo(
+            f"epoch {stats.epoch}/{cfg.epochs}: loss_d {stats.loss_d:.4f} "
+            f"loss_g {stats.loss_g:.4f} ({stats.epoch_seconds:.1f} s)",
+            err=True,
+        )
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        history = trainer.fit(on_epoch, store, {"run_id": run.info.run_id})
+    except DivergenceError as exc:
+        mlflow.end_run("FAILED")
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        sys.exit(f"interrupted in epoch {trainer.epoch + 1}; run again to resume ({store.path})")
+
+    with atomic_dir(out) as tmp:
+        save_gan(tmp, cfg, seed, trainer.generator, trainer.discriminator, trainer.ema_generator)
+    seconds = sum(h["epoch_seconds"] for h in history)
+    seen = trainer.steps_per_epoch * cfg.batch_size * len(history)
+    final = {k: history[-1][k] for k in ("loss_d", "loss_g", "d_real", "d_fake")}
+    summary = {"epochs": len(history), "train_seconds": seconds, "images_per_sec": seen / seconds}
+    write_json(metrics, {**final, **summary})
+    write_json(plots / "curves.json", history)
+    with atomic_path(plots / "samples.png") as tmp:
+        grid = trainer.sample(noise)  # (64, 1, 28, 28), from the EMA generator when there is one
+        save_image(grid, tmp, nrow=8, normalize=True, value_range=(-1, 1), format="png")
+    mlflow.log_metric("train_seconds", seconds)
+    tracking.log_generator_model(out, cfg.latent_dim, example=noise[:2].numpy())
+    mlflow.end_run()
+    store.clear()
+    click.echo(f"trained {len(history)} epochs in {seconds:.1f} s into {out}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""The GAN's networks, and the ``models/gan/`` folder they are saved in.
+
+Two families, chosen by ``train.model``:
+
+- ``mlp``: the article's fully connected networks. The generator maps z (B, latent_dim) through
+  ``train.hidden`` widths (ReLU; BatchNorm before each ReLU when ``train.g_batchnorm``) to 784
+  tanh outputs, reshaped to (B, 1, 28, 28). The discriminator flattens its input and maps it
+  through the same widths (``train.d_activation``, ``train.d_dropout``) to one logit.
+- ``dcgan``: a DCGAN for 28x28. The generator lifts z to (2C, 7, 7) with a 7x7 transposed
+  convolution, then doubles the side twice (14, 28); BatchNorm and ReLU between. The
+  discriminator mirrors it with strided convolutions and LeakyReLU(0.2).
+
+With ``train.spectral_norm`` every weight layer of the discriminator is spectrally normalised
+(and the dcgan discriminator drops its BatchNorm, which would undo the Lipschitz bound).
+
+Every size is passed explicitly; nothing reads module globals. The library keeps to PyTorch
+here (safetensors is imported only when weights are written or read) so that training runs on
+a machine that has only PyTorch installed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnist_gan.params import TrainParams, params_to_dict
+
+__all__ = [
+    "IMAGE_SHAPE",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "MLPDiscriminator",
+    "MLPGenerator",
+    "build_discriminator",
+    "build_generator",
+    "load_generator",
+    "read_config",
+    "save_gan",
+]
+
+IMAGE_SHAPE = (1, 28, 28)
+_PIXELS = 28 * 28
+LEAKY_SLOPE = 0.2  # the usual GAN discriminator slope (DCGAN paper)
+
+GENERATOR_FILE = "generator.safetensors"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+EMA_FILE = "generator_ema.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def _sn(layer: nn.Module, enabled: bool) -> nn.Module:
+    return nn.utils.parametrizations.spectral_norm(layer) if enabled else layer
+
+
+class MLPGenerator(nn.Module):
+    """The article's generator: z -> hidden widths -> 784 tanh pixels.
+
+    Args:
+        latent_dim: Size of z.
+        hidden: Widths of the hidden layers, in order (the article: 256, 256, 256).
+        batchnorm: BatchNorm1d before each hidden ReLU (the article has none).
+    """
+
+    def __init__(self, latent_dim: int, hidden: tuple[int, ...], batchnorm: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = latent_dim
+        for h in hidden:
+            layers.append(nn.Linear(width, h))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(nn.ReLU())
+            width = h
+        layers += [nn.Linear(width, _PIXELS), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.latent_dim = latent_dim
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Map z (B, latent_dim) to images (B, 1, 28, 28) in [-1, 1]."""
+        return self.net(z).view(z.shape[0], *IMAGE_SHAPE)  # (B, 784) -> (B, 1, 28, 28)
+
+
+class MLPDiscriminator(nn.Module):
+    """The article's discriminator: 784 pixels -> hidden widths -> one logit.
+
+    Args:
+        hidden: Widths of the hidden layers (the article: 256, 256, 256).
+        activation: ``relu`` (the article) or ``leaky_relu`` (slope 0.2).
+        dropout: Dropout after each hidden activation; 0 disables it (the article).
+        spectral_norm: Spectral normalisation of every linear layer.
+    """
+
+    def __init__(
+        self, hidden: tuple[int, ...], activation: str, dropout: float, spectral_norm: bool
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]  # (B, 1, 28, 28) -> (B, 784)
+        width = _PIXELS
+        for h in hidden:
+            layers.append(_sn(nn.Linear(width, h), spectral_norm))
+            layers.append(nn.LeakyReLU(LEAKY_SLOPE) if activation == "leaky_relu" else nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(_sn(nn.Linear(width, 1), spectral_norm))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images (B, 1, 28, 28) to logits (B,)."""
+        return self.net(x).squeeze(1)  # (B, 1) -> (B,)
+
+
+def _dcgan_init(module: nn.Module) -> None:
+    """The DCGAN paper's initialisation: N(0, 0.02) weights, BatchNorm scales N(1, 0.02)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class DCGANGenerator(nn.Module):
+    """A DCGAN generator for 28x28: z -> (2C, 7, 7) -> (C, 14, 14) -> (1, 28, 28).
+
+    Args:
+        latent_dim: Size of z.
+        channels: Base width C.
+    """
+
+    def __init__(self, latent_dim: int, channels: int) -> None:
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(latent_dim, 2 * c, 7, 1, 0, bias=False),  # -> (2C, 7, 7)
+            nn.BatchNorm2d(2 * c),
+            nn.ReLU(),
+            nn.ConvTranspose2d(2 * c, c, 4, 2, 1, bias=False),  # -> (C, 14, 14)
+            nn.BatchNorm2d(c),
+            nn.ReLU(),
+            nn.ConvTranspose2d(c, 1, 4, 2, 1),  # -> (1, 28, 28)
+            nn.Tanh(),
+        )
+        self.latent_dim = latent_dim
+        _dcgan_init(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Map z (B, latent_dim) to images (B, 1, 28, 28) in [-1, 1]."""
+        return self.net(z.view(z.shape[0], -1, 1, 1))  # (B, latent) -> (B, latent, 1, 1)
+
+
+class DCGANDiscriminator(nn.Module):
+    """A DCGAN discriminator for 28x28: (1, 28, 28) -> (C, 14, 14) -> (2C, 7, 7) -> logit.
+
+    Args:
+        channels: Base width C.
+        spectral_norm: Spectral normalisation of every convolution, replacing the BatchNorm.
+    """
+
+    def __init__(self, channels: int, spectral_norm: bool) -> None:
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            _sn(nn.Conv2d(1, c, 4, 2, 1), spectral_norm),  # -> (C, 14, 14)
+            nn.LeakyReLU(LEAKY_SLOPE),
+            _sn(nn.Conv2d(c, 2 * c, 4, 2, 1, bias=spectral_norm), spectral_norm),  # (2C, 7, 7)
+            nn.Identity() if spectral_norm else nn.BatchNorm2d(2 * c),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            _sn(nn.Conv2d(2 * c, 1, 7, 1, 0), spectral_norm),  # -> (1, 1, 1)
+        )
+        _dcgan_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images (B, 1, 28, 28) to logits (B,)."""
+        return self.net(x).flatten()  # (B, 1, 1, 1) -> (B,)
+
+
+def build_generator(cfg: TrainParams) -> nn.Module:
+    """A freshly initialised generator for ``cfg`` (drawing from torch's global RNG)."""
+    if cfg.model == "mlp":
+        return MLPGenerator(cfg.latent_dim, tuple(cfg.hidden), cfg.g_batchnorm)
+    if cfg.model == "dcgan":
+        return DCGANGenerator(cfg.latent_dim, cfg.channels)
+    raise ValueError(f"train.model: unknown model {cfg.model!r} (expected mlp or dcgan)")
+
+
+def build_discriminator(cfg: TrainParams) -> nn.Module:
+    """A freshly initialised discriminator for ``cfg`` (drawing from torch's global RNG)."""
+    if cfg.model == "mlp":
+        return MLPDiscriminator(
+            tuple(cfg.hidden), cfg.d_activation, cfg.d_dropout, cfg.spectral_norm
+        )
+    if cfg.model == "dcgan":
+        return DCGANDiscriminator(cfg.channels, cfg.spectral_norm)
+    raise ValueError(f"train.model: unknown model {cfg.model!r} (expected mlp or dcgan)")
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors wants contiguous CPU tensors that share no memory.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_gan(
+    model_dir: str | Path,
+    cfg: TrainParams,
+    seed: int,
+    generator: nn.Module,
+    discriminator: nn.Module,
+    ema_generator: nn.Module | None = None,
+) -> None:
+    """Write the GAN folder: weights as safetensors and ``config.json``.
+
+    The files depend only on the weights, the params and the seed (no timestamps or paths),
+    so identical training gives identical bytes. Write into an ``utils.atomic_dir`` folder so
+    that the real output appears only once complete.
+
+    Args:
+        model_dir: An existing (normally empty, temporary) folder.
+        cfg: The train params the networks were built from.
+        seed: ``base.seed`` of the run.
+        generator: The trained generator.
+        discriminator: The trained discriminator.
+        ema_generator: The generator's weight average, when ``cfg.ema > 0``.
+    """
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    save_file(_state(generator), str(model_dir / GENERATOR_FILE))
+    save_file(_state(discriminator), str(model_dir / DISCRIMINATOR_FILE))
+    if ema_generator is not None:
+        save_file(_state(ema_generator), str(model_dir / EMA_FILE))
+    config = {"seed": seed, "train": params_to_dict(cfg)}
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    (model_dir / CONFIG_FILE).write_text(text, encoding="utf-8")
+
+
+def train_params_from_dict(raw: Mapping[str, Any], source: str) -> TrainParams:
+    """Rebuild :class:`TrainParams` from its JSON form (lists back to tuples).
+
+    Raises:
+        ValueError: Unknown keys or bad values, naming ``source``.
+    """
+    try:
+        fields = dict(raw)
+        if "hidden" in fields:
+            fields["hidden"] = tuple(fields["hidden"])
+        return TrainParams(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: bad train params: {exc}") from None
+
+
+def read_config(model_dir: str | Path) -> tuple[TrainParams, int]:
+    """The train params and seed stored in a GAN folder's ``config.json``.
+
+    Raises:
+        FileNotFoundError: No ``config.json`` (not a GAN folder, or train has not run).
+        ValueError: The file is not valid JSON or holds bad params.
+    """
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run the train stage first)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        train, seed = config["train"], int(config["seed"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a GAN config ({exc!r})") from None
+    return train_params_from_dict(train, str(path)), seed
+
+
+def load_generator(
+    model_dir: str | Path, prefer_ema: bool = True, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, TrainParams]:
+    """Load the trained generator from a GAN folder, in eval mode.
+
+    Args:
+        model_dir: The folder :func:`save_gan` wrote (``models/gan``).
+        prefer_ema: Use the EMA weights when the folder has them.
+        device: Where to put the network.
+
+    Returns:
+        The generator, mapping z (B, latent_dim) to images (B, 1, 28, 28) in [-1, 1], and the
+        train params it was built with.
+
+    Raises:
+        FileNotFoundError: The folder lacks ``config.json`` or the generator's weights.
+        ValueError: The config is bad, or the weights do not fit the configured network.
+    """
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    cfg, _ = read_config(model_dir)
+    path = model_dir / EMA_FILE
+    if not (prefer_ema and path.is_file()):
+        path = model_dir / GENERATOR_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (run the train stage first)")
+    generator = build_generator(cfg)
+    try:
+        generator.load_state_dict(load_file(str(path)))
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit the network in config.json: {exc}") from None
+    return generator.to(device).eval(), cfg

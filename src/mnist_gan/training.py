@@ -1,0 +1,531 @@
+"""The GAN trainer: device-resident data, no host synchronisation inside a step, resumable.
+
+The normalized training set is copied to the device once. Each epoch draws a permutation on
+the device from a seeded ``torch.Generator`` and walks it in ``batch_size`` slices (the last
+partial batch is dropped), so no batch ever crosses the host-device boundary. Each step writes
+its metrics (losses, mean discriminator probabilities, gradient norms) into a row of a
+preallocated device tensor; the host reads that tensor once per epoch. The same read finds the
+first step whose loss was not finite (the divergence guard), at no cost inside the step.
+
+:class:`GANTrainer` is the whole state (networks, EMA, optimizers, generators). A benchmark can
+drive :meth:`GANTrainer.step` for a fixed number of steps; the train stage calls
+:meth:`GANTrainer.fit`, which runs epochs, reports each one to a callback and saves resumable
+checkpoints through a :class:`CheckpointStore`. Resuming from a checkpoint restores every RNG,
+so on the CPU the final weights are bit-identical to an uninterrupted run.
+
+This module uses only PyTorch (tqdm and numpy when installed), so it runs on a GPU machine that
+has nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnist_gan.losses import discriminator_loss, generator_loss
+from mnist_gan.models import IMAGE_SHAPE, build_discriminator, build_generator
+from mnist_gan.params import TrainParams, params_to_dict
+from mnist_gan.utils import atomic_path, seed_everything
+
+__all__ = [
+    "METRICS",
+    "CheckpointStore",
+    "DivergenceError",
+    "EpochStats",
+    "GANTrainer",
+    "fingerprint",
+    "fixed_noise",
+]
+
+# What each step records, in this order (one row per step of the epoch).
+METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_g", "grad_norm_d")
+CHECKPOINT_FORMAT = 1
+
+
+class DivergenceError(RuntimeError):
+    """A loss became NaN or infinite.
+
+    Attributes:
+        epoch: The epoch (1-based) in which it happened.
+        step: The step within that epoch (1-based).
+        global_step: Steps since the start of training (1-based).
+    """
+
+    def __init__(self, epoch: int, step: int, global_step: int, losses: dict[str, float]):
+        self.epoch, self.step, self.global_step = epoch, step, global_step
+        values = ", ".join(f"{k}={v}" for k, v in losses.items())
+        super().__init__(
+            f"training diverged: non-finite loss at epoch {epoch}, step {step} "
+            f"(global step {global_step}): {values}. Lower the learning rates or try another "
+            "loss or stabiliser; the last checkpoint, if any, is kept."
+        )
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one epoch measured: means over its steps, and its speed."""
+
+    epoch: int
+    loss_d: float
+    loss_g: float
+    d_real: float  # mean D(x) probability on real images
+    d_fake: float  # mean D(G(z)) probability on generated images, before the G update
+    grad_norm_g: float
+    grad_norm_d: float
+    images_per_sec: float  # real images seen per second of wall time
+    epoch_seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The stats as a plain dict (``epoch`` included)."""
+        return asdict(self)
+
+
+def fingerprint(cfg: TrainParams, seed: int, data_sha256: str, device: str) -> str:
+    """A hash of everything that determines training: a checkpoint resumes only on a match.
+
+    Args:
+        cfg: The train params.
+        seed: ``base.seed``.
+        data_sha256: SHA-256 of the training data file.
+        device: The device type (``cpu`` or ``cuda``): RNG states do not carry across them.
+    """
+    blob = {"train": params_to_dict(cfg), "seed": seed, "data": data_sha256, "device": device}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def fixed_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """The same z (n, latent_dim) on every device for a seed: for comparable sample grids."""
+    return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a bare GPU machine: no bar
+        return None
+    return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr)
+
+
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the gradients, as a device scalar (no synchronisation)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _numpy_state() -> dict[str, Any] | None:
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    # numpy's legacy global state: what third-party code draws from, so a resume restores it.
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),  # plain tensors: weights_only loads
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _set_numpy_state(state: dict[str, Any] | None) -> None:
+    if state is None:
+        return
+    import numpy as np
+
+    keys = state["keys"].numpy().astype(np.uint32)
+    legacy = (state["name"], keys, state["pos"], state["has_gauss"], state["cached"])
+    np.random.set_state(legacy)  # noqa: NPY002
+
+
+class GANTrainer:
+    """Trains one GAN on a tensor of images held on the device.
+
+    Building a trainer seeds ``random``, numpy and torch with ``seed`` and initialises the
+    networks from torch's CPU generator (so initial weights do not depend on the device).
+
+    Args:
+        cfg: The train params.
+        images: float32 (N, 1, 28, 28) in [-1, 1]; copied to ``device`` once.
+        seed: ``base.seed``.
+        device: Where to train.
+        progress: Show a per-epoch progress bar; None shows one when stderr is a terminal.
+
+    Raises:
+        ValueError: The images have the wrong shape, or fewer than one batch.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainParams,
+        images: torch.Tensor,
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        progress: bool | None = None,
+    ) -> None:
+        if images.dim() != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
+            raise ValueError(
+                f"training images have shape {tuple(images.shape)}, want (N, 1, 28, 28)"
+            )
+        if images.shape[0] < cfg.batch_size:
+            raise ValueError(
+                f"train.batch_size: {cfg.batch_size} is larger than the training set "
+                f"({images.shape[0]} images)"
+            )
+        self.cfg, self.seed, self.device = cfg, seed, torch.device(device)
+        cuda = self.device.type == "cuda"
+        # Seeds random, numpy and torch (CPU and CUDA); the returned generator on the device
+        # draws the permutations and the noise.
+        self.data_generator = seed_everything(seed, self.device)
+
+        self.generator = build_generator(cfg).to(self.device)
+        self.discriminator = build_discriminator(cfg).to(self.device)
+        # Dropout draws from torch's global RNG. The trainer keeps its own copy of that state and
+        # swaps it in around its steps, so other code (a callback, a second trainer) can use the
+        # global RNG without changing the training, and a checkpoint captures it exactly.
+        self._rng_cpu = torch.get_rng_state()
+        self._rng_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+        self.ema_generator: nn.Module | None = None
+        if cfg.ema > 0:
+            self.ema_generator = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        self.images = images.to(self.device, torch.float32).contiguous()
+        self.steps_per_epoch = images.shape[0] // cfg.batch_size
+
+        # Fused Adam: one kernel per optimizer step on CUDA; the CPU keeps the default.
+        opt_kw: dict[str, Any] = {"fused": True} if cuda else {}
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), cfg.lr_g, betas, **opt_kw)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), cfg.lr_d, betas, **opt_kw)
+        self._g_params = list(self.generator.parameters())
+        self._d_params = list(self.discriminator.parameters())
+        if self.ema_generator is not None:
+            self._ema_pairs = self._ema_tensors()
+        self.amp = cfg.amp and cuda  # bf16 needs no loss scaling
+        self.progress = sys.stderr.isatty() if progress is None else progress
+
+        self._record = torch.zeros(self.steps_per_epoch, len(METRICS), device=self.device)
+        self._perm: torch.Tensor | None = None
+        self._cursor = 0  # next batch within the current permutation
+        self.epoch = 0  # completed epochs
+        self.history: list[dict[str, float]] = []  # EpochStats.as_dict() per completed epoch
+
+        self._g_fwd: Callable[[torch.Tensor], torch.Tensor] = self.generator
+        self._d_fwd: Callable[[torch.Tensor], torch.Tensor] = self.discriminator
+        self.compiled = cfg.compile and self._compile()
+
+    # --- construction helpers -------------------------------------------------------------
+
+    def _ema_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list, list]:
+        assert self.ema_generator is not None
+        ema_p = list(self.ema_generator.parameters())
+        ema_b = list(self.ema_generator.buffers())
+        g_b = list(self.generator.buffers())
+        float_b = [i for i, b in enumerate(g_b) if b.is_floating_point()]
+        int_b = [i for i, b in enumerate(g_b) if not b.is_floating_point()]
+        return (
+            ema_p + [ema_b[i] for i in float_b],
+            self._g_params + [g_b[i] for i in float_b],
+            [ema_b[i] for i in int_b],
+            [g_b[i] for i in int_b],
+        )
+
+    def _compile(self) -> bool:
+        """Compile the networks' forward passes; warn and stay eager where that cannot work."""
+        try:  # compilation is lazy: probe the toolchain on a tiny function first
+            torch.compile(lambda x: x * 2.0 + 1.0)(torch.ones(4, device=self.device))
+        except Exception as exc:  # backends fail in many ways (no compiler, old GPU, ...)
+            warnings.warn(
+                f"train.compile: torch.compile is unavailable here ({type(exc).__name__}: "
+                f"{exc}); training eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        self._g_fwd = torch.compile(self.generator)
+        self._d_fwd = torch.compile(self.discriminator)
+        return True
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def _new_permutation(self) -> None:
+        n = self.images.shape[0]
+        self._perm = torch.randperm(n, device=self.device, generator=self.data_generator)
+        self._cursor = 0
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run with the trainer's own state of torch's global RNG (CPU, and CUDA when used)."""
+        outer_cpu = torch.get_rng_state()
+        torch.set_rng_state(self._rng_cpu)
+        if self._rng_cuda is not None:
+            outer_cuda = torch.cuda.get_rng_state(self.device)
+            torch.cuda.set_rng_state(self._rng_cuda, self.device)
+        try:
+            yield
+        finally:
+            self._rng_cpu = torch.get_rng_state()
+            torch.set_rng_state(outer_cpu)
+            if self._rng_cuda is not None:
+                self._rng_cuda = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(outer_cuda, self.device)
+
+    def step(self) -> None:
+        """One discriminator and one generator update on the next batch; never synchronises.
+
+        A new permutation of the data is drawn when the current one is used up.
+        """
+        with self._own_rng():
+            self._step()
+
+    def _step(self) -> None:
+        if self._perm is None or self._cursor >= self.steps_per_epoch:
+            self._new_permutation()
+        assert self._perm is not None
+        b, i = self.cfg.batch_size, self._cursor
+        real = self.images.index_select(0, self._perm[i * b : (i + 1) * b])  # (B, 1, 28, 28)
+        self._train_step(real, self._record[i])
+        self._cursor += 1
+
+    def _train_step(self, real: torch.Tensor, record: torch.Tensor) -> None:
+        """Update D then G on one batch of real images; write METRICS into ``record`` (6,)."""
+        cfg = self.cfg
+        z = torch.randn(
+            real.shape[0], cfg.latent_dim, device=self.device, generator=self.data_generator
+        )
+        # One generator pass serves both updates (as in pytorch/examples' DCGAN).
+        with self._autocast():
+            fake = self._g_fwd(z)  # (B, 1, 28, 28)
+            real_logits = self._d_fwd(real)  # (B,)
+            fake_logits = self._d_fwd(fake.detach())  # (B,)
+        loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward(inputs=self._d_params)
+        grad_norm_d = _grad_norm(self._d_params)
+        self.opt_d.step()
+
+        with self._autocast():
+            fake_logits_g = self._d_fwd(fake)  # (B,), through the updated D
+        loss_g = generator_loss(cfg.loss, fake_logits_g)
+        self.opt_g.zero_grad(set_to_none=True)
+        # inputs= limits backward to G's weights: D's weight gradients are never computed.
+        loss_g.backward(inputs=self._g_params)
+        grad_norm_g = _grad_norm(self._g_params)
+        self.opt_g.step()
+
+        with torch.no_grad():
+            if self.ema_generator is not None:
+                ema_f, g_f, ema_i, g_i = self._ema_pairs
+                torch._foreach_lerp_(ema_f, g_f, 1.0 - cfg.ema)  # ema += (1 - decay)(g - ema)
+                for e, g in zip(ema_i, g_i, strict=True):
+                    e.copy_(g)
+            d_real = torch.sigmoid(real_logits.detach().float()).mean()
+            d_fake = torch.sigmoid(fake_logits.detach().float()).mean()
+            values = [loss_d.detach(), loss_g.detach(), d_real, d_fake, grad_norm_g, grad_norm_d]
+            record.copy_(torch.stack([v.float() for v in values]))
+
+    # --- epochs ------------------------------------------------------------------------------
+
+    def run_epoch(self) -> EpochStats:
+        """Train one epoch (a fresh permutation, ``steps_per_epoch`` steps) and measure it.
+
+        Raises:
+            DivergenceError: A loss was NaN or infinite at some step of the epoch; the trainer's
+                state is then unusable (restore a checkpoint).
+        """
+        epoch = self.epoch + 1
+        bar = _progress(self.steps_per_epoch, f"epoch {epoch}/{self.cfg.epochs}", self.progress)
+        start = time.perf_counter()
+        self._new_permutation()
+        with self._own_rng():
+            for _ in range(self.steps_per_epoch):
+                self._step()
+                if bar is not None:
+                    bar.update()
+        record = self._record.cpu()  # (steps, METRICS): the epoch's one synchronisation
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        bad = ~torch.isfinite(record[:, :2]).all(dim=1)
+        if bool(bad.any()):
+            step = int(bad.nonzero()[0, 0])
+            losses = dict(zip(METRICS[:2], record[step, :2].tolist(), strict=True))
+            raise DivergenceError(
+                epoch, step + 1, self.epoch * self.steps_per_epoch + step + 1, losses
+            )
+        self.epoch = epoch
+        means = record.double().mean(dim=0).tolist()
+        images = self.steps_per_epoch * self.cfg.batch_size
+        return EpochStats(epoch, *means, images_per_sec=images / seconds, epoch_seconds=seconds)
+
+    def fit(
+        self,
+        callback: Callable[[GANTrainer, EpochStats], None] | None = None,
+        checkpoints: CheckpointStore | None = None,
+        checkpoint_meta: dict[str, Any] | None = None,
+    ) -> list[dict[str, float]]:
+        """Train from the current epoch up to ``cfg.epochs``.
+
+        After each epoch: append its stats to :attr:`history`, call ``callback(trainer, stats)``,
+        then, every ``cfg.checkpoint_every`` epochs and after the last one, save a checkpoint.
+        The callback may use any RNG: the trainer's own are kept apart.
+
+        Args:
+            callback: Called after each epoch (e.g. to log metrics).
+            checkpoints: Where to save checkpoints; None saves none.
+            checkpoint_meta: Extra plain values stored in each checkpoint (e.g. a run id).
+
+        Returns:
+            :attr:`history`, one dict per epoch.
+
+        Raises:
+            DivergenceError: See :meth:`run_epoch`. The last checkpoint saved stays as it was.
+        """
+        every = self.cfg.checkpoint_every
+        while self.epoch < self.cfg.epochs:
+            stats = self.run_epoch()
+            self.history.append(stats.as_dict())
+            if callback is not None:
+                callback(self, stats)
+            due = self.epoch % every == 0 or self.epoch == self.cfg.epochs if every else False
+            if checkpoints is not None and due:
+                checkpoints.save(self.state_dict(), **(checkpoint_meta or {}))
+        return self.history
+
+    # --- sampling ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, 28, 28) on the CPU for z (B, latent_dim), in eval mode.
+
+        Uses the EMA generator when there is one. Touches no RNG and no training state.
+        """
+        net = self.ema_generator if self.ema_generator is not None else self.generator
+        was_training = net.training
+        net.eval()
+        try:
+            return net(z.to(self.device)).float().cpu()
+        finally:
+            net.train(was_training)
+
+    # --- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly: weights, optimizers, RNGs, history."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch,
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "ema_generator": None
+            if self.ema_generator is None
+            else self.ema_generator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "rng": {
+                "torch": self._rng_cpu.clone(),
+                "cuda": None if self._rng_cuda is None else self._rng_cuda.clone(),
+                "data": self.data_generator.get_state(),
+                "numpy": _numpy_state(),
+                "python": random.getstate(),
+            },
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (e.g. from a checkpoint)."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        if self.ema_generator is not None:
+            self.ema_generator.load_state_dict(state["ema_generator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        rng = state["rng"]
+        self._rng_cpu = rng["torch"].clone()
+        if self._rng_cuda is not None:
+            self._rng_cuda = rng["cuda"].clone()
+        self.data_generator.set_state(rng["data"])
+        _set_numpy_state(rng["numpy"])
+        python = rng["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
+        self.epoch = int(state["epoch"])
+        self.history = [dict(h) for h in state["history"]]
+        self._perm, self._cursor = None, 0
+
+
+class CheckpointStore:
+    """One resumable checkpoint file in a folder kept outside the cached outputs.
+
+    Each save replaces ``checkpoint.pt`` atomically, so a kill at any moment leaves the previous
+    good checkpoint. A checkpoint carries the :func:`fingerprint` of the run that made it and is
+    resumed from only when that matches; otherwise it is ignored and replaced by the next save.
+
+    Args:
+        folder: The folder (created on the first save).
+        fingerprint: :func:`fingerprint` of the current run.
+    """
+
+    FILE = "checkpoint.pt"
+
+    def __init__(self, folder: str | Path, fingerprint: str) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.note = ""  # why load() returned None, for the log
+
+    @property
+    def path(self) -> Path:
+        """The checkpoint file."""
+        return self.folder / self.FILE
+
+    def load(self) -> dict[str, Any] | None:
+        """The checkpoint's contents when it exists and matches the fingerprint, else None."""
+        if not self.path.is_file():
+            self.note = f"no checkpoint at {self.path}"
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or foreign file: never resume from it
+            self.note = f"{self.path}: unreadable checkpoint ignored ({type(exc).__name__})"
+            return None
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            self.note = f"{self.path}: made with other params, data or device; not resumed from"
+            return None
+        self.note = f"resuming from {self.path} (epoch {state['epoch']})"
+        return state
+
+    def save(self, state: dict[str, Any], **meta: Any) -> None:
+        """Write ``state`` plus ``meta`` and the fingerprint, atomically."""
+        with atomic_path(self.path) as tmp:
+            torch.save({**state, **meta, "fingerprint": self.fingerprint}, tmp)
+
+    def clear(self) -> None:
+        """Delete the checkpoint (and temporary files a kill left), then the folder if empty."""
+        if not self.folder.is_dir():
+            return
+        for f in self.folder.glob(f".{self.FILE}.*.tmp"):
+            f.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()

@@ -1,0 +1,145 @@
+"""Network shapes and ranges, and the GAN folder's save/load round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_gan.models import (
+    DCGANDiscriminator,
+    MLPDiscriminator,
+    build_discriminator,
+    build_generator,
+    load_generator,
+    read_config,
+    save_gan,
+)
+from mnist_gan.params import TrainParams, params_to_dict
+
+CONFIGS = {
+    "mlp-article": TrainParams(g_batchnorm=False, d_activation="relu", d_dropout=0.0),
+    "mlp-default": TrainParams(),
+    "mlp-small-sn": TrainParams(hidden=(32, 16), latent_dim=8, spectral_norm=True),
+    "dcgan": TrainParams(model="dcgan", channels=8),
+    "dcgan-sn": TrainParams(model="dcgan", channels=8, spectral_norm=True, latent_dim=16),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shapes_and_ranges(name: str) -> None:
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    g, d = build_generator(cfg), build_discriminator(cfg)
+    z = torch.randn(5, cfg.latent_dim) * 10  # large z pushes tanh towards its bounds
+    images = g(z)
+    assert images.shape == (5, 1, 28, 28)
+    assert images.min() >= -1 and images.max() <= 1
+    assert images.std() > 0  # not a constant output
+    logits = d(images)
+    assert logits.shape == (5,)
+    assert torch.isfinite(logits).all()
+    # Logits are unbounded (no sigmoid inside D): large inputs move them well past (0, 1).
+    assert d.eval()(torch.randn(4, 1, 28, 28) * 1000).abs().max() > 1
+
+
+def test_article_sizes() -> None:
+    g = build_generator(CONFIGS["mlp-article"])
+    d = build_discriminator(CONFIGS["mlp-article"])
+    g_linear = [m for m in g.modules() if isinstance(m, torch.nn.Linear)]
+    d_linear = [m for m in d.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in g_linear] == [
+        (100, 256),
+        (256, 256),
+        (256, 256),
+        (256, 784),
+    ]
+    assert [(m.in_features, m.out_features) for m in d_linear] == [
+        (784, 256),
+        (256, 256),
+        (256, 256),
+        (256, 1),
+    ]
+    assert not any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.Dropout)) for m in g.modules())
+    assert not any(isinstance(m, (torch.nn.Dropout, torch.nn.LeakyReLU)) for m in d.modules())
+
+
+def test_stabiliser_options_change_the_networks() -> None:
+    g = build_generator(TrainParams())
+    d = build_discriminator(TrainParams())
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in g.modules()) == 3
+    assert sum(isinstance(m, torch.nn.Dropout) for m in d.modules()) == 3
+    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in d.modules()) == 3
+    sn = MLPDiscriminator((16,), "relu", 0.0, spectral_norm=True)
+    linear = [m for m in sn.net if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 2 and all(torch.nn.utils.parametrize.is_parametrized(m) for m in linear)
+    dc = DCGANDiscriminator(8, spectral_norm=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dc.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in DCGANDiscriminator(8, False).modules())
+
+
+def test_spectral_norm_bounds_the_discriminator_weights() -> None:
+    d = MLPDiscriminator((64,), "relu", 0.0, spectral_norm=True)
+    for _ in range(20):  # power iteration converges during training-mode forwards
+        d(torch.randn(8, 1, 28, 28))
+    d.eval()
+    for m in d.net:
+        if isinstance(m, torch.nn.Linear):
+            assert torch.linalg.matrix_norm(m.weight, ord=2) < 1.05
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_save_and_load_generator_round_trip(tmp_path: Path, ema: bool) -> None:
+    cfg = TrainParams(hidden=(16,), latent_dim=4, ema=0.9 if ema else 0.0)
+    torch.manual_seed(0)
+    g, d = build_generator(cfg), build_discriminator(cfg)
+    g_ema = build_generator(cfg) if ema else None  # other weights than g
+    save_gan(tmp_path, cfg, 7, g, d, g_ema)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    want = ["config.json", "discriminator.safetensors", "generator.safetensors"]
+    assert names == sorted(want + (["generator_ema.safetensors"] if ema else []))
+    assert read_config(tmp_path) == (cfg, 7)
+
+    z = torch.randn(3, 4)
+    loaded, loaded_cfg = load_generator(tmp_path)
+    assert loaded_cfg == cfg and not loaded.training
+    expected = (g_ema if ema else g).eval()
+    assert torch.equal(loaded(z), expected(z))
+    plain, _ = load_generator(tmp_path, prefer_ema=False)
+    assert torch.equal(plain(z), g.eval()(z))
+
+
+def test_saved_files_are_deterministic(tmp_path: Path) -> None:
+    cfg = TrainParams(hidden=(16,), latent_dim=4)
+    for name in ("a", "b"):
+        torch.manual_seed(0)
+        (tmp_path / name).mkdir()
+        save_gan(tmp_path / name, cfg, 0, build_generator(cfg), build_discriminator(cfg))
+    for f in (tmp_path / "a").iterdir():
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config == {"seed": 0, "train": params_to_dict(cfg)}
+    assert config["train"]["hidden"] == [16]
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_generator(tmp_path)
+    cfg = TrainParams(hidden=(16,), latent_dim=4)
+    save_gan(tmp_path, cfg, 0, build_generator(cfg), build_discriminator(cfg))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["train"]["hidden"] = [32]  # no longer fits the stored weights
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="generator.safetensors"):
+        load_generator(tmp_path)
+    config["train"]["bogus"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json"):
+        load_generator(tmp_path)
+    (tmp_path / "generator.safetensors").unlink()
+    config["train"].pop("bogus")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="generator.safetensors"):
+        load_generator(tmp_path)

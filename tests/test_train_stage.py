@@ -1,0 +1,332 @@
+"""The train stage script: outputs, the MLflow run, divergence, kill-and-resume, dvc repro."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import ROOT, run
+from PIL import Image
+from safetensors.torch import load_file
+
+from mnist_gan.data import save_normalized
+from mnist_gan.models import load_generator
+from mnist_gan.params import TrainParams, load_params
+from mnist_gan.training import METRICS, CheckpointStore, GANTrainer
+from mnist_gan.utils import sha256_file
+
+SCRIPT = ROOT / "pipeline" / "train.py"
+SMALL = {
+    "hidden": [32],
+    "batch_size": 64,
+    "epochs": 2,
+    "ema": 0.9,
+    "checkpoint_every": 1,
+    "sample_every": 1,
+}
+
+
+def blobs(n: int, seed: int = 0) -> torch.Tensor:
+    """Synthetic images (n, 1, 28, 28) in [-1, 1]: a bright blob at a random place."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    c = torch.rand(n, 2, 1, 1, generator=g) * 16 + 6
+    return (torch.exp(-((yy - c[:, 0]) ** 2 + (xx - c[:, 1]) ** 2) / 18) * 2 - 1).unsqueeze(1)
+
+
+def make_project(root: Path, train: dict, n: int = 320) -> Path:
+    """A folder with params.yaml and data/normalized/train.safetensors; returns it."""
+    (root / "data" / "normalized").mkdir(parents=True)
+    save_normalized(root / "data/normalized/train.safetensors", blobs(n), torch.zeros(n).long())
+    params = {"base": {"seed": 0, "device": "cpu"}, "train": train}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def args(root: Path) -> list[str]:
+    return [
+        "--data",
+        str(root / "data/normalized"),
+        "--out",
+        str(root / "models/gan"),
+        "--metrics",
+        str(root / "metrics/train.json"),
+        "--plots",
+        str(root / "plots/train"),
+        "--checkpoints",
+        str(root / "checkpoints/train"),
+        "--run-id-file",
+        str(root / ".mlflow_run_id"),
+        "--params",
+        str(root / "params.yaml"),
+    ]
+
+
+def reference(root: Path) -> GANTrainer:
+    """The same training as the stage, through the library in this process."""
+    params = load_params(root / "params.yaml")
+    images = blobs(load_file(str(root / "data/normalized/train.safetensors"))["images"].shape[0])
+    trainer = GANTrainer(params.train, images, seed=params.base.seed, progress=False)
+    trainer.fit()
+    return trainer
+
+
+def assert_weights_equal(model_dir: Path, trainer: GANTrainer) -> None:
+    for name, net in (
+        ("generator", trainer.generator),
+        ("discriminator", trainer.discriminator),
+        ("generator_ema", trainer.ema_generator),
+    ):
+        saved = load_file(str(model_dir / f"{name}.safetensors"))
+        live = net.state_dict()
+        assert saved.keys() == live.keys()
+        for k in saved:
+            assert torch.equal(saved[k], live[k]), f"{name}.{k}"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # One thread: faster on this shared machine, and the same arithmetic as the subprocesses.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite tracking store for the module's in-process runs (its set-up takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def stage() -> object:
+    """``pipeline/train.py`` imported as a module (its folder on sys.path, as when run)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("train_stage_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(SCRIPT.parent))
+
+
+def invoke(stage: object, root: Path, store: str, **env: str) -> object:
+    """Run the stage in this process; restore the SIGTERM handler it installs."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        return CliRunner().invoke(stage.main, args(root), env={"MLFLOW_TRACKING_URI": store, **env})
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        mlflow.end_run()  # in case a failure left one active
+
+
+def test_stage_writes_every_output_and_logs_the_run(
+    tmp_path: Path, stage: object, store: str
+) -> None:
+    root = make_project(tmp_path, SMALL)
+    # A checkpoint made with other params must not be resumed from (it claims to be complete).
+    foreign = GANTrainer(TrainParams(**{**SMALL, "hidden": (32,)}), blobs(320), seed=5)
+    CheckpointStore(root / "checkpoints/train", "other-fingerprint").save(
+        {**foreign.state_dict(), "epoch": 2}, run_id="not-this-run"
+    )
+    res = invoke(stage, root, store, DVC_EXP_NAME="tiny-exp", DVC_EXP_BASELINE_REV="abc123")
+    assert res.exit_code == 0, res.output
+    assert "made with other params" in res.output
+
+    gan = root / "models/gan"
+    assert sorted(p.name for p in gan.iterdir()) == [
+        "config.json",
+        "discriminator.safetensors",
+        "generator.safetensors",
+        "generator_ema.safetensors",
+    ]
+    assert_weights_equal(gan, reference(root))  # trained from scratch, deterministically
+    generator, cfg = load_generator(gan)
+    assert cfg == load_params(root / "params.yaml").train
+    assert not (root / "checkpoints/train").exists()  # removed on success
+
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    assert set(metrics) == {
+        "loss_d",
+        "loss_g",
+        "d_real",
+        "d_fake",
+        "epochs",
+        "train_seconds",
+        "images_per_sec",
+    }
+    assert metrics["epochs"] == 2 and all(np.isfinite(v) for v in metrics.values())
+    curves = json.loads((root / "plots/train/curves.json").read_text())
+    assert [c["epoch"] for c in curves] == [1, 2]
+    assert all(set(METRICS) <= set(c) for c in curves)
+    assert curves[-1]["loss_d"] == metrics["loss_d"]
+    with Image.open(root / "plots/train/samples.png") as png:
+        assert png.format == "PNG" and png.size == (8 * 28 + 9 * 2,) * 2  # 8 x 8, 2 px padding
+
+    run_id = (root / ".mlflow_run_id").read_text().strip()
+    client = mlflow.MlflowClient(store)
+    r = client.get_run(run_id)
+    assert r.info.status == "FINISHED" and r.info.run_name == "tiny-exp"
+    assert client.get_experiment(r.info.experiment_id).name == "mnist-gan"
+    assert r.data.tags["stage"] == "train" and r.data.tags["dvc_exp_name"] == "tiny-exp"
+    assert r.data.tags["dvc_exp_baseline_rev"] == "abc123"
+    assert r.data.params["train.hidden"] == "32" and r.data.params["train.lr_g"] == "0.0002"
+    assert r.data.params["base.seed"] == "0" and r.data.params["train.model"] == "mlp"
+    sha = sha256_file(root / "data/normalized/train.safetensors")
+    assert r.data.params["data.train_sha256"] == sha
+    for key in (*METRICS, "images_per_sec", "epoch_seconds"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key
+    assert r.data.metrics["train_seconds"] == pytest.approx(metrics["train_seconds"])
+    loss_d = {m.step: m.value for m in client.get_metric_history(run_id, "loss_d")}
+    assert loss_d == {c["epoch"]: pytest.approx(c["loss_d"]) for c in curves}
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert {p.split("+step+")[1].split("+")[0] for p in images if p.endswith(".png")} == {"1", "2"}
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/generator")
+    z = np.random.default_rng(0).standard_normal((5, cfg.latent_dim)).astype(np.float32)
+    out = model.predict(z)
+    assert out.shape == (5, 1, 28, 28) and out.dtype == np.float32
+    assert out.min() >= -1 and out.max() <= 1
+    with torch.no_grad():  # the pyfunc model is the EMA generator of models/gan
+        np.testing.assert_array_equal(out, generator(torch.from_numpy(z)).numpy())
+    assert tuple(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 100)
+
+
+def test_divergence_fails_the_run_and_writes_nothing(
+    tmp_path: Path, stage: object, store: str
+) -> None:
+    root = make_project(tmp_path, {**SMALL, "lr_g": 1e30, "lr_d": 1e30})
+    res = invoke(stage, root, store)
+    assert res.exit_code == 1
+    assert "training diverged: non-finite loss at epoch 1, step 1" in res.output
+    run_id = (root / ".mlflow_run_id").read_text().strip()
+    assert mlflow.MlflowClient(store).get_run(run_id).info.status == "FAILED"
+    for out in ("models/gan", "metrics/train.json", "plots/train/curves.json"):
+        assert not (root / out).exists(), out
+
+
+def test_missing_data_is_a_clear_error(tmp_path: Path, stage: object, store: str) -> None:
+    root = make_project(tmp_path, SMALL)
+    (root / "data/normalized/train.safetensors").unlink()
+    res = invoke(stage, root, store)
+    assert res.exit_code == 1
+    assert "train.safetensors: file not found" in res.output
+    assert sorted(p.name for p in root.iterdir()) == ["data", "params.yaml"]
+
+
+def test_unreachable_tracking_store_fails_before_training(tmp_path: Path, stage: object) -> None:
+    root = make_project(tmp_path, SMALL)
+    res = invoke(stage, root, f"sqlite:///{tmp_path / 'no-such-folder' / 'mlflow.db'}")
+    assert res.exit_code == 1
+    assert "no-such-folder" in res.output and "does not exist" in res.output
+    assert sorted(p.name for p in root.iterdir()) == ["data", "params.yaml"]
+
+
+def test_bad_params_exit_2(tmp_path: Path, stage: object, store: str) -> None:
+    root = make_project(tmp_path, {**SMALL, "loss": "hinge", "label_smoothing": 0.1})
+    res = invoke(stage, root, store)
+    assert res.exit_code == 2
+    assert "train.label_smoothing" in res.output
+
+
+def _wait_for(cond: object, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"exited early ({proc.returncode}): {proc.communicate()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigkill_then_resume_give_identical_weights(tmp_path: Path) -> None:
+    root = make_project(
+        tmp_path, {**SMALL, "hidden": [64], "epochs": 30, "sample_every": 10}, n=1024
+    )
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": db, "OMP_NUM_THREADS": "1", "DVC_EXP_NAME": ""}
+    cmd = [sys.executable, str(SCRIPT), *args(root)]
+    ckpt = root / "checkpoints/train/checkpoint.pt"
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    # 1. SIGTERM once a checkpoint exists: a clean stop, the run marked KILLED.
+    proc = start()
+    _wait_for(ckpt.exists, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "run again to resume" in err, err
+    run_id = (root / ".mlflow_run_id").read_text().strip()
+    assert mlflow.MlflowClient(db).get_run(run_id).info.status == "KILLED"
+    first = torch.load(ckpt, weights_only=True)["epoch"]
+
+    # 2. Resume, then SIGKILL after the next checkpoint replaced the first.
+    inode = ckpt.stat().st_ino
+    proc = start()
+    _wait_for(lambda: ckpt.exists() and ckpt.stat().st_ino != inode, proc)
+    proc.kill()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert f"resuming from {ckpt} (epoch {first})" in err, err
+    second = torch.load(ckpt, weights_only=True)["epoch"]
+    assert first < second < 30  # killed mid-run
+    assert not (root / "models/gan").exists()
+
+    # 3. Resume to the end: the same run, the same weights as one uninterrupted run.
+    proc = start()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert (root / ".mlflow_run_id").read_text().strip() == run_id
+    assert_weights_equal(root / "models/gan", reference(root))
+    r = mlflow.MlflowClient(db).get_run(run_id)
+    assert r.info.status == "FINISHED"
+    steps = {m.step for m in mlflow.MlflowClient(db).get_metric_history(run_id, "loss_d")}
+    assert steps == set(range(1, 31))
+    curves = json.loads((root / "plots/train/curves.json").read_text())
+    assert [c["epoch"] for c in curves] == list(range(1, 31))
+    assert not ckpt.parent.exists()
+
+
+@pytest.mark.slow
+def test_dvc_repro_train_end_to_end(project_copy: Path, shared_mirror: Path) -> None:
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    params["normalize"]["train_limit"] = 256
+    params["train"].update({"hidden": [16], "batch_size": 64, "epochs": 2, "sample_every": 1})
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # An empty MLFLOW_TRACKING_URI means the default: mlflow.db at the project root.
+    env = {"MNIST_MIRROR": str(shared_mirror), "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1"}
+    run(["dvc", "repro", "train"], cwd=project_copy, env=env)
+    for out in (
+        "models/gan/generator.safetensors",
+        "metrics/train.json",
+        "plots/train/curves.json",
+        "plots/train/samples.png",
+        "mlflow.db",
+    ):
+        assert (project_copy / out).is_file(), out
+    lock = yaml.safe_load((project_copy / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 2
+    again = run(["dvc", "repro", "train"], cwd=project_copy, env=env)
+    assert "didn't change" in again.stdout or "up to date" in again.stdout
+    shown = run(["dvc", "metrics", "show", "--json"], cwd=project_copy, env=env).stdout
+    assert "images_per_sec" in shown
+    run_id = (project_copy / ".mlflow_run_id").read_text().strip()
+    client = mlflow.MlflowClient(f"sqlite:///{project_copy / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).data.tags["git_commit"]

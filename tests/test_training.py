@@ -1,0 +1,304 @@
+"""The trainer on tiny synthetic data: epochs, determinism, resume, divergence, EMA, fallbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_gan.params import TrainParams
+from mnist_gan.training import (
+    METRICS,
+    CheckpointStore,
+    DivergenceError,
+    GANTrainer,
+    fingerprint,
+    fixed_noise,
+)
+
+TINY = TrainParams(hidden=(32,), batch_size=64, epochs=3, ema=0.9, checkpoint_every=1)
+TIMING = ("images_per_sec", "epoch_seconds")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # The machine is shared: one thread is faster under contention, and fixes the arithmetic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def images(n: int = 320, seed: int = 0) -> torch.Tensor:
+    """Synthetic 'digits': bright blobs at random places, in [-1, 1], (n, 1, 28, 28)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    centres = torch.rand(n, 2, 1, 1, generator=g) * 16 + 6
+    blob = torch.exp(-((yy - centres[:, 0]) ** 2 + (xx - centres[:, 1]) ** 2) / 18)
+    return (blob * 2 - 1).unsqueeze(1)  # (n, 28, 28) -> (n, 1, 28, 28)
+
+
+def weights(t: GANTrainer) -> dict[str, torch.Tensor]:
+    nets = {"g": t.generator, "d": t.discriminator, "ema": t.ema_generator}
+    return {f"{n}.{k}": v for n, net in nets.items() if net for k, v in net.state_dict().items()}
+
+
+def assert_same_weights(a: GANTrainer, b: GANTrainer) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+CASES = {
+    "mlp-bce": TINY,
+    "mlp-minimax-smoothing": dataclasses.replace(TINY, loss="minimax", label_smoothing=0.1),
+    "mlp-hinge-sn": dataclasses.replace(TINY, loss="hinge", spectral_norm=True, ema=0.0),
+    "mlp-article": dataclasses.replace(TINY, g_batchnorm=False, d_activation="relu", d_dropout=0),
+    "dcgan": dataclasses.replace(TINY, model="dcgan", channels=4),
+    "dcgan-sn-hinge": dataclasses.replace(
+        TINY, model="dcgan", channels=4, spectral_norm=True, loss="hinge"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_one_epoch_has_finite_metrics(name: str) -> None:
+    t = GANTrainer(CASES[name], images(), seed=0, progress=False)
+    assert t.steps_per_epoch == 5  # 320 // 64, the last partial batch dropped
+    before = {k: v.clone() for k, v in weights(t).items()}
+    stats = t.run_epoch()
+    assert stats.epoch == 1 and t.epoch == 1
+    values = stats.as_dict()
+    assert set(values) == {"epoch", *METRICS, *TIMING}
+    assert all(np.isfinite(v) for v in values.values())
+    assert 0 < stats.d_real < 1 and 0 < stats.d_fake < 1
+    assert stats.grad_norm_g > 0 and stats.grad_norm_d > 0
+    assert stats.images_per_sec == pytest.approx(5 * 64 / stats.epoch_seconds)
+    after = {k: v for k, v in weights(t).items() if v.is_floating_point()}  # weights, BN stats
+    changed = [k for k, v in after.items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("g.") for k in changed) and any(k.startswith("d.") for k in changed)
+
+
+def test_partial_batch_dropped_and_batch_larger_than_data_rejected() -> None:
+    t = GANTrainer(TINY, images(300), seed=0, progress=False)
+    assert t.steps_per_epoch == 4
+    with pytest.raises(ValueError, match=r"train\.batch_size: 64 is larger than the training set"):
+        GANTrainer(TINY, images(50), seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        GANTrainer(TINY, torch.zeros(100, 28, 28), seed=0)
+
+
+def test_two_identical_runs_give_identical_weights() -> None:
+    a = GANTrainer(TINY, images(), seed=3, progress=False)
+    b = GANTrainer(TINY, images(), seed=3, progress=False)
+    a.fit()
+    torch.manual_seed(999)  # global RNG state between runs must not matter
+    b.fit()
+    assert a.epoch == b.epoch == 3
+    assert_same_weights(a, b)
+    assert without_timing(a.history) == without_timing(b.history)
+    c = GANTrainer(TINY, images(), seed=4, progress=False)
+    c.fit()
+    assert not torch.equal(weights(a)["g.net.0.weight"], weights(c)["g.net.0.weight"])
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path) -> None:
+    full = GANTrainer(TINY, images(), seed=0, progress=False)
+    full.fit()
+
+    store = CheckpointStore(tmp_path / "ckpt", "fp")
+    first = GANTrainer(TINY, images(), seed=0, progress=False)
+    first.run_epoch()
+    first.history.append({"epoch": 1.0})  # what fit records; restored as is
+    store.save(first.state_dict(), run_id="abc123")
+    del first
+    # A new process: every RNG elsewhere, nothing shared but the checkpoint file.
+    torch.manual_seed(12345)
+    random.seed(1)
+    np.random.seed(2)  # noqa: NPY002
+    resumed = GANTrainer(TINY, images(), seed=0, progress=False)
+    resumed.run_epoch()  # diverge from the checkpoint first, so loading must undo it all
+    state = store.load()
+    assert state is not None and state["run_id"] == "abc123" and state["epoch"] == 1
+    assert "epoch 1" in store.note
+    resumed.load_state_dict(state)
+    resumed.fit()
+    assert resumed.epoch == 3
+    assert_same_weights(full, resumed)
+    assert resumed.history[0] == {"epoch": 1.0}
+    assert without_timing(resumed.history[1:]) == without_timing(full.history[1:])
+
+
+def test_checkpoint_restores_python_and_numpy_global_rngs(tmp_path: Path) -> None:
+    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    store = CheckpointStore(tmp_path, "fp")
+    store.save(t.state_dict())
+    want = (random.random(), float(np.random.rand()))  # noqa: NPY002
+    state = store.load()
+    assert state is not None
+    t.load_state_dict(state)
+    assert (random.random(), float(np.random.rand())) == want  # noqa: NPY002
+
+
+def test_fit_saves_checkpoints_on_schedule(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(TINY, epochs=5, checkpoint_every=2)
+    saved: list[int] = []
+
+    class Recording(CheckpointStore):
+        def save(self, state: dict, **meta: object) -> None:
+            saved.append(state["epoch"])
+            super().save(state, **meta)
+
+    store = Recording(tmp_path / "ckpt", "fp")
+    seen: list[int] = []
+    t = GANTrainer(cfg, images(), seed=0, progress=False)
+    history = t.fit(lambda tr, s: seen.append(s.epoch), store, {"run_id": "r"})
+    assert saved == [2, 4, 5]  # every 2 epochs, and after the last one
+    assert seen == [1, 2, 3, 4, 5]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    state = torch.load(store.path, weights_only=True)  # plain tensors and containers only
+    assert state["epoch"] == 5 and state["run_id"] == "r" and state["fingerprint"] == "fp"
+    assert len(state["history"]) == 5
+
+
+def test_checkpoint_with_other_fingerprint_is_not_resumed(tmp_path: Path) -> None:
+    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    CheckpointStore(tmp_path, "made-with-other-params").save(t.state_dict())
+    store = CheckpointStore(tmp_path, "current")
+    assert store.load() is None
+    assert "other params" in store.note
+    (tmp_path / CheckpointStore.FILE).write_bytes(b"not a checkpoint")
+    assert store.load() is None and "unreadable" in store.note
+    store.save(t.state_dict())  # replaced by the current run's
+    assert store.load() is not None
+
+
+def test_fingerprint_covers_params_seed_data_and_device() -> None:
+    base = fingerprint(TINY, 0, "abc", "cpu")
+    assert base == fingerprint(dataclasses.replace(TINY), 0, "abc", "cpu")
+    others = {
+        fingerprint(dataclasses.replace(TINY, lr_g=1e-3), 0, "abc", "cpu"),
+        fingerprint(dataclasses.replace(TINY, hidden=(32, 32)), 0, "abc", "cpu"),
+        fingerprint(TINY, 1, "abc", "cpu"),
+        fingerprint(TINY, 0, "abd", "cpu"),
+        fingerprint(TINY, 0, "abc", "cuda"),
+    }
+    assert base not in others and len(others) == 5
+
+
+def test_clear_removes_checkpoint_and_leftovers_only(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    store = CheckpointStore(folder, "fp")
+    store.clear()  # nothing there yet: no error
+    store.save({"epoch": 1})
+    (folder / ".checkpoint.pt.abcd.tmp").write_bytes(b"left by a kill")
+    store.clear()
+    assert not folder.exists()
+    store.save({"epoch": 1})
+    (folder / "notes.txt").write_text("someone else's file")
+    store.clear()
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_divergence_names_epoch_and_step_and_keeps_last_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "fp")
+    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    t.run_epoch()
+    t.history.append({"epoch": 1.0})
+    store.save(t.state_dict())
+    good = store.path.read_bytes()
+    with torch.no_grad():  # a NaN weight makes the first loss of epoch 2 NaN
+        next(t.discriminator.parameters()).fill_(float("nan"))
+    with pytest.raises(DivergenceError, match=r"epoch 2, step 1 \(global step 6\)") as err:
+        t.fit(checkpoints=store)
+    assert (err.value.epoch, err.value.step, err.value.global_step) == (2, 1, 6)
+    assert "loss_d=nan" in str(err.value)
+    assert store.path.read_bytes() == good
+    assert t.epoch == 1 and len(t.history) == 1
+
+
+def test_huge_learning_rate_trips_the_guard() -> None:
+    # Adam moves every weight by about lr: after D's first update its logits overflow, so the
+    # generator's loss of step 1 (computed through the updated D) is already NaN.
+    cfg = dataclasses.replace(TINY, lr_g=1e30, lr_d=1e30)
+    t = GANTrainer(cfg, images(), seed=0, progress=False)
+    with pytest.raises(DivergenceError, match=r"epoch 1, step 1 \(global step 1\).*loss_g=nan"):
+        t.fit()
+    assert t.epoch == 0 and t.history == []
+
+
+def test_ema_follows_its_formula() -> None:
+    cfg = dataclasses.replace(TINY, ema=0.75)
+    t = GANTrainer(cfg, images(), seed=0, progress=False)
+    assert t.ema_generator is not None
+    init = {k: v.clone() for k, v in t.ema_generator.state_dict().items()}
+    assert all(torch.equal(init[k], v) for k, v in t.generator.state_dict().items())
+    t.step()
+    g, ema = t.generator.state_dict(), t.ema_generator.state_dict()
+    for k, v in ema.items():
+        if v.is_floating_point():  # weights and BatchNorm statistics are averaged
+            torch.testing.assert_close(v, 0.75 * init[k] + 0.25 * g[k])
+        else:  # the batch counter is copied
+            assert torch.equal(v, g[k])
+    assert not torch.equal(ema["net.0.weight"], g["net.0.weight"])
+    assert GANTrainer(dataclasses.replace(TINY, ema=0.0), images(), seed=0).ema_generator is None
+
+
+def test_step_runs_any_number_of_steps() -> None:
+    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    for _ in range(12):  # more than two epochs' worth: permutations are redrawn as needed
+        t.step()
+    assert t.epoch == 0  # steps alone do not complete epochs
+    assert torch.isfinite(t._record).all()
+
+
+def test_sample_touches_no_rng_or_mode() -> None:
+    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    cpu, data = torch.get_rng_state(), t.data_generator.get_state()
+    z = fixed_noise(6, TINY.latent_dim, seed=0)
+    assert torch.equal(z, fixed_noise(6, TINY.latent_dim, seed=0))
+    out = t.sample(z)
+    assert out.shape == (6, 1, 28, 28) and out.device.type == "cpu"
+    assert out.min() >= -1 and out.max() <= 1
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert torch.equal(t.data_generator.get_state(), data)
+    assert t.generator.training
+
+
+def test_compile_falls_back_to_eager_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="train.compile.*no compiler here"):
+        t = GANTrainer(dataclasses.replace(TINY, compile=True), images(), seed=0)
+    assert t.compiled is False
+    assert np.isfinite(t.run_epoch().loss_d)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_shapes_and_stays_finite() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would be a failure here
+        t = GANTrainer(dataclasses.replace(TINY, compile=True), images(), seed=0, progress=False)
+    assert t.compiled is True
+    stats = t.run_epoch()
+    assert np.isfinite(stats.loss_d) and np.isfinite(stats.loss_g)
+
+
+def test_progress_bar_only_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    GANTrainer(TINY, images(), seed=0, progress=True).run_epoch()
+    assert "epoch 1/3" in capsys.readouterr().err
+    GANTrainer(TINY, images(), seed=0).run_epoch()  # stderr is not a terminal under pytest
+    assert capsys.readouterr().err == ""
