@@ -50,6 +50,12 @@ __all__ = [
     "fixed_noise",
 ]
 
+# Eager steps (on a side stream) before the whole step is captured as a CUDA graph: they
+# create the optimizer state, cuBLAS/cuDNN handles and any compiled kernels.
+GRAPH_WARMUP_STEPS = 3
+# The batch size lr_g and lr_d are tuned for (the article's); train.lr_scaling scales from it.
+REFERENCE_BATCH = 128
+
 # What each step records, in this order (one row per step of the epoch).
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_g", "grad_norm_d")
 CHECKPOINT_FORMAT = 1
@@ -104,6 +110,31 @@ def fingerprint(cfg: TrainParams, seed: int, data_sha256: str, device: str) -> s
     """
     blob = {"train": params_to_dict(cfg), "seed": seed, "data": data_sha256, "device": device}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def scaled_lr(lr: float, batch_size: int, rule: str) -> float:
+    """The learning rate for ``batch_size`` under ``train.lr_scaling``.
+
+    ``lr_g`` and ``lr_d`` are tuned for batch 128. A larger batch gives fewer, less noisy
+    steps; ``sqrt`` multiplies the rate by ``sqrt(batch_size / 128)``, the square-root rule that
+    keeps Adam's update noise the same (Malladi et al., "On the SDEs and Scaling Rules for
+    Adaptive Gradient Algorithms", NeurIPS 2022); ``linear`` by ``batch_size / 128`` (Goyal et
+    al. 2017, for SGD; usually too aggressive for Adam); ``none`` keeps it.
+    """
+    ratio = batch_size / REFERENCE_BATCH
+    if rule == "sqrt":
+        return lr * ratio**0.5
+    if rule == "linear":
+        return lr * ratio
+    return lr
+
+
+def _adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float], capturable: bool):
+    """Fused Adam (one kernel per step, also on the CPU) where this PyTorch has it."""
+    try:
+        return torch.optim.Adam(params, lr, betas, fused=True, capturable=capturable)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.Adam(params, lr, betas, capturable=capturable)
 
 
 def fixed_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
@@ -165,6 +196,13 @@ class GANTrainer:
         seed: ``base.seed``.
         device: Where to train.
         progress: Show a per-epoch progress bar; None shows one when stderr is a terminal.
+        channels_last: Keep the dcgan networks in the channels-last memory format (faster
+            convolutions: measured 1.26x on the CPU); None: on for dcgan, off for mlp.
+
+    The fast path, each part falling back where it is unavailable: the data on the device;
+    fused Adam; on CUDA, bf16 autocast (``train.amp``, when the GPU supports bf16) and the
+    whole D+G step captured once as a CUDA graph and replayed (``train.cuda_graph``), so a
+    step costs three kernel launches from Python instead of hundreds.
 
     Raises:
         ValueError: The images have the wrong shape, or fewer than one batch.
@@ -178,6 +216,7 @@ class GANTrainer:
         seed: int = 0,
         device: torch.device | str = "cpu",
         progress: bool | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         if images.dim() != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(
@@ -196,6 +235,10 @@ class GANTrainer:
 
         self.generator = build_generator(cfg).to(self.device)
         self.discriminator = build_discriminator(cfg).to(self.device)
+        self.channels_last = cfg.model == "dcgan" if channels_last is None else channels_last
+        if self.channels_last:  # layout only: the same weights and results
+            self.generator.to(memory_format=torch.channels_last)
+            self.discriminator.to(memory_format=torch.channels_last)
         # Dropout draws from torch's global RNG. The trainer keeps its own copy of that state and
         # swaps it in around its steps, so other code (a callback, a second trainer) can use the
         # global RNG without changing the training, and a checkpoint captures it exactly.
@@ -207,16 +250,19 @@ class GANTrainer:
         self.images = images.to(self.device, torch.float32).contiguous()
         self.steps_per_epoch = images.shape[0] // cfg.batch_size
 
-        # Fused Adam: one kernel per optimizer step on CUDA; the CPU keeps the default.
-        opt_kw: dict[str, Any] = {"fused": True} if cuda else {}
-        betas = (cfg.beta1, cfg.beta2)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), cfg.lr_g, betas, **opt_kw)
-        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), cfg.lr_d, betas, **opt_kw)
+        # The whole step as one CUDA graph: Adam's step counters must then live on the GPU.
+        self.cuda_graph = cfg.cuda_graph and cuda
         self._g_params = list(self.generator.parameters())
         self._d_params = list(self.discriminator.parameters())
+        betas = (cfg.beta1, cfg.beta2)
+        self.lr_g = scaled_lr(cfg.lr_g, cfg.batch_size, cfg.lr_scaling)
+        self.lr_d = scaled_lr(cfg.lr_d, cfg.batch_size, cfg.lr_scaling)
+        self.opt_g = _adam(self._g_params, self.lr_g, betas, self.cuda_graph)
+        self.opt_d = _adam(self._d_params, self.lr_d, betas, self.cuda_graph)
         if self.ema_generator is not None:
             self._ema_pairs = self._ema_tensors()
-        self.amp = cfg.amp and cuda  # bf16 needs no loss scaling
+        # bf16 needs no loss scaling; GPUs before Ampere lack it and train in float32.
+        self.amp = cfg.amp and cuda and torch.cuda.is_bf16_supported()
         self.progress = sys.stderr.isatty() if progress is None else progress
 
         self._record = torch.zeros(self.steps_per_epoch, len(METRICS), device=self.device)
@@ -228,6 +274,16 @@ class GANTrainer:
         self._g_fwd: Callable[[torch.Tensor], torch.Tensor] = self.generator
         self._d_fwd: Callable[[torch.Tensor], torch.Tensor] = self.discriminator
         self.compiled = cfg.compile and self._compile()
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_warm = 0  # eager steps taken towards the capture
+        self._static: dict[str, torch.Tensor] = {}
+        if self.cuda_graph:  # the graph's inputs and output, at fixed addresses
+            b = cfg.batch_size
+            self._static = {
+                "real": torch.empty(b, *IMAGE_SHAPE, device=self.device),
+                "z": torch.empty(b, cfg.latent_dim, device=self.device),
+                "record": torch.zeros(len(METRICS), device=self.device),
+            }
 
     # --- construction helpers -------------------------------------------------------------
 
@@ -263,7 +319,12 @@ class GANTrainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            # A CUDA graph must not reuse autocast's cache of cast weights across replays.
+            return torch.autocast(
+                device_type=self.device.type,
+                dtype=torch.bfloat16,
+                cache_enabled=not self.cuda_graph,
+            )
         return contextlib.nullcontext()
 
     # --- one step ----------------------------------------------------------------------------
@@ -298,21 +359,89 @@ class GANTrainer:
         with self._own_rng():
             self._step()
 
+    def run_steps(self, n: int) -> None:
+        """``n`` steps, as :meth:`step` does them, swapping the RNG state once (for benchmarks)."""
+        with self._own_rng():
+            for _ in range(n):
+                self._step()
+
     def _step(self) -> None:
         if self._perm is None or self._cursor >= self.steps_per_epoch:
             self._new_permutation()
         assert self._perm is not None
         b, i = self.cfg.batch_size, self._cursor
-        real = self.images.index_select(0, self._perm[i * b : (i + 1) * b])  # (B, 1, 28, 28)
-        self._train_step(real, self._record[i])
+        idx = self._perm[i * b : (i + 1) * b]
+        if self.cuda_graph:
+            self._graph_step(idx, self._record[i])
+        else:
+            real = self.images.index_select(0, idx)  # (B, 1, 28, 28)
+            z = torch.randn(
+                b, self.cfg.latent_dim, device=self.device, generator=self.data_generator
+            )
+            self._train_step(real, z, self._record[i])
         self._cursor += 1
 
-    def _train_step(self, real: torch.Tensor, record: torch.Tensor) -> None:
-        """Update D then G on one batch of real images; write METRICS into ``record`` (6,)."""
+    def _graph_step(self, idx: torch.Tensor, record: torch.Tensor) -> None:
+        """The step through the CUDA graph: fill its inputs, replay it, keep its metrics.
+
+        The first ``GRAPH_WARMUP_STEPS`` steps run eagerly on a side stream (as CUDA graphs
+        require); the next one captures the step, then every step replays it. If capturing
+        fails, the trainer warns and stays eager.
+        """
+        s = self._static
+        torch.index_select(self.images, 0, idx, out=s["real"])  # (B, 1, 28, 28)
+        torch.randn(s["z"].shape, generator=self.data_generator, out=s["z"])
+        if self._graph is None and self._graph_warm < GRAPH_WARMUP_STEPS:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._train_step(s["real"], s["z"], s["record"])
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._graph_warm += 1
+        elif self._graph is None and not self._capture():
+            self._train_step(s["real"], s["z"], s["record"])
+        else:
+            assert self._graph is not None
+            self._graph.replay()
+        record.copy_(s["record"])
+
+    def _capture(self) -> bool:
+        """Capture one whole step (D and G updates, EMA, metrics) as a CUDA graph.
+
+        Capturing records the kernels without running them. Gradients are set to None first so
+        that the captured backward passes allocate them in the graph's memory pool and each
+        replay overwrites them.
+
+        Returns:
+            Whether the graph is ready; False after a warning, with ``cuda_graph`` turned off.
+        """
+        s = self._static
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._train_step(s["real"], s["z"], s["record"])
+        except Exception as exc:  # an op that cannot be captured, an old driver, ...
+            warnings.warn(
+                f"train.cuda_graph: capturing the training step failed ({type(exc).__name__}: "
+                f"{exc}); training without CUDA graphs",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self.cuda_graph = False
+            self.opt_d.zero_grad(set_to_none=True)
+            self.opt_g.zero_grad(set_to_none=True)
+            return False
+        self._graph = graph
+        return True
+
+    def _train_step(self, real: torch.Tensor, z: torch.Tensor, record: torch.Tensor) -> None:
+        """Update D then G on real images (B, 1, 28, 28) and noise z (B, latent_dim).
+
+        Writes METRICS into ``record`` (6,). Runs eagerly or under CUDA graph capture.
+        """
         cfg = self.cfg
-        z = torch.randn(
-            real.shape[0], cfg.latent_dim, device=self.device, generator=self.data_generator
-        )
         # One generator pass serves both updates (as in pytorch/examples' DCGAN).
         with self._autocast():
             fake = self._g_fwd(z)  # (B, 1, 28, 28)
@@ -472,6 +601,8 @@ class GANTrainer:
         random.setstate((python[0], tuple(python[1]), python[2]))
         self.epoch = int(state["epoch"])
         self.history = [dict(h) for h in state["history"]]
+        # The optimizers now hold new state tensors: a captured graph would update the old ones.
+        self._graph, self._graph_warm = None, 0
         self._perm, self._cursor = None, 0
 
 

@@ -1,0 +1,168 @@
+"""Does the fast path train as well as the plain eager one? FID of both, a few seeds each.
+
+Trains the project's evaluator (``mnist_gan.classifier``) briefly, then trains the GAN several
+times for a few epochs: the ``fast`` variant with the train params as configured (bf16 autocast
+and the trainer's other fast-path features on CUDA), and the ``eager`` variant with every
+fast-path switch that exists in ``TrainParams`` turned off (``amp``, ``compile``, and
+``cuda_graph`` when the trainer has it). Each run's generator makes ``--samples`` images whose
+classifier features are compared with the test set's by ``mnist_gan.metrics.frechet_distance``
+(FID in the evaluator's feature space, as the evaluate stage measures it).
+
+The verdict: the fast path's quality is "the same" when the gap between the two variants' mean
+FIDs is no larger than the run-to-run spread (max - min over seeds) of either variant. Writes
+``fid_check.json`` into ``--out``. Needs only PyTorch, torchvision, safetensors and PyYAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from train_throughput import BenchError, parse_set, resolve_raw_dir, train_config
+
+from mnist_gan.classifier import embed, train_classifier
+from mnist_gan.data import DataError, normalize, read_raw_split
+from mnist_gan.metrics import frechet_distance
+from mnist_gan.params import ClassifierParams, TrainParams
+from mnist_gan.training import GANTrainer
+from mnist_gan.utils import resolve_device, write_json
+
+# Fast-path switches turned off for the eager variant, where TrainParams has them.
+EAGER_OFF = ("amp", "compile", "cuda_graph")
+
+
+def variant_params(cfg: TrainParams, variant: str) -> TrainParams:
+    """``fast``: ``cfg`` as is; ``eager``: every fast-path switch that exists turned off."""
+    if variant == "fast":
+        return cfg
+    names = {f.name for f in dataclasses.fields(TrainParams)}
+    return dataclasses.replace(cfg, **{k: False for k in EAGER_OFF if k in names})
+
+
+@torch.no_grad()
+def generate(trainer: GANTrainer, n: int, seed: int, batch: int = 1000) -> torch.Tensor:
+    """``n`` images (n, 1, 28, 28) from the trainer's generator, from seeded noise."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, trainer.cfg.latent_dim, generator=gen)
+    return torch.cat([trainer.sample(z[i : i + batch]) for i in range(0, n, batch)])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="MNIST IDX folder (decompressed or .gz)")
+    p.add_argument("--out", required=True, help="folder for fid_check.json")
+    p.add_argument("--params", default="params.yaml", help="train params ('' for defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--epochs", type=int, default=15, help="GAN epochs per run")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds per variant")
+    p.add_argument("--classifier-epochs", type=int, default=2)
+    p.add_argument("--samples", type=int, default=10_000, help="generated images per FID")
+    p.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--time-limit", type=float, default=0, help="seconds; 0 = no limit")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train the classifier and the GAN runs, compare FIDs, write the JSON."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        device = resolve_device(args.device)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        params_file = args.params or None
+        if params_file and not Path(params_file).is_file():
+            raise BenchError(f"{params_file}: params file not found")
+        cfg = train_config(params_file, {**parse_set(args.overrides), "epochs": args.epochs})
+        with tempfile.TemporaryDirectory(prefix="mnist-fid-") as scratch:
+            raw_dir = resolve_raw_dir(args.data, Path(scratch))
+            train_u8, train_labels = read_raw_split(raw_dir, "train")
+            test_u8, test_labels = read_raw_split(raw_dir, "test")
+    except (BenchError, DataError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.train_limit:
+        train_u8, train_labels = train_u8[: args.train_limit], train_labels[: args.train_limit]
+    train_images, test_images = normalize(train_u8), normalize(test_u8)  # (N, 1, 28, 28)
+    to_long = lambda a: torch.from_numpy(a.astype("int64"))  # noqa: E731
+
+    classifier, cstats = train_classifier(
+        train_images,
+        to_long(train_labels),
+        test_images,
+        to_long(test_labels),
+        ClassifierParams(epochs=args.classifier_epochs),
+        seed=0,
+        device=device,
+    )
+    reference, _ = embed(classifier, test_images, device=device)  # (10000, features)
+    print(f"classifier: test accuracy {cstats.test_accuracy:.4f}", file=sys.stderr)
+
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        for variant in ("eager", "fast"):  # interleaved, so a time limit cuts both alike
+            if args.time_limit and time.perf_counter() - start > args.time_limit:
+                print("time limit reached; stopping", file=sys.stderr)
+                break
+            run_cfg = variant_params(cfg, variant)
+            t0 = time.perf_counter()
+            trainer = GANTrainer(run_cfg, train_images, seed=seed, device=device, progress=False)
+            while trainer.epoch < run_cfg.epochs:
+                trainer.run_epoch()
+            seconds = time.perf_counter() - t0
+            features, _ = embed(classifier, generate(trainer, args.samples, seed), device=device)
+            fid = frechet_distance(features, reference)
+            runs.append(
+                {
+                    "variant": variant,
+                    "seed": seed,
+                    "fid": round(fid, 4),
+                    "train_seconds": round(seconds, 2),
+                }
+            )
+            print(f"{variant:5s} seed {seed}: FID {fid:.3f} ({seconds:.1f} s)", file=sys.stderr)
+            del trainer
+
+    summary: dict[str, Any] = {}
+    for variant in ("eager", "fast"):
+        fids = [r["fid"] for r in runs if r["variant"] == variant]
+        if fids:
+            summary[variant] = {
+                "mean": round(statistics.fmean(fids), 4),
+                "spread": round(max(fids) - min(fids), 4),
+                "n": len(fids),
+            }
+    verdict = None
+    if all(v in summary and summary[v]["n"] >= 2 for v in ("eager", "fast")):
+        gap = abs(summary["fast"]["mean"] - summary["eager"]["mean"])
+        spread = max(summary["eager"]["spread"], summary["fast"]["spread"])
+        verdict = {"gap": round(gap, 4), "spread": round(spread, 4), "same": gap <= spread}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "epochs": args.epochs,
+        "samples": args.samples,
+        "classifier_test_accuracy": round(cstats.test_accuracy, 4),
+        "eager_switches_off": [k for k in EAGER_OFF if hasattr(cfg, k)],
+        "runs": runs,
+        "summary": summary,
+        "verdict": verdict,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json(Path(args.out) / "fid_check.json", report)
+    print(f"FID summary: {summary}; verdict: {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with only PyTorch (and torchvision, PyYAML) installed, no pip
+# install, no MLflow, no DVC, within about 8 minutes:
+#   1. print the GPU (nvidia-smi and torch);
+#   2. benchmark the trainer against the tutorial baseline on CUDA (mlp and dcgan, batch 128);
+#   3. train the article's configuration (params.yaml) for 100 epochs on the full MNIST,
+#      report the training seconds and write the final sample grid;
+#   4. optionally (GPU_CHECK_FID=1): FID of the fast path against the plain eager path, 2 seeds;
+#   5. while the budget lasts (GPU_CHECK_EXTRAS=0 skips them): the variants the fast path was
+#      chosen from: dcgan without channels_last, mlp with torch.compile, mlp at batch 1024.
+# Every part runs under its own time bound, and a failing part does not stop the next one.
+#
+# Usage: benchmarks/gpu_check.sh [OUT_DIR] [MNIST_DIR]
+#   OUT_DIR    results (default: $OUT, else bench/gpu_check): throughput.json, train_full.json,
+#              samples.png, fid_check.json, one .log per part, summary.txt
+#   MNIST_DIR  the four MNIST IDX files, decompressed or .gz (default: $MNIST_DATA, else
+#              .gpucheck/mnist, else data/raw); relative paths start at the repository root
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for all parts, default 450),
+#   GPU_CHECK_FID=1 to run part 4, BENCH_ARGS / TRAIN_ARGS / FID_ARGS extra arguments per part,
+#   GPU_CHECK_DEVICE (default cuda; cpu only to try the script's plumbing on a CPU machine).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-bench/gpu_check}}
+DATA=${2:-${MNIST_DATA:-}}
+if [[ -z $DATA ]]; then
+  if [[ -d .gpucheck/mnist ]]; then DATA=.gpucheck/mnist; else DATA=data/raw; fi
+fi
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-450}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the library, without installing it
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+SUMMARY="$OUT_DIR/summary.txt"
+: >"$SUMMARY"
+START=$SECONDS
+
+note() { echo "== $*" | tee -a "$SUMMARY"; }
+
+# part NAME CAP_SECONDS COMMAND...: run under min(CAP, what is left of the budget).
+part() {
+  local name=$1 cap=$2 left limit rc t0
+  shift 2
+  left=$((BUDGET - (SECONDS - START)))
+  limit=$((cap < left ? cap : left))
+  if ((limit < 20)); then
+    note "$name: skipped (${left}s of the budget left)"
+    return 0
+  fi
+  note "$name: starting, bounded to ${limit}s"
+  t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > >(tee "$OUT_DIR/$name.log") 2>&1
+  rc=$?
+  if ((rc == 124 || rc == 137)); then
+    note "$name: TIMED OUT after $((SECONDS - t0))s"
+  else
+    note "$name: exit $rc after $((SECONDS - t0))s"
+  fi
+  return 0
+}
+
+note "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), data: $DATA, out: $OUT_DIR"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
+else
+  note "nvidia-smi: not found"
+fi
+"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import sys, torch, torchvision
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"torch sees: {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}")
+else:
+    print("torch sees no CUDA device")
+import mnist_gan.training  # noqa: F401 - the library imports without installation
+EOF
+
+# shellcheck disable=SC2086  # the *_ARGS variables are word lists on purpose
+{
+  part bench 200 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" --models mlp,dcgan \
+    --data "$DATA" --out "$OUT_DIR/throughput.json" ${BENCH_ARGS:-}
+  part train_full 200 "$PY" benchmarks/train_full.py --data "$DATA" --out "$OUT_DIR" \
+    --device "$DEVICE" --time-limit 150 ${TRAIN_ARGS:-}
+  if [[ ${GPU_CHECK_FID:-0} == 1 ]]; then
+    part fid_check 150 "$PY" benchmarks/fid_check.py --data "$DATA" --out "$OUT_DIR" \
+      --device "$DEVICE" --time-limit 100 ${FID_ARGS:-}
+  else
+    note "fid_check: not asked for (GPU_CHECK_FID=1 runs it)"
+  fi
+  if [[ ${GPU_CHECK_EXTRAS:-1} == 1 ]]; then
+    part bench_dcgan_nchw 90 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
+      --models dcgan --trainer-option channels_last=false --data "$DATA" \
+      --out "$OUT_DIR/throughput_dcgan_nchw.json" ${BENCH_ARGS:-}
+    part bench_mlp_compile 120 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
+      --models mlp --set compile=true --data "$DATA" \
+      --out "$OUT_DIR/throughput_mlp_compile.json" ${BENCH_ARGS:-}
+    part bench_mlp_b1024 90 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
+      --models mlp --batch-size 1024 --steps 100 --warmup 20 --data "$DATA" \
+      --out "$OUT_DIR/throughput_mlp_b1024.json" ${BENCH_ARGS:-}
+  fi
+}
+
+note "results"
+"$PY" - "$OUT_DIR" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    try:
+        return json.loads((out / name).read_text())
+    except (OSError, ValueError):
+        return None
+for name in ("throughput", "throughput_dcgan_nchw", "throughput_mlp_compile",
+             "throughput_mlp_b1024"):
+    bench = load(f"{name}.json") or {}
+    extra = {k: v for k, v in bench.items() if k in ("trainer_options", "batch_size")}
+    for r in bench.get("results", []):
+        print(f"{name} {r['device']} {r['model']} {extra}: baseline "
+              f"{r['baseline']['images_per_sec']:,.0f} img/s, trainer "
+              f"{r['trainer']['images_per_sec']:,.0f} img/s, ratio {r['ratio']}, GPU peak MiB "
+              f"{r['baseline']['gpu_peak_mib']} / {r['trainer']['gpu_peak_mib']}, "
+              f"compiled {r['trainer']['compiled']}")
+full = load("train_full.json")
+if full:
+    print(f"train_full: {full['epochs_done']}/{full['epochs_asked']} epochs in "
+          f"{full['train_seconds']} s ({full['images_per_sec']:,.0f} img/s; first epoch "
+          f"{full['first_epoch_seconds']} s, median epoch {full['median_epoch_seconds']} s) "
+          f"on {full['device']}")
+fid = load("fid_check.json")
+if fid:
+    print(f"fid_check: {fid['summary']}; verdict {fid['verdict']}")
+EOF
+note "done in $((SECONDS - START))s"

@@ -1,0 +1,126 @@
+"""Train the article's configuration with the library alone, and time it.
+
+What ``benchmarks/gpu_check.sh`` runs on a bare GPU machine (PyTorch, torchvision and PyYAML; no
+MLflow, no DVC): the train params of ``params.yaml`` (the article's mlp, batch 128, 100 epochs)
+on the full MNIST training set, through :meth:`mnist_gan.training.GANTrainer.run_epoch`. It
+writes ``samples.png`` (an 8x8 grid from a fixed noise batch) and ``train_full.json`` (training
+seconds, images per second, per-epoch stats) into ``--out``.
+
+``--time-limit`` bounds the run: training stops after the epoch that crosses it and the JSON
+says how many epochs were done, so a slow machine still reports what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+from train_throughput import BenchError, parse_set, resolve_raw_dir, train_config
+
+from mnist_gan.data import DataError, normalize, read_raw_split
+from mnist_gan.training import GANTrainer, fixed_noise
+from mnist_gan.utils import resolve_device, write_json
+
+GRID = 64  # samples in the grid (8 x 8)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="MNIST IDX folder (decompressed or .gz)")
+    p.add_argument("--out", required=True, help="folder for samples.png and train_full.json")
+    p.add_argument("--params", default="params.yaml", help="train params ('' for defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=0, help="seconds; 0 = no limit")
+    p.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train, time, write the grid and the JSON. Returns the exit code."""
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        overrides = parse_set(args.overrides)
+        if args.epochs is not None:
+            overrides["epochs"] = args.epochs
+        params_file = args.params or None
+        if params_file and not Path(params_file).is_file():
+            raise BenchError(f"{params_file}: params file not found")
+        cfg = train_config(params_file, overrides)
+        with tempfile.TemporaryDirectory(prefix="mnist-full-") as scratch:
+            raw_dir = resolve_raw_dir(args.data, Path(scratch))
+            pixels = read_raw_split(raw_dir, "train")[0]
+        images = normalize(pixels[: args.train_limit or None])  # (N, 1, 28, 28)
+    except (BenchError, DataError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    print(f"training {cfg.model} for {cfg.epochs} epochs on {device}", file=sys.stderr)
+    setup = time.perf_counter()
+    trainer = GANTrainer(cfg, images, seed=args.seed, device=device, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    setup = time.perf_counter() - setup
+    start = time.perf_counter()
+    stopped_early = False
+    while trainer.epoch < cfg.epochs:
+        stats = trainer.run_epoch()  # reads its metrics once: the epoch ends synchronised
+        trainer.history.append(stats.as_dict())
+        print(
+            f"epoch {stats.epoch:3d}  loss_d {stats.loss_d:.3f}  loss_g {stats.loss_g:.3f}  "
+            f"{stats.images_per_sec:,.0f} img/s",
+            file=sys.stderr,
+        )
+        if args.time_limit and time.perf_counter() - start > args.time_limit:
+            stopped_early = trainer.epoch < cfg.epochs
+            break
+    seconds = time.perf_counter() - start
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = trainer.sample(fixed_noise(GRID, cfg.latent_dim, args.seed))  # (64, 1, 28, 28)
+    save_image(grid, out / "samples.png", nrow=8, normalize=True, value_range=(-1, 1))
+    epoch_seconds = [h["epoch_seconds"] for h in trainer.history]
+    images_seen = trainer.epoch * trainer.steps_per_epoch * cfg.batch_size
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "epochs_done": trainer.epoch,
+        "epochs_asked": cfg.epochs,
+        "stopped_at_time_limit": stopped_early,
+        "setup_seconds": round(setup, 2),
+        "train_seconds": round(seconds, 2),
+        "images_per_sec": round(images_seen / seconds, 1),
+        "first_epoch_seconds": round(epoch_seconds[0], 3),
+        "median_epoch_seconds": round(statistics.median(epoch_seconds), 3),
+        "final": trainer.history[-1],
+        "compiled": bool(getattr(trainer, "compiled", False)),
+        "amp": bool(getattr(trainer, "amp", False)),
+        "train_params": json.loads(json.dumps(dataclasses.asdict(cfg))),
+    }
+    write_json(out / "train_full.json", report)
+    print(
+        f"{trainer.epoch} epochs of {cfg.model} in {seconds:.1f} s "
+        f"({report['images_per_sec']:,.0f} img/s) on {report['device']}; "
+        f"grid: {out / 'samples.png'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The benchmark scripts on tiny synthetic MNIST files, on the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from mnist_gan.data import RAW_FILES, normalize, read_raw_split
+from mnist_gan.params import TrainParams
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+# Small networks, so a step takes milliseconds.
+TINY = ["--set", "hidden=[32,32]", "--set", "channels=4", "--set", "latent_dim=8"]
+
+
+def write_idx(folder: Path, n_train: int = 96, n_test: int = 20, gz: bool = False) -> Path:
+    """Four tiny IDX files (random pixels, labels 0-9) in ``folder``, plain or gzipped."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        images_name, labels_name = RAW_FILES[split]
+        pixels = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        blobs = {
+            images_name: struct.pack(">IIII", 2051, n, 28, 28) + pixels.tobytes(),
+            labels_name: struct.pack(">II", 2049, n) + labels.tobytes(),
+        }
+        for name, blob in blobs.items():
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
+            else:
+                (folder / name).write_bytes(blob)
+    return folder
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    """The benchmark modules, imported the way the scripts import each other."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import baseline
+    import fid_check
+    import train_full
+    import train_throughput
+
+    return baseline, train_throughput, train_full, fid_check
+
+
+def test_benchmark_script_writes_table_and_json(tmp_path: Path) -> None:
+    raw = write_idx(tmp_path / "raw")
+    out = tmp_path / "bench" / "throughput.json"
+    cmd = [sys.executable, str(BENCH / "train_throughput.py"), "--devices", "cpu",
+           "--models", "mlp,dcgan", "--steps", "3", "--warmup", "1", "--repeats", "2",
+           "--batch-size", "16", "--data", str(raw), "--out", str(out), *TINY]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "ratio" in res.stdout and "cpu    mlp" in res.stdout and "cpu    dcgan" in res.stdout
+    report = json.loads(out.read_text())
+    assert report["threads"] == 1 and report["batch_size"] == 16
+    assert report["train_params"]["mlp"]["hidden"] == [32, 32]
+    assert [(r["device"], r["model"]) for r in report["results"]] == [
+        ("cpu", "mlp"),
+        ("cpu", "dcgan"),
+    ]
+    for row in report["results"]:
+        base, fast = row["baseline"], row["trainer"]
+        assert len(base["images_per_sec_runs"]) == len(fast["images_per_sec_runs"]) == 2
+        assert base["images_per_sec"] > 0 and fast["images_per_sec"] > 0
+        runs = zip(fast["images_per_sec_runs"], base["images_per_sec_runs"], strict=True)
+        ratios = sorted(t / b for t, b in runs)
+        assert row["ratio"] == pytest.approx(sum(ratios) / 2, abs=0.011)  # median of two
+        assert row["rss_peak_mib"] > 0
+        assert base["gpu_peak_mib"] is None and fast["gpu_peak_mib"] is None
+        # 1 warm-up step + 2 repeats of 3: every step drew a loader batch and read two losses.
+        assert base["steps"] == base["batches_loaded"] == 7
+        assert base["item_calls"] == 14
+
+
+def test_baseline_is_the_tutorial_loop(
+    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    baseline = bench[0]
+    raw = write_idx(tmp_path / "raw", n_train=40)
+    calls = {"item": 0}
+    real_item = torch.Tensor.item
+
+    def counting_item(self: torch.Tensor):
+        calls["item"] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    cfg = TrainParams(hidden=(16,), latent_dim=4, batch_size=16)
+    trainer = baseline.BaselineTrainer(cfg, raw)
+    try:
+        loader = trainer.loader
+        assert isinstance(loader, DataLoader) and loader.batch_size == 16 and loader.drop_last
+        assert isinstance(loader.dataset, datasets.MNIST)
+        kinds = [type(t) for t in loader.dataset.transform.transforms]
+        assert kinds == [transforms.ToTensor, transforms.Normalize]
+        # The tutorial transform scales exactly as the project's normalize stage.
+        first, _ = loader.dataset[0]
+        expected = normalize(read_raw_split(raw, "train")[0][:1])[0]
+        torch.testing.assert_close(first, expected)
+        before = [p.detach().clone() for p in trainer.generator.parameters()]
+        trainer.run(5)  # 40 images, batch 16: two batches an epoch, so this crosses epochs
+    finally:
+        trainer.close()
+    assert trainer.steps_done == trainer.batches_loaded == 5
+    assert calls["item"] >= 10 and trainer.item_calls == 10
+    assert len(trainer.losses_d) == len(trainer.losses_g) == 5
+    assert all(np.isfinite(trainer.losses_d + trainer.losses_g))
+    after = list(trainer.generator.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_torchvision_layout_needs_all_four_files(bench, tmp_path: Path) -> None:
+    baseline = bench[0]
+    raw = write_idx(tmp_path / "raw")
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        baseline.torchvision_root(raw, tmp_path / "tv")
+
+
+def test_data_resolution_gz_and_mirror_fallback(
+    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tp = bench[1]
+    mirror = write_idx(tmp_path / "mirror", gz=True)
+    plain = write_idx(tmp_path / "plain")
+    scratch = tmp_path / "scratch"
+    # An explicit folder of .gz files is decompressed into the scratch folder.
+    got = tp.resolve_raw_dir(mirror, scratch)
+    assert got.parent == scratch
+    for split in RAW_FILES:
+        a, b = read_raw_split(got, split), read_raw_split(plain, split)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    # No data/raw here: the MNIST_MIRROR folder is used (a file:// URL; http entries skipped).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MNIST_MIRROR", f"https://example.invalid/x/,file://{mirror}")
+    assert tp.resolve_raw_dir(None, tmp_path / "scratch2") == tmp_path / "scratch2" / "raw"
+    # data/raw wins when it exists.
+    write_idx(tmp_path / "data" / "raw")
+    assert tp.resolve_raw_dir(None, tmp_path / "scratch3") == Path("data/raw")
+
+
+def test_bad_input_is_a_clear_error(bench, tmp_path: Path, capsys) -> None:
+    tp = bench[1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out.json"
+    assert tp.main(["--data", str(empty), "--out", str(out), "--devices", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "train-images-idx3-ubyte" in err
+    assert not out.exists()
+    assert tp.main(["--data", str(empty), "--out", str(out), "--set", "nope=1"]) == 2
+    assert "--set 'nope=1'" in capsys.readouterr().err
+    assert tp.main(["--data", str(empty), "--out", str(out), "--set", "lr_g=-1"]) == 2
+    assert "lr_g" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tp.main(["--models", "resnet"])
+    raw = write_idx(tmp_path / "raw")
+    args = ["--data", str(raw), "--out", str(out), "--devices", "cpu", "--models", "mlp",
+            "--batch-size", "16", "--trainer-option", "bogus=1", *TINY]  # fmt: skip
+    assert tp.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--trainer-option" in err and "bogus" in err
+    assert not out.exists()
+
+
+def test_train_full_writes_grid_and_stops_at_time_limit(bench, tmp_path: Path) -> None:
+    train_full = bench[2]
+    raw = write_idx(tmp_path / "raw")
+    out = tmp_path / "out"
+    args = ["--data", str(raw), "--out", str(out), "--device", "cpu", "--params", "",
+            "--set", "batch_size=32", "--epochs", "3", "--time-limit", "1e-9", *TINY]  # fmt: skip
+    assert train_full.main(args) == 0
+    report = json.loads((out / "train_full.json").read_text())
+    assert report["epochs_done"] == 1 and report["epochs_asked"] == 3
+    assert report["stopped_at_time_limit"] is True
+    assert report["train_seconds"] > 0 and report["images_per_sec"] > 0
+    assert np.isfinite(report["final"]["loss_d"])
+    with Image.open(out / "samples.png") as grid:
+        assert grid.size == (8 * 28 + 9 * 2, 8 * 28 + 9 * 2)  # save_image's 2-pixel padding
+
+
+def test_eager_variant_turns_every_fast_switch_off(bench) -> None:
+    fid_check = bench[3]
+    cfg = TrainParams(amp=True, compile=True)
+    assert fid_check.variant_params(cfg, "fast") == cfg
+    eager = fid_check.variant_params(cfg, "eager")
+    assert not eager.amp and not eager.compile
+    assert not getattr(eager, "cuda_graph", False)
+    assert dataclasses.replace(eager, amp=True, compile=True) == dataclasses.replace(
+        cfg, **({"cuda_graph": False} if hasattr(cfg, "cuda_graph") else {})
+    )
+
+
+def test_gpu_check_script_parses() -> None:
+    res = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True)
+    assert res.returncode == 0, res.stderr
+    assert os.access(BENCH / "gpu_check.sh", os.X_OK)
+
+
+@pytest.mark.slow
+def test_gpu_check_plumbing_on_cpu(tmp_path: Path) -> None:
+    """The whole script, on the CPU with tiny settings: every part runs and reports."""
+    raw = write_idx(tmp_path / "raw", n_train=64, n_test=64, gz=True)
+    out = tmp_path / "gpu"
+    tiny = " ".join(TINY)
+    env = {
+        **os.environ,
+        "GPU_CHECK_DEVICE": "cpu",
+        "GPU_CHECK_FID": "1",
+        "GPU_CHECK_EXTRAS": "0",
+        "PYTHON": sys.executable,
+        "BENCH_ARGS": f"--steps 2 --warmup 1 --repeats 1 --batch-size 16 {tiny}",
+        "TRAIN_ARGS": f"--epochs 1 --set batch_size=16 {tiny}",
+        "FID_ARGS": f"--epochs 1 --seeds 0,1 --samples 50 --classifier-epochs 1 "
+        f"--set batch_size=16 {tiny}",
+    }
+    res = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), str(out), str(raw)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    summary = (out / "summary.txt").read_text()
+    for part in ("bench", "train_full", "fid_check"):
+        assert f"{part}: exit 0" in summary, summary
+    assert "throughput cpu mlp" in summary and "train_full: 1/1 epochs" in summary
+    assert (out / "samples.png").is_file()
+    fid = json.loads((out / "fid_check.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in fid["runs"]] == [
+        ("eager", 0),
+        ("fast", 0),
+        ("eager", 1),
+        ("fast", 1),
+    ]
+    assert isinstance(fid["verdict"]["same"], bool)
