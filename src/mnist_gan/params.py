@@ -127,7 +127,10 @@ class TrainParams:
     spectral_norm: bool = False  # spectral norm on D's layers
     label_smoothing: float = 0.0  # one-sided: real targets become 1 - label_smoothing
     amp: bool = True  # bf16 autocast, CUDA only
-    compile: bool = False  # torch.compile the training step
+    compile: bool = False  # torch.compile the networks (fuses their kernels)
+    cuda_graph: bool = True  # on CUDA, capture the whole D+G step once and replay it
+    # How lr_g and lr_d (tuned for batch 128) change with batch_size: none | sqrt | linear.
+    lr_scaling: Literal["none", "sqrt", "linear"] = "none"
     checkpoint_every: int = 5  # epochs between resumable checkpoints; 0 disables them
     sample_every: int = 5  # epochs between logged sample grids; 0 logs only the final one
 
