@@ -1,0 +1,99 @@
+"""Stage `evaluate`: judge the generator's samples beside what real data gets.
+
+Draws evaluate.num_samples images from GAN (the EMA weights when present) with base.seed, and
+scores them with the classifier in CLASSIFIER: FID and KID against the test set, Inception Score,
+precision, recall, density and coverage (k = evaluate.k), mode coverage (modes, class_kl) and
+memorisation (memorized_fraction, nn_ratio). Every metric also gets its real-data reference,
+prefixed real_. Writes METRICS (flat JSON) and under PLOTS: samples.png, per_digit.png and
+nearest_train.png. Logs all of it into the train stage's MLflow run (the id in RUN_ID_FILE), or
+into a new run tagged stage=evaluate when there is none.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+import mlflow
+import tracking
+from common import PARAMS_OPTION, load_or_exit
+
+from mnist_gan.classifier import load_classifier
+from mnist_gan.data import DataError, load_normalized
+from mnist_gan.figures import class_grid, neighbour_figure, sample_grid, save_png
+from mnist_gan.metrics import evaluate_samples, generate_samples
+from mnist_gan.models import load_generator
+from mnist_gan.params import params_to_dict
+from mnist_gan.utils import atomic_dir, resolve_device, seed_everything, write_json
+
+
+def _path(help_text: str, **kw: bool) -> dict:
+    return {"type": click.Path(path_type=Path, **kw), "required": True, "help": help_text}
+
+
+@click.command(help=__doc__)
+@click.option("--data", **_path("Folder holding train/test.safetensors.", file_okay=False))
+@click.option("--gan", **_path("GAN folder written by the train stage.", file_okay=False))
+@click.option("--classifier", **_path("Classifier folder (classifier stage).", file_okay=False))
+@click.option("--metrics", **_path("JSON file for the metrics.", dir_okay=False))
+@click.option("--plots", **_path("Folder for the figures (replaced on success).", file_okay=False))
+@click.option("--run-id-file", **_path("File holding the train run's MLflow id.", dir_okay=False))
+@PARAMS_OPTION
+def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
+         run_id_file: Path, params_file: Path) -> None:  # fmt: skip
+    """Score the GAN in GAN against the data in DATA."""
+    params = load_or_exit(params_file)
+    cfg, seed = params.evaluate, params.base.seed
+    try:
+        tracking.check_reachable()
+        device = resolve_device(params.base.device)
+        train_images, _ = load_normalized(data / "train.safetensors")
+        test_images, _ = load_normalized(data / "test.safetensors")
+        evaluator = load_classifier(classifier)
+        generator, gan_cfg = load_generator(gan, prefer_ema=True, device=device)
+    except (DataError, OSError, RuntimeError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+
+    seed_everything(seed)
+    samples = generate_samples(generator, cfg.num_samples, gan_cfg.latent_dim, seed,
+                               cfg.batch_size, device)  # fmt: skip
+    start = time.perf_counter()
+    result = evaluate_samples(samples, evaluator, train_images, test_images, cfg.k,
+                              cfg.is_splits, seed, cfg.batch_size)  # fmt: skip
+    seconds = time.perf_counter() - start
+    scores, flat = result.samples, result.flat()
+
+    with atomic_dir(plots) as tmp:
+        save_png(sample_grid(samples), tmp / "samples.png")
+        save_png(class_grid(samples, scores.predictions), tmp / "per_digit.png")
+        neighbours = train_images[scores.nn_train_index]
+        figure = neighbour_figure(samples, neighbours, scores.nn_train_dist, result.threshold)
+        save_png(figure, tmp / "nearest_train.png")
+    write_json(metrics, flat)
+    click.echo(
+        "\n".join(f"{k:>19}: {flat[k]:<10g} real: {flat['real_' + k]:g}" for k in scores.metrics),
+        err=True,
+    )
+    click.echo(f"scored {cfg.num_samples} samples and the references in {seconds:.1f} s", err=True)
+
+    run_id = tracking.read_run_id(run_id_file)
+    run, resumed = tracking.start_run("evaluate", run_id)
+    if not resumed:
+        why = f"run {run_id} is not in the store" if run_id else f"no run id in {run_id_file}"
+        click.echo(f"note: {why}; logging into a new run {run.info.run_id} (stage=evaluate)",
+                   err=True)  # fmt: skip
+    with run:
+        # Tags, not params: a train run keeps its id when only evaluate's params change, and
+        # MLflow refuses to change a logged param.
+        mlflow.set_tags(tracking.flatten({"evaluate": params_to_dict(cfg)}))
+        shares = scores.counts.double() / scores.counts.sum()
+        mlflow.log_metrics({**flat, **{f"class_share_{d}": float(s) for d, s in enumerate(shares)},
+                            "evaluate_seconds": seconds})  # fmt: skip
+        mlflow.log_artifact(str(metrics), artifact_path="evaluate")
+        mlflow.log_artifacts(str(plots), artifact_path="evaluate")
+
+
+if __name__ == "__main__":
+    main()

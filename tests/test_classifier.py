@@ -1,0 +1,192 @@
+"""The evaluator classifier: shapes, augmentation, determinism, saving, the stage script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import ROOT
+from evalkit import quick_classifier, real_mnist
+from safetensors.torch import load_file, save_file
+
+from mnist_gan.classifier import (
+    DigitClassifier,
+    embed,
+    evaluate_classifier,
+    load_classifier,
+    save_classifier,
+    shift_images,
+    train_classifier,
+)
+from mnist_gan.metrics import inception_score
+from mnist_gan.params import ClassifierParams
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # One thread is faster on this shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_shapes_and_feature_width() -> None:
+    model = DigitClassifier(features=32).eval()
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    assert model(x).shape == (5, 10)
+    assert model.features(x).shape == (5, 32)
+    assert model.num_features == 32
+    feats, logits = embed(model, x, batch_size=2)
+    torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats, model.features(x), rtol=1e-4, atol=1e-5)
+
+
+def test_shift_images_moves_content_and_fills_background() -> None:
+    images = torch.full((64, 1, 28, 28), -1.0)
+    images[:, 0, 10:18, 10:18] = 1.0  # a square away from the borders
+    out = shift_images(images, 2, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    assert ((out == 1.0).sum(dim=(1, 2, 3)) == 64).all()  # nothing lost, only moved
+    moved = (out != images).flatten(1).any(1)
+    assert moved.float().mean() > 0.8  # 24 of 25 offsets move it
+    rows = (out[:, 0] == 1.0).any(2).float().argmax(1)  # first row of the square
+    assert set(rows.tolist()) <= set(range(8, 13)) and len(set(rows.tolist())) > 1
+    same = shift_images(images, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(out, same)
+    assert shift_images(images, 0, torch.Generator()) is images
+
+
+def _tiny_data(n: int = 256) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 10
+    images = torch.full((n, 1, 28, 28), -1.0)
+    # Each class lights its own row band, with noise: learnable in one short epoch.
+    for c in range(10):
+        images[labels == c, 0, 2 + 2 * c : 4 + 2 * c, 4:24] = 1.0
+    images += 0.1 * torch.randn(images.shape, generator=gen)
+    return images.clamp(-1, 1), labels
+
+
+def test_training_is_deterministic() -> None:
+    images, labels = _tiny_data(128)
+    params = ClassifierParams(epochs=2, batch_size=32, lr=5e-3, features=16, shift=1)
+    seen = []
+    a, stats = train_classifier(images, labels, images[:64], labels[:64], params, 0,
+                                on_epoch=seen.append)  # fmt: skip
+    b, _ = train_classifier(images, labels, images[:64], labels[:64], params, 0)
+    c, _ = train_classifier(images, labels, images[:64], labels[:64], params, 1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert [s.epoch for s in seen] == [1, 2] and stats == seen[-1]
+    assert seen[1].train_loss < seen[0].train_loss
+    assert not a.training
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    model = DigitClassifier(features=24).eval()
+    save_classifier(model, tmp_path, ClassifierParams(features=24), seed=7)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["seed"] == 7 and config["params"]["features"] == 24
+    loaded = load_classifier(tmp_path)
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    assert torch.equal(loaded(x), model(x))
+    assert not loaded.training
+
+
+def test_load_refuses_bad_folders(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="classifier.safetensors"):
+        load_classifier(tmp_path)
+    save_classifier(DigitClassifier(features=24), tmp_path, ClassifierParams(features=24), 0)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architecture": "resnet"}))
+    with pytest.raises(ValueError, match="architecture 'resnet'"):
+        load_classifier(tmp_path)
+    config["params"]["features"] = 48  # weights of 24 features under a config of 48
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="weights do not fit"):
+        load_classifier(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a classifier config"):
+        load_classifier(tmp_path)
+
+
+def test_quick_classifier_separates_digits(shared_mirror: Path) -> None:
+    model = quick_classifier(shared_mirror)
+    images, labels = real_mnist(shared_mirror)["test"]
+    _, accuracy = evaluate_classifier(model, images[5000:], labels[5000:])
+    assert accuracy > 0.93
+
+
+def _write_split(folder: Path, name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"images": images.contiguous(), "labels": labels}, str(folder / name))
+
+
+@pytest.fixture(scope="module")
+def stage() -> Iterator[object]:
+    """``pipeline/classifier.py`` imported as a module (its folder on sys.path, as when run)."""
+    script = ROOT / "pipeline" / "classifier.py"
+    sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location("classifier_stage_under_test", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(script.parent))
+
+
+def test_classifier_stage_writes_model_and_metrics(tmp_path: Path, stage: object) -> None:
+    images, labels = _tiny_data(320)
+    _write_split(tmp_path / "data", "train.safetensors", images[:256], labels[:256])
+    _write_split(tmp_path / "data", "test.safetensors", images[256:], labels[256:])
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "base: {seed: 3, device: cpu}\n"
+        "classifier: {epochs: 1, batch_size: 32, lr: 0.002, features: 16, shift: 1}\n"
+    )
+    args = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "models/classifier"),
+            "--metrics", str(tmp_path / "metrics/c.json"), "--params", str(params)]  # fmt: skip
+    res = CliRunner().invoke(stage.main, args)
+    assert res.exit_code == 0, res.output
+    assert "test accuracy" in res.output
+    metrics = json.loads((tmp_path / "metrics/c.json").read_text())
+    assert set(metrics) == {"test_accuracy", "test_loss", "train_loss"}
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    model = load_classifier(tmp_path / "models/classifier")
+    assert model.num_features == 16
+    weights = load_file(str(tmp_path / "models/classifier/classifier.safetensors"))
+    # Deterministic: a second run gives the same bytes.
+    first = (tmp_path / "models/classifier/classifier.safetensors").read_bytes()
+    assert CliRunner().invoke(stage.main, args).exit_code == 0
+    assert (tmp_path / "models/classifier/classifier.safetensors").read_bytes() == first
+    assert weights
+
+    # Bad data: a clear error, an exit code, and the earlier good output kept.
+    (tmp_path / "data/test.safetensors").write_bytes(b"garbage")
+    res = CliRunner().invoke(stage.main, args)
+    assert res.exit_code == 1
+    assert "test.safetensors: not a readable safetensors file" in res.output
+    assert (tmp_path / "models/classifier/classifier.safetensors").read_bytes() == first
+    # Bad params: exit 2 naming the key.
+    params.write_text("classifier: {epochs: 0}\n")
+    res = CliRunner().invoke(stage.main, args)
+    assert res.exit_code == 2 and "classifier.epochs" in res.output
+
+
+@pytest.mark.slow
+def test_full_classifier_reaches_target_and_is_confident(shared_mirror: Path) -> None:
+    """The default params on all of MNIST: at least 99.3% test accuracy and IS >= 9.5."""
+    data = real_mnist(shared_mirror)
+    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
+    model, stats = train_classifier(train_x, train_y, test_x, test_y, ClassifierParams(), seed=0)
+    assert stats.test_accuracy >= 0.993
+    _, logits = embed(model, test_x)
+    is_mean, _ = inception_score(logits, splits=10)
+    assert is_mean >= 9.5

@@ -1,0 +1,286 @@
+"""The evaluation metrics: against brute force and torchmetrics, and on stand-in generators."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from evalkit import quick_classifier, real_mnist
+from torch import nn
+
+from mnist_gan import metrics as M
+from mnist_gan.classifier import embed
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # One thread is faster on this shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mnist(shared_mirror: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return real_mnist(shared_mirror)
+
+
+@pytest.fixture(scope="module")
+def evaluator(shared_mirror: Path) -> nn.Module:
+    return quick_classifier(shared_mirror)
+
+
+# MNIST's test set is ordered: its first 5,000 digits come from NIST's SD-3 writers (Census
+# staff), the rest from SD-1 (students), which look different. Tests split it at random.
+SPLIT = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))
+REFERENCE, OTHERS = SPLIT[:3000], SPLIT[3000:]
+
+
+def _evaluate(samples: torch.Tensor, evaluator: nn.Module, mnist: dict, **kw) -> M.Evaluation:
+    """Score ``samples`` against slices of real data that keep the test fast.
+
+    The reference set is 3,000 random test digits, so samples drawn from the other test digits
+    are real and unseen; the training set is its first 10,000 images. KID uses 10 subsets.
+    """
+    train = mnist["train"][0][:10_000]
+    test = mnist["test"][0][REFERENCE]
+    args = {"k": 5, "is_splits": 5, "seed": 0, "kid_subsets": 10, **kw}
+    return M.evaluate_samples(samples, evaluator, train, test, **args)
+
+
+# --- exact building blocks -------------------------------------------------------------------
+
+
+def test_nearest_neighbours_match_brute_force_across_chunks() -> None:
+    gen = torch.Generator().manual_seed(0)
+    queries, refs = torch.randn(70, 9, generator=gen), torch.randn(130, 9, generator=gen)
+    dist, idx = M.nearest_neighbours(queries, refs, chunk=16, ref_chunk=32)
+    full = torch.cdist(queries.double(), refs.double())
+    assert torch.equal(idx, full.argmin(1))
+    torch.testing.assert_close(dist.double(), full.min(1).values, rtol=1e-4, atol=1e-4)
+    # Queries that are references themselves skip their own row.
+    own = torch.arange(50, 120)
+    dist, idx = M.nearest_neighbours(refs[own], refs, exclude=own, chunk=16, ref_chunk=32)
+    full = torch.cdist(refs[own].double(), refs.double())
+    full[torch.arange(70), own] = math.inf
+    assert torch.equal(idx, full.argmin(1))
+    assert (idx != own).all()
+
+
+def test_knn_radii_match_brute_force() -> None:
+    feats = torch.randn(90, 6, generator=torch.Generator().manual_seed(1))
+    full = torch.cdist(feats.double(), feats.double())
+    full.fill_diagonal_(math.inf)
+    expected = full.topk(3, dim=1, largest=False).values[:, -1]
+    torch.testing.assert_close(
+        M.knn_radii(feats, 3, chunk=20).double(), expected, atol=1e-4, rtol=0
+    )
+    with pytest.raises(ValueError, match="k = 90"):
+        M.knn_radii(feats, 90)
+
+
+def _prdc_reference(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
+    """Naeem et al.'s reference code (clovaai/generative-evaluation-prdc), whole matrices."""
+    d_rr, d_ff = torch.cdist(real, real), torch.cdist(fake, fake)
+    r_real = d_rr.kthvalue(k + 1, dim=1).values  # the k+1-th counts the point itself
+    r_fake = d_ff.kthvalue(k + 1, dim=1).values
+    d = torch.cdist(real, fake)  # (N, M)
+    return {
+        "precision": (d < r_real[:, None]).any(0).double().mean().item(),
+        "recall": (d < r_fake[None, :]).any(1).double().mean().item(),
+        "density": (d < r_real[:, None]).sum(0).double().mean().item() / k,
+        "coverage": (d.min(1).values < r_real).double().mean().item(),
+    }
+
+
+def test_prdc_matches_the_reference_formulas_across_chunks() -> None:
+    gen = torch.Generator().manual_seed(2)
+    real = torch.randn(300, 8, generator=gen).double()
+    fake = (torch.randn(250, 8, generator=gen) * 1.3 + 0.4).double()
+    ours = M.prdc(real.float(), fake.float(), k=5, chunk=64)
+    expected = _prdc_reference(real, fake, 5)
+    assert ours == pytest.approx(expected, abs=1e-9)
+    assert 0 < ours["precision"] < 1 and 0 < ours["coverage"] < 1  # a case that can tell
+
+
+def test_frechet_distance_of_known_gaussians() -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(20_000, 4, generator=gen).double()
+    b = (torch.randn(20_000, 4, generator=gen) * 2 + 1).double()
+    # N(0, I) vs N(1, 4I) in 4-d: |mu|^2 = 4, tr = 4 + 16 - 2 * 4 * 2 = 4; total 8.
+    assert M.frechet_distance(a, b) == pytest.approx(8.0, rel=0.03)
+    assert M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_inception_score_bounds() -> None:
+    confident = torch.eye(10).repeat(100, 1) * 50  # every class, each predicted surely
+    mean, std = M.inception_score(confident, splits=4)
+    assert mean == pytest.approx(10.0, rel=1e-6) and std < 1e-6
+    one_class = torch.zeros(1000, 10)
+    one_class[:, 3] = 50
+    assert M.inception_score(one_class, splits=4)[0] == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="is_splits"):
+        M.inception_score(confident, splits=0)
+
+
+def test_mode_count_and_class_kl() -> None:
+    uniform = torch.full((10,), 0.1, dtype=torch.float64)
+    balanced = torch.full((10,), 100)
+    assert M.mode_count(balanced, uniform) == 10
+    assert M.class_kl(balanced, uniform) == pytest.approx(0.0, abs=1e-12)
+    collapsed = torch.zeros(10, dtype=torch.long)
+    collapsed[7] = 1000
+    assert M.mode_count(collapsed, uniform) == 1
+    kl = M.class_kl(collapsed, uniform)
+    assert math.isfinite(kl) and kl > 3.0
+    # A digit at 1% (a tenth of its 10% share) still counts; below that it does not.
+    counts = torch.tensor([1000] * 9 + [90])
+    assert M.mode_count(counts, uniform) == 9
+    counts[-1] = 1000 // 9 + 1
+    assert M.mode_count(counts, uniform) == 10
+
+
+# --- agreement with torchmetrics -------------------------------------------------------------
+
+
+class _Features(nn.Module):
+    """The evaluator as torchmetrics' custom feature extractor (float64 for a tight reference)."""
+
+    def __init__(self, model: nn.Module, logits: bool = False) -> None:
+        super().__init__()
+        self.model, self.logits = model, logits
+        self.num_features = 10 if logits else model.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x) if self.logits else self.model.features(x)
+        return out.double()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torchmetrics: buffers, 1-split std
+def test_fid_kid_is_agree_with_torchmetrics(mnist: dict, evaluator: nn.Module) -> None:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    torch.manual_seed(0)
+    real = mnist["test"][0][:600]
+    fake = mnist["train"][0][:600].flip(-1)  # mirrored digits: clearly off, not absurd
+    evaluator.eval()
+    fid = FrechetInceptionDistance(feature=_Features(evaluator))
+    kid = KernelInceptionDistance(feature=_Features(evaluator), subsets=1, subset_size=600)
+    inception = InceptionScore(feature=_Features(evaluator, logits=True), splits=1)
+    with torch.no_grad():
+        for metric in (fid, kid):
+            metric.update(real, real=True)
+            metric.update(fake, real=False)
+        inception.update(fake)
+        tm_fid, (tm_kid, _), (tm_is, _) = fid.compute(), kid.compute(), inception.compute()
+
+    real_f, _ = embed(evaluator, real)
+    fake_f, fake_logits = embed(evaluator, fake)
+    ours_fid = M.frechet_distance(real_f, fake_f)
+    # With one subset of every sample the permutation does not matter: the two must agree.
+    ours_kid, _ = M.kernel_inception_distance(
+        real_f, fake_f, torch.Generator().manual_seed(0), subsets=1, subset_size=600
+    )
+    ours_is, _ = M.inception_score(fake_logits, splits=1)
+    assert ours_fid > 1.0  # a case where a wrong formula would show
+    assert ours_fid == pytest.approx(float(tm_fid), rel=1e-3)
+    assert ours_kid == pytest.approx(float(tm_kid), rel=1e-3)
+    assert ours_is == pytest.approx(float(tm_is), rel=1e-4)
+
+
+# --- stand-in generators ---------------------------------------------------------------------
+
+
+def test_fid_of_two_test_halves_is_far_below_noise(mnist: dict, evaluator: nn.Module) -> None:
+    test = mnist["test"][0][SPLIT]
+    a, _ = embed(evaluator, test[:5000])
+    b, _ = embed(evaluator, test[5000:])
+    noise = torch.rand(5000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    c, _ = embed(evaluator, noise)
+    halves, noisy = M.frechet_distance(a, b), M.frechet_distance(b, c)
+    assert halves < noisy / 50, (halves, noisy)
+
+
+class _Replay(nn.Module):
+    """A stand-in generator that ignores z and plays back fixed images in order."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__()
+        self.images, self.next = images, 0
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        idx = torch.arange(self.next, self.next + len(z)) % len(self.images)
+        self.next += len(z)
+        return self.images[idx]
+
+
+def test_one_digit_generator_is_one_mode(mnist: dict, evaluator: nn.Module) -> None:
+    images, labels = mnist["test"]
+    ones = images[OTHERS][labels[OTHERS] == 1]
+    samples = M.generate_samples(_Replay(ones), 1000, latent_dim=8, seed=0, batch_size=256)
+    result = _evaluate(samples, evaluator, mnist)
+    got, real = result.samples.metrics, result.reference
+    assert got["modes"] == 1 and real["modes"] == 10
+    assert got["class_kl"] > 3.0 > 0.05 > real["class_kl"]
+    assert got["recall"] < 0.2 < 0.8 < real["recall"]
+    assert got["coverage"] < 0.15 < 0.4 < real["coverage"]
+    assert got["fid"] > 10 * real["fid"]
+
+
+def test_copies_of_training_images_are_memorised(mnist: dict, evaluator: nn.Module) -> None:
+    train = mnist["train"][0]
+    copies = M.generate_samples(_Replay(train[:2000]), 2000, latent_dim=8, seed=0)
+    result = _evaluate(copies, evaluator, mnist)
+    got, real = result.samples.metrics, result.reference
+    assert got["memorized_fraction"] > 0.99
+    assert got["nn_ratio"] < 0.05 < real["nn_ratio"]
+    assert torch.equal(result.samples.nn_train_index, torch.arange(2000))
+    assert real["memorized_fraction"] < 0.05
+
+
+def test_unseen_real_digits_are_not_memorised(mnist: dict, evaluator: nn.Module) -> None:
+    unseen = mnist["test"][0][OTHERS[:2000]]  # not in the reference set: new digits
+    result = _evaluate(unseen, evaluator, mnist)
+    got, real = result.samples.metrics, result.reference
+    assert got["memorized_fraction"] < 0.05
+    assert got["nn_ratio"] == pytest.approx(real["nn_ratio"], rel=0.1)
+    assert got["modes"] == 10
+    assert got["precision"] > 0.6 and got["recall"] > 0.6
+
+
+def test_noise_generator_scores_badly(mnist: dict, evaluator: nn.Module) -> None:
+    noise = torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    result = _evaluate(noise, evaluator, mnist)
+    got, real = result.samples.metrics, result.reference
+    assert got["fid"] > 50 * real["fid"]
+    assert got["precision"] < 0.05 < 0.6 < real["precision"]
+    assert got["density"] < 0.05
+    assert got["memorized_fraction"] == 0.0
+
+
+def test_evaluation_is_deterministic_and_flat(mnist: dict, evaluator: nn.Module) -> None:
+    samples = mnist["test"][0][:500].flip(-2)  # upside-down digits
+    first = _evaluate(samples, evaluator, mnist).flat()
+    second = _evaluate(samples, evaluator, mnist).flat()
+    assert first == second
+    assert set(first) == set(M.METRIC_NAMES) | {f"real_{n}" for n in M.METRIC_NAMES}
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in first.values())
+    assert isinstance(first["modes"], int)
+
+
+def test_bad_input_is_refused(mnist: dict, evaluator: nn.Module) -> None:
+    good = mnist["test"][0][:100]
+    with pytest.raises(ValueError, match="samples: expected images of shape"):
+        _evaluate(good[:, :, :14], evaluator, mnist)
+    nan = good.clone()
+    nan[3, 0, 5, 5] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        _evaluate(nan, evaluator, mnist)
+    with pytest.raises(ValueError, match="evaluate.k"):
+        _evaluate(good[:5], evaluator, mnist, k=5)
