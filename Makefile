@@ -10,9 +10,12 @@ STAMP := $(VENV)/.installed
 REMOTE ?= storage
 # `make server`: the team's tracking server (backend store and artifacts under SERVER_DIR).
 SERVER_DIR ?= $(CURDIR)/mlflow-server
-# The default MLflow store: a SQLite file at the project root, by absolute path so that
-# queued DVC experiments (run in temporary copies) log into the same store.
-export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+# More `mlflow server` flags, e.g. SERVER_ARGS="--allowed-hosts mlflow.lan:5000".
+SERVER_ARGS ?=
+# The store `make ui` opens: MLFLOW_TRACKING_URI when set, else the stages' default, a SQLite
+# file at the project root (pipeline/tracking.py; by absolute path, so queued DVC experiments
+# running in temporary copies log into it too).
+TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 # dvc.yaml's commands call `python`: make it the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 HOST ?= 127.0.0.1
@@ -53,7 +56,7 @@ format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff format .
 
 ui: setup  ## open the MLflow UI on the tracking store, on $(HOST):$(PORT)
-	$(BIN)/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host $(HOST) --port $(PORT)
+	$(BIN)/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host $(HOST) --port $(PORT)
 
 bench: setup  ## training throughput against the common tutorial baseline
 	$(BIN)/python benchmarks/train_throughput.py
@@ -74,4 +77,4 @@ remote-s3: setup  ## add an S3 bucket as the default remote: URL=s3://bucket/pat
 server: setup  ## the team's MLflow tracking server (SQLite + artifacts in SERVER_DIR) on $(HOST):$(PORT)
 	mkdir -p "$(SERVER_DIR)/artifacts"
 	$(BIN)/mlflow server --backend-store-uri "sqlite:///$(SERVER_DIR)/mlflow.db" \
-		--artifacts-destination "$(SERVER_DIR)/artifacts" --host $(HOST) --port $(PORT)
+		--artifacts-destination "$(SERVER_DIR)/artifacts" --host $(HOST) --port $(PORT) $(SERVER_ARGS)
