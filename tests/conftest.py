@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's scripts: dvc, mlflow, ...
@@ -54,13 +58,8 @@ def run(
     return res
 
 
-@pytest.fixture
-def project_copy(tmp_path: Path) -> Path:
-    """A fresh git repository holding the project's files (as git sees them), no outputs.
-
-    Tests that run ``dvc repro`` work here, so the real workspace is never touched.
-    """
-    dest = tmp_path / "project"
+def copy_project(dest: Path) -> Path:
+    """Copy the project's files, as git sees them (tracked or not ignored), without dvc.lock."""
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -75,6 +74,37 @@ def project_copy(tmp_path: Path) -> Path:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)
+    return dest
+
+
+def load_stage(name: str) -> ModuleType:
+    """Import ``pipeline/<name>.py`` as a module (it imports ``common`` from its own folder)."""
+    if str(ROOT / "pipeline") not in sys.path:
+        sys.path.insert(0, str(ROOT / "pipeline"))
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "pipeline" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Run in-process torch on one thread: faster on a shared 2-core machine, and the same
+    arithmetic as the stage subprocesses that tests start with OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A fresh git repository holding the project's files (as git sees them), no outputs.
+
+    Tests that run ``dvc repro`` work here, so the real workspace is never touched.
+    """
+    dest = copy_project(tmp_path / "project")
     run(["git", "init", "-q", "-b", "main"], cwd=dest)
     run(["git", "add", "-A"], cwd=dest)
     run(["git", "commit", "-q", "-m", "project copy"], cwd=dest)

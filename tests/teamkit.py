@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
-from conftest import BIN, GIT_ENV, ROOT, run
+from conftest import BIN, GIT_ENV, run
 
 # The smallest pipeline that still exercises every stage: a few hundred images, one epoch of
 # everything, narrow networks, a few hundred generated samples.
@@ -33,25 +32,6 @@ SMALL_PARAMS = {
     },
     "evaluate": {"num_samples": 200, "batch_size": 1000, "is_splits": 2, "k": 3},
 }
-
-
-def copy_project(dest: Path) -> Path:
-    """Copy the project's files, as git sees them (tracked or not ignored), without dvc.lock."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        src = ROOT / name
-        if not src.is_file() or name == "dvc.lock":
-            continue
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
-    return dest
 
 
 def set_params(project: Path, changes: dict[str, dict]) -> None:

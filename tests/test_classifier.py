@@ -28,15 +28,6 @@ from mnist_gan.metrics import inception_score
 from mnist_gan.params import ClassifierParams
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # One thread is faster on this shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_shapes_and_feature_width() -> None:
     model = DigitClassifier(features=32).eval()
     x = torch.rand(5, 1, 28, 28) * 2 - 1

@@ -6,16 +6,15 @@ tests/test_pipeline_data.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import load_stage
 
 from mnist_gan import data
 from mnist_gan.data import (
@@ -32,17 +31,6 @@ from mnist_gan.data import (
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
-
-
-def load_stage(name: str):
-    """Import ``pipeline/<name>.py`` as a module (it imports ``common`` from its own folder)."""
-    if str(ROOT / "pipeline") not in sys.path:
-        sys.path.insert(0, str(ROOT / "pipeline"))
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "pipeline" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def idx_images(images: np.ndarray, magic: int = 2051) -> bytes:

@@ -29,15 +29,6 @@ KEYS = set(METRIC_NAMES) | {f"real_{name}" for name in METRIC_NAMES}
 FIGURES = {"samples.png", "per_digit.png", "nearest_train.png"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # One thread is faster on this shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def stage() -> Iterator[object]:
     """``pipeline/evaluate.py`` imported as a module (its folder on sys.path, as when run)."""

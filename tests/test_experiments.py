@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run
+from conftest import copy_project, run
 from teamkit import (
     SMALL_PARAMS,
     commit_all,
-    copy_project,
     init_repo,
     set_params,
     stages_run,

@@ -10,11 +10,9 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import importlib.util
 import shutil
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import load_stage
 
 from mnist_gan.fetch import MNIST_SHA256, FetchError, fetch_mnist
 
@@ -36,17 +35,6 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     # urllib honours proxy variables; loopback servers must be reached directly.
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-
-
-def load_stage(name: str):
-    """Import ``pipeline/<name>.py`` as a module (it imports ``common`` from its own folder)."""
-    if str(ROOT / "pipeline") not in sys.path:
-        sys.path.insert(0, str(ROOT / "pipeline"))
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "pipeline" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- synthetic data -------------------------------------------------------------------------

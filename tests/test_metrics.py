@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,6 @@ from torch import nn
 
 from mnist_gan import metrics as M
 from mnist_gan.classifier import embed
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # One thread is faster on this shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

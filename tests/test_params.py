@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import load_stage
 
 from mnist_gan.params import Params, ParamsError, load_params, params_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_stage(name: str):
-    """Import ``pipeline/<name>.py`` as a module (it imports ``common`` from its own folder)."""
-    if str(ROOT / "pipeline") not in sys.path:
-        sys.path.insert(0, str(ROOT / "pipeline"))
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "pipeline" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, copy_project, run
 from servers import S3Server, free_port, mlflow_server, moto_s3
 from teamkit import (
     SMALL_PARAMS,
     commit_all,
-    copy_project,
     digest,
     init_repo,
     set_params,

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -95,15 +94,6 @@ def assert_weights_equal(model_dir: Path, trainer: GANTrainer) -> None:
         assert saved.keys() == live.keys()
         for k in saved:
             assert torch.equal(saved[k], live[k]), f"{name}.{k}"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # One thread: faster on this shared machine, and the same arithmetic as the subprocesses.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +23,6 @@ from mnist_gan.training import (
 
 TINY = TrainParams(hidden=(32,), batch_size=64, epochs=3, ema=0.9, checkpoint_every=1)
 TIMING = ("images_per_sec", "epoch_seconds")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The machine is shared: one thread is faster under contention, and fixes the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def images(n: int = 320, seed: int = 0) -> torch.Tensor:
