@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import click
-from common import PARAMS_OPTION, load_or_exit
+from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 
 from mnist_gan.classifier import EpochStats, save_classifier, train_classifier
 from mnist_gan.data import DataError, load_normalized
@@ -20,23 +20,17 @@ from mnist_gan.utils import atomic_dir, resolve_device, write_json
 
 
 @click.command(help=__doc__)
-@click.option(
+@folder_option(
     "--data",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Folder holding train.safetensors and test.safetensors (the normalize stage's output).",
+    "Folder holding train.safetensors and test.safetensors (the normalize stage's output).",
 )
-@click.option(
+@folder_option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Classifier folder (replaced only on success), e.g. models/classifier.",
+    "Classifier folder (replaced only on success), e.g. models/classifier.",
 )
-@click.option(
+@file_option(
     "--metrics",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="JSON file for the test accuracy and loss, e.g. metrics/classifier.json.",
+    "JSON file for the test accuracy and loss, e.g. metrics/classifier.json.",
 )
 @PARAMS_OPTION
 def main(data: Path, out: Path, metrics: Path, params_file: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import mlflow
 import tracking
-from common import PARAMS_OPTION, load_or_exit
+from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 
 from mnist_gan.classifier import load_classifier
 from mnist_gan.data import DataError, load_normalized
@@ -29,17 +29,13 @@ from mnist_gan.params import params_to_dict
 from mnist_gan.utils import atomic_dir, resolve_device, seed_everything, write_json
 
 
-def _path(help_text: str, **kw: bool) -> dict:
-    return {"type": click.Path(path_type=Path, **kw), "required": True, "help": help_text}
-
-
 @click.command(help=__doc__)
-@click.option("--data", **_path("Folder holding train/test.safetensors.", file_okay=False))
-@click.option("--gan", **_path("GAN folder written by the train stage.", file_okay=False))
-@click.option("--classifier", **_path("Classifier folder (classifier stage).", file_okay=False))
-@click.option("--metrics", **_path("JSON file for the metrics.", dir_okay=False))
-@click.option("--plots", **_path("Folder for the figures (replaced on success).", file_okay=False))
-@click.option("--run-id-file", **_path("File holding the train run's MLflow id.", dir_okay=False))
+@folder_option("--data", "Folder holding train/test.safetensors.")
+@folder_option("--gan", "GAN folder written by the train stage.")
+@folder_option("--classifier", "Classifier folder (classifier stage).")
+@file_option("--metrics", "JSON file for the metrics.")
+@folder_option("--plots", "Folder for the figures (replaced on success).")
+@file_option("--run-id-file", "File holding the train run's MLflow id.")
 @PARAMS_OPTION
 def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
          run_id_file: Path, params_file: Path) -> None:  # fmt: skip

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import click
-from common import PARAMS_OPTION, load_or_exit
+from common import PARAMS_OPTION, folder_option, load_or_exit
 
 from mnist_gan.fetch import FetchError, fetch_mnist
 
@@ -22,11 +22,9 @@ def env_mirrors() -> list[str]:
 
 
 @click.command(help=__doc__)
-@click.option(
+@folder_option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Folder for the decompressed IDX files (e.g. data/raw).",
+    "Folder for the decompressed IDX files (e.g. data/raw).",
 )
 @click.option(
     "--progress/--no-progress",

@@ -11,30 +11,24 @@ import sys
 from pathlib import Path
 
 import click
-from common import PARAMS_OPTION, load_or_exit
+from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 
 from mnist_gan.data import DataError, dataset_stats, prepare, save_normalized
 from mnist_gan.utils import atomic_dir, write_json
 
 
 @click.command(help=__doc__)
-@click.option(
+@folder_option(
     "--raw",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Folder holding the four decompressed MNIST IDX files (the fetch stage's output).",
+    "Folder holding the four decompressed MNIST IDX files (the fetch stage's output).",
 )
-@click.option(
+@folder_option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Folder for train.safetensors and test.safetensors (replaced only on success).",
+    "Folder for train.safetensors and test.safetensors (replaced only on success).",
 )
-@click.option(
+@file_option(
     "--metrics",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="JSON file for the dataset statistics (e.g. metrics/normalize.json).",
+    "JSON file for the dataset statistics (e.g. metrics/normalize.json).",
 )
 @PARAMS_OPTION
 def main(raw: Path, out: Path, metrics: Path, params_file: Path) -> None:

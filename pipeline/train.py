@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import mlflow
 import tracking
-from common import PARAMS_OPTION, load_or_exit
+from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 from torchvision.utils import save_image
 
 from mnist_gan.data import DataError, load_normalized
@@ -36,21 +36,17 @@ from mnist_gan.utils import atomic_dir, atomic_path, resolve_device, sha256_file
 GRID = 64  # samples in a grid (8 x 8)
 
 
-def _path(help_text: str, **kw: bool) -> dict:
-    return {"type": click.Path(path_type=Path, **kw), "required": True, "help": help_text}
-
-
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary files go, checkpoint stays
 
 
 @click.command(help=__doc__)
-@click.option("--data", **_path("Folder holding train.safetensors.", file_okay=False))
-@click.option("--out", **_path("GAN folder (replaced only on success).", file_okay=False))
-@click.option("--metrics", **_path("JSON file for the final metrics.", dir_okay=False))
-@click.option("--plots", **_path("Folder for curves.json and samples.png.", file_okay=False))
-@click.option("--checkpoints", **_path("Folder for checkpoints (not cached).", file_okay=False))
-@click.option("--run-id-file", **_path("File that receives the MLflow run id.", dir_okay=False))
+@folder_option("--data", "Folder holding train.safetensors.")
+@folder_option("--out", "GAN folder (replaced only on success).")
+@file_option("--metrics", "JSON file for the final metrics.")
+@folder_option("--plots", "Folder for curves.json and samples.png.")
+@folder_option("--checkpoints", "Folder for checkpoints (not cached).")
+@file_option("--run-id-file", "File that receives the MLflow run id.")
 @PARAMS_OPTION
 def main(
     data: Path,
