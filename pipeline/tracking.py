@@ -214,6 +214,14 @@ def start_run(stage: str, resume_run_id: str | None = None) -> tuple[Any, bool]:
     return run, False
 
 
+def last_logged_step(run_id: str, key: str) -> int:
+    """The highest step at which metric ``key`` was logged in ``run_id`` (0 when never)."""
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run_id, key)
+    return max((m.step for m in history), default=0)
+
+
 def log_image_grid(images: Any, key: str, step: int, nrow: int = 8) -> None:
     """Log images (B, 1, H, W) in [-1, 1] as one grid under ``key`` at ``step`` (a UI slider)."""
     import mlflow

@@ -79,12 +79,17 @@ def main(
         flat = tracking.flatten({"base": params_to_dict(params.base), "train": params_to_dict(cfg)})
         mlflow.log_params({**flat, "data.train_sha256": data_sha})
     noise = fixed_noise(GRID, cfg.latent_dim, seed)
+    # After a resume, the epochs between the checkpoint and the interruption run again. The run
+    # already has their metrics and grids (bit-identical on the CPU), so they are not logged twice.
+    logged = tracking.last_logged_step(run.info.run_id, "loss_d") if resumed else 0
 
     def on_epoch(t: GANTrainer, stats: EpochStats) -> None:
-        values = stats.as_dict()
-        mlflow.log_metrics({k: v for k, v in values.items() if k != "epoch"}, step=stats.epoch)
-        if (cfg.sample_every and stats.epoch % cfg.sample_every == 0) or stats.epoch == cfg.epochs:
-            tracking.log_image_grid(t.sample(noise), key="samples", step=stats.epoch)
+        every = cfg.sample_every
+        if stats.epoch > logged:
+            values = stats.as_dict()
+            mlflow.log_metrics({k: v for k, v in values.items() if k != "epoch"}, step=stats.epoch)
+            if stats.epoch == cfg.epochs or (every and stats.epoch % every == 0):
+                tracking.log_image_grid(t.sample(noise), key="samples", step=stats.epoch)
         click.echo(
             f"epoch {stats.epoch}/{cfg.epochs}: loss_d {stats.loss_d:.4f} "
             f"loss_g {stats.loss_g:.4f} ({stats.epoch_seconds:.1f} s)",
