@@ -16,7 +16,7 @@ from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 
 from mnist_gan.classifier import EpochStats, save_classifier, train_classifier
 from mnist_gan.data import DataError, load_normalized
-from mnist_gan.utils import atomic_dir, resolve_device, write_json
+from mnist_gan.utils import atomic_dir, resolve_device, set_threads, write_json
 
 
 @click.command(help=__doc__)
@@ -38,6 +38,7 @@ def main(data: Path, out: Path, metrics: Path, params_file: Path) -> None:
     params = load_or_exit(params_file)
     cfg, seed = params.classifier, params.base.seed
     try:
+        set_threads(params.base.threads)
         device = resolve_device(params.base.device)
         train_images, train_labels = load_normalized(data / "train.safetensors")
         test_images, test_labels = load_normalized(data / "test.safetensors")

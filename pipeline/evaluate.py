@@ -26,7 +26,7 @@ from mnist_gan.figures import class_grid, neighbour_figure, sample_grid, save_pn
 from mnist_gan.metrics import evaluate_samples, generate_samples
 from mnist_gan.models import load_generator
 from mnist_gan.params import params_to_dict
-from mnist_gan.utils import atomic_dir, resolve_device, seed_everything, write_json
+from mnist_gan.utils import atomic_dir, resolve_device, seed_everything, set_threads, write_json
 
 
 @click.command(help=__doc__)
@@ -44,6 +44,7 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
     cfg, seed = params.evaluate, params.base.seed
     try:
         tracking.check_reachable()
+        set_threads(params.base.threads)
         device = resolve_device(params.base.device)
         train_images, _ = load_normalized(data / "train.safetensors")
         test_images, _ = load_normalized(data / "test.safetensors")

@@ -31,7 +31,14 @@ from mnist_gan.training import (
     fingerprint,
     fixed_noise,
 )
-from mnist_gan.utils import atomic_dir, atomic_path, resolve_device, sha256_file, write_json
+from mnist_gan.utils import (
+    atomic_dir,
+    atomic_path,
+    resolve_device,
+    set_threads,
+    sha256_file,
+    write_json,
+)
 
 GRID = 64  # samples in a grid (8 x 8)
 
@@ -63,6 +70,7 @@ def main(
     try:
         tracking.check_reachable()  # a dead tracking server fails now, not after training
         images, _ = load_normalized(data / "train.safetensors")
+        set_threads(params.base.threads)
         device = resolve_device(params.base.device)
         data_sha = sha256_file(data / "train.safetensors")
         trainer = GANTrainer(cfg, images, seed=seed, device=device)

@@ -90,8 +90,8 @@ def load_stage(name: str) -> ModuleType:
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
-    """Run in-process torch on one thread: faster on a shared 2-core machine, and the same
-    arithmetic as the stage subprocesses that tests start with OMP_NUM_THREADS=1."""
+    """Run in-process torch on one thread: faster on a shared 2-core machine. A test that compares
+    a stage's weights with training in this process sets the stage's ``base.threads`` here."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -58,6 +58,8 @@ def test_params_are_frozen() -> None:
         ("fetch:\n  mirrors: http://x/\n", "fetch.mirrors: must be a list"),
         ("fetch:\n  mirrors: [1]\n", "fetch.mirrors[0]: must be a string, got 1"),
         ("base:\n  device: gpu\n", "base.device: must be one of 'auto', 'cpu', 'cuda', got 'gpu'"),
+        ("base:\n  seed: -1\n", "base.seed: must be >= 0"),
+        ("base:\n  threads: -2\n", "base.threads: must be >= 0"),
         ("fetch:\n  timeout: 0\n", "fetch.timeout: must be > 0"),
         ("fetch:\n  retries: 0\n", "fetch.retries: must be >= 1"),
         ("fetch:\n  backoff: -1\n", "fetch.backoff: must be >= 0"),

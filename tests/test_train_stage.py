@@ -25,7 +25,7 @@ from mnist_gan.data import save_normalized
 from mnist_gan.models import load_generator
 from mnist_gan.params import TrainParams, load_params
 from mnist_gan.training import METRICS, CheckpointStore, GANTrainer
-from mnist_gan.utils import sha256_file
+from mnist_gan.utils import set_threads, sha256_file
 
 SCRIPT = ROOT / "pipeline" / "train.py"
 SMALL = {
@@ -77,6 +77,7 @@ def args(root: Path) -> list[str]:
 def reference(root: Path) -> GANTrainer:
     """The same training as the stage, through the library in this process."""
     params = load_params(root / "params.yaml")
+    set_threads(params.base.threads)  # the stage's thread count (the autouse fixture restores it)
     images = blobs(load_file(str(root / "data/normalized/train.safetensors"))["images"].shape[0])
     trainer = GANTrainer(params.train, images, seed=params.base.seed, progress=False)
     trainer.fit()
@@ -248,7 +249,7 @@ def test_sigterm_and_sigkill_then_resume_give_identical_weights(tmp_path: Path) 
     root = make_project(tmp_path, train, n=1024)
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(db)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": db, "OMP_NUM_THREADS": "1", "DVC_EXP_NAME": ""}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": db, "DVC_EXP_NAME": ""}
     cmd = [sys.executable, str(SCRIPT), *args(root)]
     ckpt = root / "checkpoints/train/checkpoint.pt"
 
@@ -301,6 +302,29 @@ def test_sigterm_and_sigkill_then_resume_give_identical_weights(tmp_path: Path) 
     curves = json.loads((root / "plots/train/curves.json").read_text())
     assert [c["epoch"] for c in curves] == list(range(1, 31))
     assert not ckpt.parent.exists()
+
+
+@pytest.mark.slow
+def test_base_threads_makes_weights_independent_of_the_machine(tmp_path: Path) -> None:
+    """CPU sums are split by thread, so the thread count changes the weights; base.threads pins
+    it, so machines with other core counts (here: other OMP_NUM_THREADS) reproduce dvc.lock."""
+    # The article's sizes: large enough for PyTorch to split its matrix products by thread.
+    train = {"batch_size": 128, "epochs": 1, "checkpoint_every": 0, "sample_every": 0}
+
+    def weights(threads: int, env_threads: int) -> bytes:
+        root = make_project(tmp_path / f"t{threads}-omp{env_threads}", train, n=1024)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["base"]["threads"] = threads
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        env = {**os.environ, "OMP_NUM_THREADS": str(env_threads), "DVC_EXP_NAME": "",
+               "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
+        run([sys.executable, str(SCRIPT), *args(root)], cwd=root, env=env)
+        return (root / "models/gan/generator.safetensors").read_bytes()
+
+    # Unpinned (0: PyTorch's default, which follows OMP_NUM_THREADS), 1 and 3 threads differ...
+    assert weights(0, 1) != weights(0, 3)
+    # ...pinned, the environment does not matter.
+    assert weights(2, 1) == weights(2, 3)
 
 
 @pytest.mark.slow

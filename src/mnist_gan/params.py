@@ -57,9 +57,13 @@ class BaseParams:
 
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # PyTorch's CPU threads. Float sums are split by thread, so CPU results are bit-identical only
+    # for the same count (and CPU instruction set); 0 takes PyTorch's default, one per core.
+    threads: int = 2
 
     def __post_init__(self) -> None:
-        _check(self.seed >= 0, "must be >= 0")
+        _check(self.seed >= 0, "seed: must be >= 0")
+        _check(self.threads >= 0, "threads: must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "sha256_file",
+    "set_threads",
     "write_json",
 ]
 
@@ -43,6 +44,16 @@ def seed_everything(seed: int, device: torch.device | str = "cpu") -> torch.Gene
     gen = torch.Generator(device=torch.device(device))
     gen.manual_seed(seed)
     return gen
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads for PyTorch's operators (``base.threads``; 0 keeps the default).
+
+    CPU kernels split their float sums by thread, so the count is part of what makes a CPU run
+    reproducible: 1, 2 and 4 threads train different weights from the same seed.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def resolve_device(name: str) -> torch.device:
