@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT
+from conftest import load_stage
 from evalkit import quick_classifier, real_mnist
 from safetensors.torch import load_file, save_file
 
@@ -122,15 +120,9 @@ def _write_split(folder: Path, name: str, images: torch.Tensor, labels: torch.Te
 
 
 @pytest.fixture(scope="module")
-def stage() -> Iterator[object]:
-    """``pipeline/classifier.py`` imported as a module (its folder on sys.path, as when run)."""
-    script = ROOT / "pipeline" / "classifier.py"
-    sys.path.insert(0, str(script.parent))
-    spec = importlib.util.spec_from_file_location("classifier_stage_under_test", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(script.parent))
+def stage() -> ModuleType:
+    """``pipeline/classifier.py`` imported as a module."""
+    return load_stage("classifier")
 
 
 def test_classifier_stage_writes_model_and_metrics(tmp_path: Path, stage: object) -> None:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import mlflow
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import ROOT
+from conftest import ROOT, load_stage
 from evalkit import QUICK_PARAMS, quick_classifier, real_mnist
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -24,20 +22,14 @@ from mnist_gan.metrics import METRIC_NAMES
 from mnist_gan.models import build_discriminator, build_generator, save_gan
 from mnist_gan.params import TrainParams
 
-SCRIPT = ROOT / "pipeline" / "evaluate.py"
 KEYS = set(METRIC_NAMES) | {f"real_{name}" for name in METRIC_NAMES}
 FIGURES = {"samples.png", "per_digit.png", "nearest_train.png"}
 
 
 @pytest.fixture(scope="module")
-def stage() -> Iterator[object]:
-    """``pipeline/evaluate.py`` imported as a module (its folder on sys.path, as when run)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("evaluate_stage_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(SCRIPT.parent))
+def stage() -> ModuleType:
+    """``pipeline/evaluate.py`` imported as a module."""
+    return load_stage("evaluate")
 
 
 @pytest.fixture(scope="module")

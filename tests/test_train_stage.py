@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -10,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import mlflow
 import numpy as np
@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import ROOT, run
+from conftest import ROOT, load_stage, run
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -104,14 +104,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def stage() -> object:
-    """``pipeline/train.py`` imported as a module (its folder on sys.path, as when run)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("train_stage_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(SCRIPT.parent))
+def stage() -> ModuleType:
+    """``pipeline/train.py`` imported as a module."""
+    return load_stage("train")
 
 
 def invoke(stage: object, root: Path, store: str, **env: str) -> object:
