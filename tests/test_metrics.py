@@ -178,23 +178,22 @@ def test_fid_kid_is_agree_with_torchmetrics(mnist: dict, evaluator: nn.Module) -
         real_f, fake_f, torch.Generator().manual_seed(0), subsets=1, subset_size=600
     )
     ours_is, _ = M.inception_score(fake_logits, splits=1)
-    assert ours_fid > 1.0  # a case where a wrong formula would show
+    assert ours_fid > 1.0  # a case where a wrong formula would show; seeds: 15.3-21.2
     assert ours_fid == pytest.approx(float(tm_fid), rel=1e-3)
     assert ours_kid == pytest.approx(float(tm_kid), rel=1e-3)
     assert ours_is == pytest.approx(float(tm_is), rel=1e-4)
 
 
 # --- stand-in generators ---------------------------------------------------------------------
-
-
-def test_fid_of_two_test_halves_is_far_below_noise(mnist: dict, evaluator: nn.Module) -> None:
-    test = mnist["test"][0][SPLIT]
-    a, _ = embed(evaluator, test[:5000])
-    b, _ = embed(evaluator, test[5000:])
-    noise = torch.rand(5000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    c, _ = embed(evaluator, noise)
-    halves, noisy = M.frechet_distance(a, b), M.frechet_distance(b, c)
-    assert halves < noisy / 50, (halves, noisy)
+#
+# These tests bound what an evaluator trained in this process measures, and another CPU model
+# trains other weights from the same seed (its float sums round differently): the one-digit
+# generator's recall was 0.218 on an Intel Xeon (AVX-512) and below 0.2 on an AMD EPYC. So every
+# bound on such a value sits outside the whole range measured over evaluators trained with seeds
+# 0-9 (``python tests/metric_spread.py``), with room to spare. A new seed changes the initial
+# weights and the order of the data: a larger change than another CPU's rounding. The comment on
+# each bound gives that measured range ("seeds: lo-hi") and its margin. Values computed in pixel
+# space (memorisation) do not depend on the evaluator at all.
 
 
 class _Replay(nn.Module):
@@ -210,24 +209,63 @@ class _Replay(nn.Module):
         return self.images[idx]
 
 
-def test_one_digit_generator_is_one_mode(mnist: dict, evaluator: nn.Module) -> None:
+def halves_and_noise(mnist: dict, evaluator: nn.Module) -> tuple[float, float]:
+    """FID between two random halves of the test set, and between one half and noise."""
+    test = mnist["test"][0][SPLIT]
+    a, _ = embed(evaluator, test[:5000])
+    b, _ = embed(evaluator, test[5000:])
+    noise = torch.rand(5000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    c, _ = embed(evaluator, noise)
+    return M.frechet_distance(a, b), M.frechet_distance(b, c)
+
+
+def one_digit(mnist: dict, evaluator: nn.Module) -> M.Evaluation:
+    """A collapsed generator: real test digits, all of them ones."""
     images, labels = mnist["test"]
     ones = images[OTHERS][labels[OTHERS] == 1]
     samples = M.generate_samples(_Replay(ones), 1000, latent_dim=8, seed=0, batch_size=256)
-    result = _evaluate(samples, evaluator, mnist)
+    return _evaluate(samples, evaluator, mnist)
+
+
+def copies(mnist: dict, evaluator: nn.Module) -> M.Evaluation:
+    """A memorising generator: the first 2,000 training images, verbatim."""
+    train = mnist["train"][0]
+    samples = M.generate_samples(_Replay(train[:2000]), 2000, latent_dim=8, seed=0)
+    return _evaluate(samples, evaluator, mnist)
+
+
+def unseen(mnist: dict, evaluator: nn.Module) -> M.Evaluation:
+    """A perfect generator: real test digits outside the reference set."""
+    return _evaluate(mnist["test"][0][OTHERS[:2000]], evaluator, mnist)
+
+
+def uniform_noise(mnist: dict, evaluator: nn.Module) -> M.Evaluation:
+    """A generator of uniform noise."""
+    noise = torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return _evaluate(noise, evaluator, mnist)
+
+
+def test_fid_of_two_test_halves_is_far_below_noise(mnist: dict, evaluator: nn.Module) -> None:
+    halves, noisy = halves_and_noise(mnist, evaluator)
+    assert halves < noisy / 50, (halves, noisy)  # noisy / halves, seeds: 423-1468
+
+
+def test_one_digit_generator_is_one_mode(mnist: dict, evaluator: nn.Module) -> None:
+    result = one_digit(mnist, evaluator)
     got, real = result.samples.metrics, result.reference
-    assert got["modes"] == 1 and real["modes"] == 10
-    assert got["class_kl"] > 3.0 > 0.05 > real["class_kl"]
-    assert got["recall"] < 0.2 < 0.8 < real["recall"]
-    assert got["coverage"] < 0.15 < 0.4 < real["coverage"]
-    assert got["fid"] > 10 * real["fid"]
+    assert got["modes"] == 1 and real["modes"] == 10  # every seed
+    assert got["class_kl"] > 3.0 > 0.05 > real["class_kl"]  # seeds: 3.66-4.38 / 0.0015-0.0032
+    # Ones are 11% of the test digits, and their neighbourhoods reach a few other digits: the
+    # bound of 0.2 this test had failed on an Intel CPU (0.218).
+    assert got["recall"] < 0.4 < 0.8 < real["recall"]  # seeds: 0.13-0.28 / 0.93-0.96
+    assert got["coverage"] < 0.15 < 0.4 < real["coverage"]  # seeds: 0.109-0.113 / 0.71-0.75
+    assert got["fid"] > 10 * real["fid"]  # fid / real fid, seeds: 159-227
 
 
 def test_copies_of_training_images_are_memorised(mnist: dict, evaluator: nn.Module) -> None:
-    train = mnist["train"][0]
-    copies = M.generate_samples(_Replay(train[:2000]), 2000, latent_dim=8, seed=0)
-    result = _evaluate(copies, evaluator, mnist)
+    result = copies(mnist, evaluator)
     got, real = result.samples.metrics, result.reference
+    # Pixel space: the evaluator plays no part in these.
     assert got["memorized_fraction"] > 0.99
     assert got["nn_ratio"] < 0.05 < real["nn_ratio"]
     assert torch.equal(result.samples.nn_train_index, torch.arange(2000))
@@ -235,23 +273,27 @@ def test_copies_of_training_images_are_memorised(mnist: dict, evaluator: nn.Modu
 
 
 def test_unseen_real_digits_are_not_memorised(mnist: dict, evaluator: nn.Module) -> None:
-    unseen = mnist["test"][0][OTHERS[:2000]]  # not in the reference set: new digits
-    result = _evaluate(unseen, evaluator, mnist)
+    result = unseen(mnist, evaluator)
     got, real = result.samples.metrics, result.reference
-    assert got["memorized_fraction"] < 0.05
-    assert got["nn_ratio"] == pytest.approx(real["nn_ratio"], rel=0.1)
-    assert got["modes"] == 10
+    assert got["memorized_fraction"] < 0.05  # pixel space
+    assert got["nn_ratio"] == pytest.approx(real["nn_ratio"], rel=0.1)  # pixel space
+    assert got["modes"] == 10  # every seed
+    # seeds: 0.94-0.96 / 0.94-0.96
     assert got["precision"] > 0.6 and got["recall"] > 0.6
 
 
 def test_noise_generator_scores_badly(mnist: dict, evaluator: nn.Module) -> None:
-    noise = torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    result = _evaluate(noise, evaluator, mnist)
+    result = uniform_noise(mnist, evaluator)
     got, real = result.samples.metrics, result.reference
-    assert got["fid"] > 50 * real["fid"]
-    assert got["precision"] < 0.05 < 0.6 < real["precision"]
-    assert got["density"] < 0.05
-    assert got["memorized_fraction"] == 0.0
+    assert got["fid"] > 50 * real["fid"]  # fid / real fid, seeds: 151-449
+    assert got["is_mean"] < 1.5  # seeds: 1.00-1.07
+    # Noise lands in one tight cluster of the feature space. Coverage and recall see that it
+    # covers no real digit whatever the evaluator; precision and density are all or nothing
+    # (the whole cluster falls inside a real digit's neighbourhood or not), so they swung from
+    # 0 to 0.44 over the evaluator's seeds and are not bounded here.
+    assert got["coverage"] < 0.05 and got["recall"] < 0.05  # seeds: 0-0.002 / 0
+    assert real["precision"] > 0.6  # seeds: 0.93-0.96
+    assert got["memorized_fraction"] == 0.0  # pixel space
 
 
 def test_evaluation_is_deterministic_and_flat(mnist: dict, evaluator: nn.Module) -> None:
