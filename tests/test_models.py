@@ -17,7 +17,7 @@ from mnist_gan.models import (
     read_config,
     save_gan,
 )
-from mnist_gan.params import TrainParams, params_to_dict
+from mnist_gan.params import ParamsError, TrainParams, load_params, params_to_dict
 
 CONFIGS = {
     "mlp-article": TrainParams(g_batchnorm=False, d_activation="relu", d_dropout=0.0),
@@ -132,14 +132,64 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "config.json").read_text())
     config["train"]["hidden"] = [32]  # no longer fits the stored weights
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="generator.safetensors"):
+    with pytest.raises(ValueError, match=r"generator.safetensors: weights do not fit.* shape"):
         load_generator(tmp_path)
     config["train"]["bogus"] = 1
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match="config.json: unknown key train.bogus"):
         load_generator(tmp_path)
     (tmp_path / "generator.safetensors").unlink()
     config["train"].pop("bogus")
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="generator.safetensors"):
         load_generator(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("d_activation", "elu", "train.d_activation: must be one of 'relu', 'leaky_relu'"),
+        ("hidden", 256, "train.hidden: must be a list"),
+        ("g_batchnorm", "yes", "train.g_batchnorm: must be true or false"),
+        ("latent_dim", 0, "train.latent_dim: must be >= 1"),
+    ],
+)
+def test_config_is_validated_like_params_yaml(
+    tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    cfg = TrainParams(hidden=(16,), latent_dim=4)
+    save_gan(tmp_path, cfg, 0, build_generator(cfg), build_discriminator(cfg))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["train"][key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: {message}"):
+        read_config(tmp_path)
+    # The same key in params.yaml gets the same words.
+    (tmp_path / "params.yaml").write_text(json.dumps({"train": {key: value}}))
+    with pytest.raises(ParamsError, match=message):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["truncated", "empty", "not safetensors", "another network's"],
+)
+def test_unreadable_or_foreign_weights_are_one_line_errors(tmp_path: Path, broken: str) -> None:
+    cfg = TrainParams(hidden=(16,), latent_dim=4)
+    save_gan(tmp_path, cfg, 0, build_generator(cfg), build_discriminator(cfg))
+    weights = tmp_path / "generator.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(
+        {
+            "truncated": good[: len(good) // 2],
+            "empty": b"",
+            "not safetensors": b"PK\x03\x04 a zip file, say",
+            "another network's": (tmp_path / "discriminator.safetensors").read_bytes(),
+        }[broken]
+    )
+    with pytest.raises(ValueError) as info:
+        load_generator(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{weights}: ") and "\n" not in message
+    want = "weights do not fit" if broken == "another network's" else "not a readable safetensors"
+    assert want in message

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from mnist_gan.params import ClassifierParams, params_to_dict
-from mnist_gan.utils import seed_everything
+from mnist_gan.params import ClassifierParams, params_to_dict, section_from_dict
+from mnist_gan.utils import load_weights, seed_everything
 
 __all__ = [
     "ARCHITECTURE",
@@ -269,30 +269,33 @@ def load_classifier(model_dir: str | Path, device: str | torch.device = "cpu") -
 
     Raises:
         FileNotFoundError: A file of the folder is missing.
-        ValueError: The config or the weights do not match this architecture.
+        ValueError: The config is not this architecture's, or holds bad params (validated as
+            params.yaml's ``classifier`` section), or the weights are unreadable or do not
+            fit: one line naming the file.
     """
-    from safetensors.torch import load_file
-
     model_dir = Path(model_dir)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(
                 f"{model_dir / name}: missing (run the classifier stage: dvc repro classifier)"
             )
+    path = model_dir / CONFIG_FILE
     try:
-        config: dict[str, Any] = json.loads((model_dir / CONFIG_FILE).read_text())
-        arch = config["architecture"]
-        features = int(config["params"]["features"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{model_dir / CONFIG_FILE}: not a classifier config ({exc})") from None
-    if arch != ARCHITECTURE:
+        config: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a classifier config ({exc})") from None
+    if not isinstance(config, dict) or set(config) != {"architecture", "seed", "params"}:
+        keys = sorted(config) if isinstance(config, dict) else type(config).__name__
         raise ValueError(
-            f"{model_dir / CONFIG_FILE}: architecture {arch!r}, expected {ARCHITECTURE!r}; "
+            f"{path}: not a classifier config (want keys architecture, params and seed, got {keys})"
+        )
+    if config["architecture"] != ARCHITECTURE:
+        raise ValueError(
+            f"{path}: architecture {config['architecture']!r}, expected {ARCHITECTURE!r}; "
             "retrain it (dvc repro classifier)"
         )
-    model = DigitClassifier(features)
-    try:
-        model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
-    except RuntimeError as exc:
-        raise ValueError(f"{model_dir / WEIGHTS_FILE}: weights do not fit ({exc})") from None
+    # The same validation as params.yaml's classifier section.
+    params = section_from_dict(ClassifierParams, config["params"], "classifier", str(path))
+    model = DigitClassifier(params.features)
+    load_weights(model, model_dir / WEIGHTS_FILE, hint=" (retrain it: dvc repro classifier)")
     return model.to(device).eval()

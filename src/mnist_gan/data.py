@@ -12,13 +12,14 @@ Normalized sets are safetensors files holding ``images`` float32 (N, 1, 28, 28) 
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from mnist_gan.utils import load_safetensors
 
 __all__ = [
     "IMAGE_MAGIC",
@@ -275,27 +276,6 @@ def save_normalized(path: str | Path, images: torch.Tensor, labels: torch.Tensor
     )
 
 
-_ST_DTYPES = {"F32": torch.float32, "I64": torch.int64}
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A minimal safetensors reader (F32 and I64) for machines that have only PyTorch."""
-    data = path.read_bytes()
-    (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + size])
-    body = bytearray(data[8 + size :])  # writable, so torch.frombuffer does not warn
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"tensor {key!r} has unsupported dtype {info['dtype']}")
-        flat = torch.frombuffer(body[start:end], dtype=_ST_DTYPES[info["dtype"]])
-        tensors[key] = flat.reshape(info["shape"])
-    return tensors
-
-
 def load_normalized(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Read a normalized set written by :func:`save_normalized`.
 
@@ -312,14 +292,9 @@ def load_normalized(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"{path}: file not found (run the normalize stage first)")
     try:
-        try:
-            from safetensors.torch import load_file
-        except ImportError:  # e.g. a GPU machine with only PyTorch installed
-            tensors = _read_safetensors(path)
-        else:
-            tensors = load_file(str(path))
-    except Exception as exc:  # the safetensors error types differ between versions
-        raise DataError(f"{path}: not a readable safetensors file ({exc})") from None
+        tensors = load_safetensors(path)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     missing = [k for k in ("images", "labels") if k not in tensors]
     if missing:
         raise DataError(f"{path}: lacks tensor(s) {', '.join(missing)}")

@@ -21,16 +21,16 @@ a machine that has only PyTorch installed.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from mnist_gan.params import TrainParams, params_to_dict
+from mnist_gan.params import TrainParams, params_to_dict, section_from_dict
+from mnist_gan.utils import load_weights
 
 __all__ = [
+    "GENERATOR_FILE",
     "IMAGE_SHAPE",
     "DCGANDiscriminator",
     "DCGANGenerator",
@@ -241,37 +241,30 @@ def save_gan(
     (model_dir / CONFIG_FILE).write_text(text, encoding="utf-8")
 
 
-def train_params_from_dict(raw: Mapping[str, Any], source: str) -> TrainParams:
-    """Rebuild :class:`TrainParams` from its JSON form (lists back to tuples).
-
-    Raises:
-        ValueError: Unknown keys or bad values, naming ``source``.
-    """
-    try:
-        fields = dict(raw)
-        if "hidden" in fields:
-            fields["hidden"] = tuple(fields["hidden"])
-        return TrainParams(**fields)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{source}: bad train params: {exc}") from None
-
-
 def read_config(model_dir: str | Path) -> tuple[TrainParams, int]:
     """The train params and seed stored in a GAN folder's ``config.json``.
 
+    The params are validated by the code that validates ``params.yaml``: an unknown key, a
+    wrong type or a value out of range is an error naming the file and ``train.key``.
+
     Raises:
         FileNotFoundError: No ``config.json`` (not a GAN folder, or train has not run).
-        ValueError: The file is not valid JSON or holds bad params.
+        ValueError: The file is not valid JSON or holds bad params (a ``ParamsError``).
     """
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (run the train stage first)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-        train, seed = config["train"], int(config["seed"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a GAN config ({exc!r})") from None
-    return train_params_from_dict(train, str(path)), seed
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a GAN config ({exc})") from None
+    if not isinstance(config, dict) or set(config) != {"seed", "train"}:
+        keys = sorted(config) if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path}: not a GAN config (want keys seed and train, got {keys})")
+    seed = config["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{path}: seed: must be an integer >= 0, got {seed!r}")
+    return section_from_dict(TrainParams, config["train"], "train", str(path)), seed
 
 
 def load_generator(
@@ -290,10 +283,9 @@ def load_generator(
 
     Raises:
         FileNotFoundError: The folder lacks ``config.json`` or the generator's weights.
-        ValueError: The config is bad, or the weights do not fit the configured network.
+        ValueError: The config is bad, or the weights are unreadable or do not fit the
+            configured network (one line naming the file).
     """
-    from safetensors.torch import load_file
-
     model_dir = Path(model_dir)
     cfg, _ = read_config(model_dir)
     path = model_dir / EMA_FILE
@@ -302,8 +294,5 @@ def load_generator(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (run the train stage first)")
     generator = build_generator(cfg)
-    try:
-        generator.load_state_dict(load_file(str(path)))
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not fit the network in config.json: {exc}") from None
+    load_weights(generator, path, hint=" (run the train stage again: dvc repro train)")
     return generator.to(device).eval(), cfg

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -30,6 +30,7 @@ __all__ = [
     "TrainParams",
     "load_params",
     "params_to_dict",
+    "section_from_dict",
 ]
 
 # The mirrors torchvision's MNIST dataset uses, in its order.
@@ -37,6 +38,9 @@ PUBLIC_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
+
+
+_S = TypeVar("_S")
 
 
 class ParamsError(ValueError):
@@ -292,6 +296,25 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     hints = typing.get_type_hints(Params)
     built = {name: _build(hints[name], raw.get(name), name, source) for name in sections}
     return Params(**built)
+
+
+def section_from_dict(cls: type[_S], raw: Any, section: str, source: str) -> _S:
+    """Validate one section given as plain data, exactly as :func:`load_params` does.
+
+    For the copies of a section that outputs carry (a model folder's ``config.json``), so that
+    they are held to the same rules as ``params.yaml``.
+
+    Args:
+        cls: The section's dataclass, e.g. :class:`TrainParams`.
+        raw: A mapping of keys to plain values (lists for tuples).
+        section: The section's name, for messages (``train``).
+        source: The file it came from, for messages.
+
+    Raises:
+        ParamsError: naming ``source`` and ``section.key``: an unknown key, a wrong type or a
+            value out of range.
+    """
+    return _build(cls, raw, section, source)
 
 
 def params_to_dict(obj: Any) -> dict[str, Any]:

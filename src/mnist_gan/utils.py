@@ -15,10 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 __all__ = [
     "atomic_dir",
     "atomic_path",
+    "load_safetensors",
+    "load_weights",
     "resolve_device",
     "seed_everything",
     "sha256_file",
@@ -132,3 +135,59 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (on the CPU).
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        ValueError: The file is not a readable safetensors file (truncated, or another format),
+            in one line naming it.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError, ...: the types differ between versions
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"{path}: not a readable safetensors file ({why})") from None
+
+
+def load_weights(module: nn.Module, path: str | Path, hint: str = "") -> None:
+    """Load a safetensors file into ``module``, checking that every tensor fits first.
+
+    Args:
+        module: The network, built from its config.
+        path: Its weights.
+        hint: Appended to the error, e.g. what to run to make the file again.
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        ValueError: Unreadable, or tensors missing, unexpected or of another shape: one line
+            that names the file and the first such tensor of each kind.
+    """
+    state = load_safetensors(path)
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        got, want = tuple(state[k].shape), tuple(own[k].shape)
+        problems.append(f"{len(shapes)} of another shape (first: {k} {got}, want {want})")
+    if problems:
+        name = type(module).__name__
+        raise ValueError(
+            f"{path}: weights do not fit the {name} of the config: tensors "
+            f"{'; '.join(problems)}{hint}"
+        )
+    module.load_state_dict(state)
