@@ -109,8 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "first_epoch_seconds": round(epoch_seconds[0], 3),
         "median_epoch_seconds": round(statistics.median(epoch_seconds), 3),
         "final": trainer.history[-1],
-        "compiled": bool(getattr(trainer, "compiled", False)),
-        "amp": bool(getattr(trainer, "amp", False)),
+        "compiled": trainer.compiled,
+        "amp": trainer.amp,
         "train_params": json.loads(json.dumps(dataclasses.asdict(cfg))),
     }
     write_json(out / "train_full.json", report)

@@ -252,11 +252,7 @@ def bench_pair(
         raise BenchError(f"--trainer-option: {exc}") from None
 
     def trainer_run(n: int) -> None:
-        if hasattr(trainer, "run_steps"):  # the same steps, the RNG state swapped once
-            trainer.run_steps(n)
-        else:
-            for _ in range(n):
-                trainer.step()
+        trainer.run_steps(n)  # the steps step() takes, the RNG state swapped once
 
     fast = _Side("trainer", trainer_run, device)
     fast.timed(warmup, floor + base.resident)
@@ -286,8 +282,8 @@ def bench_pair(
     result["baseline"]["steps"] = baseline.steps_done
     result["baseline"]["item_calls"] = baseline.item_calls
     result["baseline"]["batches_loaded"] = baseline.batches_loaded
-    result["trainer"]["compiled"] = bool(getattr(trainer, "compiled", False))
-    result["trainer"]["amp"] = bool(getattr(trainer, "amp", False))
+    result["trainer"]["compiled"] = trainer.compiled
+    result["trainer"]["amp"] = trainer.amp
     baseline.close()
     return result
 

@@ -84,6 +84,7 @@ def test_benchmark_script_writes_table_and_json(tmp_path: Path) -> None:
         assert row["ratio"] == pytest.approx(sum(ratios) / 2, abs=0.011)  # median of two
         assert row["rss_peak_mib"] > 0
         assert base["gpu_peak_mib"] is None and fast["gpu_peak_mib"] is None
+        assert fast["amp"] is False and fast["compiled"] is False  # neither on the CPU
         # 1 warm-up step + 2 repeats of 3: every step drew a loader batch and read two losses.
         assert base["steps"] == base["batches_loaded"] == 7
         assert base["item_calls"] == 14
@@ -198,14 +199,30 @@ def test_train_full_writes_grid_and_stops_at_time_limit(bench, tmp_path: Path) -
 
 def test_eager_variant_turns_every_fast_switch_off(bench) -> None:
     fid_check = bench[3]
-    cfg = TrainParams(amp=True, compile=True)
+    cfg = TrainParams(amp=True, compile=True, cuda_graph=True)
     assert fid_check.variant_params(cfg, "fast") == cfg
     eager = fid_check.variant_params(cfg, "eager")
-    assert not eager.amp and not eager.compile
-    assert not getattr(eager, "cuda_graph", False)
-    assert dataclasses.replace(eager, amp=True, compile=True) == dataclasses.replace(
-        cfg, **({"cuda_graph": False} if hasattr(cfg, "cuda_graph") else {})
-    )
+    assert (eager.amp, eager.compile, eager.cuda_graph) == (False, False, False)
+    assert eager == dataclasses.replace(cfg, amp=False, compile=False, cuda_graph=False)
+
+
+def test_fid_verdict_compares_the_gap_with_the_seeds_spread(bench) -> None:
+    summarise = bench[3].summarise
+
+    def runs(eager: list[float], fast: list[float]) -> list[dict]:
+        return [{"variant": "eager", "fid": f} for f in eager] + [
+            {"variant": "fast", "fid": f} for f in fast
+        ]
+
+    # Means 10.5 and 11.0: a gap of 0.5, within eager's spread of 1.0.
+    summary, verdict = summarise(runs([10.0, 11.0], [10.9, 11.1]))
+    assert summary["eager"] == {"mean": 10.5, "spread": 1.0, "n": 2}
+    assert verdict == {"gap": 0.5, "spread": 1.0, "same": True}
+    # Means 10.5 and 14.0: a gap of 3.5, above both spreads (1.0 and 0.2).
+    _, verdict = summarise(runs([10.0, 11.0], [13.9, 14.1]))
+    assert verdict == {"gap": 3.5, "spread": 1.0, "same": False}
+    # One seed of a variant has no spread to compare with: no verdict.
+    assert summarise(runs([10.0, 11.0], [10.5]))[1] is None
 
 
 def test_gpu_check_script_parses() -> None:
@@ -215,7 +232,7 @@ def test_gpu_check_script_parses() -> None:
 
 
 @pytest.mark.slow
-def test_gpu_check_plumbing_on_cpu(tmp_path: Path) -> None:
+def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
     """The whole script, on the CPU with tiny settings: every part runs and reports."""
     raw = write_idx(tmp_path / "raw", n_train=64, n_test=64, gz=True)
     out = tmp_path / "gpu"
@@ -248,4 +265,5 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path) -> None:
         ("eager", 1),
         ("fast", 1),
     ]
-    assert isinstance(fid["verdict"]["same"], bool)
+    summary, verdict = bench[3].summarise(fid["runs"])
+    assert fid["summary"] == summary and fid["verdict"] == verdict and verdict is not None

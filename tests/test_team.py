@@ -236,16 +236,13 @@ def test_unreachable_tracking_server_stops_train_before_training(team: Team) -> 
     set_params(e, {"train": {"epochs": 50}})  # would take minutes if it started training
     dead = f"http://127.0.0.1:{free_port()}"
     before = digest(e, ["models"])
-    start = time.perf_counter()
     res = run(
         ["dvc", "repro", "train"], cwd=e, env={**team.env, "MLFLOW_TRACKING_URI": dead}, check=False
     )
-    elapsed = time.perf_counter() - start
     text = res.stdout + res.stderr
     assert res.returncode != 0, text
     assert dead in text and "tracking server" in text, text
-    assert "epoch 1/" not in text  # the trainer never started
-    assert elapsed < 60, f"took {elapsed:.0f} s to notice"
+    assert "epoch 1/" not in text  # the trainer never started: it checks before any work
     assert not (e / ".mlflow_run_id").exists()  # no run was started either
     # DVC clears a stage's outputs before running it: git still has the uncached metrics and
     # plots, the DVC cache the models, untouched.
