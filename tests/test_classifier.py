@@ -185,11 +185,16 @@ def test_classifier_stage_writes_model_and_metrics(tmp_path: Path, stage: object
 
 @pytest.mark.slow
 def test_full_classifier_reaches_target_and_is_confident(shared_mirror: Path) -> None:
-    """The default params on all of MNIST: at least 99.3% test accuracy and IS >= 9.5."""
+    """The default params on all of MNIST: at least 99.2% test accuracy and IS >= 9.5.
+
+    Seeds 0-9 gave 99.34-99.47% and IS 9.67-9.70 (``tests/metric_spread.py --full``). The
+    target the README states, 99.3%, sat 4 test images below the lowest seed: too close for a
+    bound that must hold on every CPU, so the bound leaves 14.
+    """
     data = real_mnist(shared_mirror)
     (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
     model, stats = train_classifier(train_x, train_y, test_x, test_y, ClassifierParams(), seed=0)
-    assert stats.test_accuracy >= 0.993
+    assert stats.test_accuracy >= 0.992
     _, logits = embed(model, test_x)
     is_mean, _ = inception_score(logits, splits=10)
     assert is_mean >= 9.5
