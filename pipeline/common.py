@@ -7,6 +7,7 @@ stages start quickly.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any, TypeVar
 
 import click
 
+import mnist_gan
 from mnist_gan.params import Params, ParamsError, load_params
+from mnist_gan.utils import sha256_file
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,3 +52,36 @@ def load_or_exit(path: Path) -> Params:
     except ParamsError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+def code_files(script: Path) -> dict[str, Path]:
+    """The project code that runs in this stage, by the path ``dvc.yaml`` gives it.
+
+    That is the stage script and every module of ``pipeline/`` and of the ``mnist_gan`` library
+    that this process has imported; call it once the script's imports are done. A test holds
+    ``dvc.yaml`` to the same list, so a checkpoint's code hash and the stage's deps agree.
+
+    Args:
+        script: The stage script (its ``__file__``).
+
+    Returns:
+        ``{"pipeline/train.py": path, "src/mnist_gan/models.py": path, ...}``, sorted.
+    """
+    here = Path(__file__).resolve().parent  # pipeline/
+    library = Path(mnist_gan.__file__).resolve().parent  # src/mnist_gan/
+    found = {f"pipeline/{Path(script).name}": Path(script).resolve()}
+    for module in list(sys.modules.values()):
+        path = Path(getattr(module, "__file__", None) or "/").resolve()
+        if path.parent == here:
+            found[f"pipeline/{path.name}"] = path
+        elif path.is_relative_to(library):
+            found[f"src/mnist_gan/{path.relative_to(library).as_posix()}"] = path
+    return dict(sorted(found.items()))
+
+
+def code_digest(script: Path) -> str:
+    """One SHA-256 over the names and contents of :func:`code_files`."""
+    h = hashlib.sha256()
+    for name, path in code_files(script).items():
+        h.update(f"{name}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()

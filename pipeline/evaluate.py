@@ -5,8 +5,10 @@ scores them with the classifier in CLASSIFIER: FID and KID against the test set,
 precision, recall, density and coverage (k = evaluate.k), mode coverage (modes, class_kl) and
 memorisation (memorized_fraction, nn_ratio). Every metric also gets its real-data reference,
 prefixed real_. Writes METRICS (flat JSON) and under PLOTS: samples.png, per_digit.png and
-nearest_train.png. Logs all of it into the train stage's MLflow run (the id in RUN_ID_FILE), or
-into a new run tagged stage=evaluate when there is none.
+nearest_train.png. Logs all of it into the MLflow run that trained these weights, found in the
+tracking store by the generator's SHA-256 (RUN_ID_FILE, the id train last wrote, only breaks a
+tie). When the store has no such run (the model came through DVC's cache from elsewhere), it
+logs into a new run tagged stage=evaluate and with that SHA-256, and says so.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ from mnist_gan.classifier import load_classifier
 from mnist_gan.data import DataError, load_normalized
 from mnist_gan.figures import class_grid, neighbour_figure, sample_grid, save_png
 from mnist_gan.metrics import evaluate_samples, generate_samples
-from mnist_gan.models import load_generator
+from mnist_gan.models import GENERATOR_FILE, load_generator
 from mnist_gan.params import params_to_dict
-from mnist_gan.utils import atomic_dir, resolve_device, seed_everything, set_threads, write_json
+from mnist_gan.utils import (
+    atomic_dir,
+    resolve_device,
+    seed_everything,
+    set_threads,
+    sha256_file,
+    write_json,
+)
 
 
 @click.command(help=__doc__)
@@ -75,12 +84,13 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
     )
     click.echo(f"scored {cfg.num_samples} samples and the references in {seconds:.1f} s", err=True)
 
-    run_id = tracking.read_run_id(run_id_file)
-    run, resumed = tracking.start_run("evaluate", run_id)
-    if not resumed:
-        why = f"run {run_id} is not in the store" if run_id else f"no run id in {run_id_file}"
-        click.echo(f"note: {why}; logging into a new run {run.info.run_id} (stage=evaluate)",
-                   err=True)  # fmt: skip
+    sha = sha256_file(gan / GENERATOR_FILE)
+    run_id = tracking.find_generator_run(sha, hint=tracking.read_run_id(run_id_file))
+    run, _ = tracking.start_run("evaluate", run_id, tags={tracking.GENERATOR_TAG: sha})
+    if run_id is None:
+        click.echo(f"note: no run in {tracking.tracking_uri()} trained {gan / GENERATOR_FILE} "
+                   f"(sha256 {sha[:12]}...); logging into a new run {run.info.run_id} "
+                   "(stage=evaluate)", err=True)  # fmt: skip
     with run:
         # Tags, not params: a train run keeps its id when only evaluate's params change, and
         # MLflow refuses to change a logged param.

@@ -35,6 +35,11 @@ def tracking_uri() -> str:
     return uri or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+# The stores MLflow knows besides http(s), SQLite and folders (SQLAlchemy URIs may name a driver:
+# postgresql+psycopg2://). check_reachable refuses any other scheme at once.
+OTHER_SCHEMES = ("postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+
+
 class TrackingUnreachable(RuntimeError):
     """The tracking store that the URI names cannot be used; the message says which and why."""
 
@@ -44,8 +49,9 @@ def check_reachable(uri: str | None = None, timeout: float = 10.0) -> str:
 
     MLflow's client retries a dead server for minutes at the first call that needs it, so a bad
     ``MLFLOW_TRACKING_URI`` would cost a training run. An http(s) server must answer the REST
-    API (any answer but 401/403 will do); a SQLite or file store needs its folder to exist.
-    Other stores (PostgreSQL, Databricks) are left to MLflow.
+    API (any answer but 401/403 will do); a SQLite or file store needs its folder to exist; a
+    scheme MLflow has no store for is refused. Other stores (PostgreSQL, Databricks) are left
+    to MLflow.
 
     Args:
         uri: The tracking URI; default :func:`tracking_uri`.
@@ -101,6 +107,12 @@ def check_reachable(uri: str | None = None, timeout: float = 10.0) -> str:
                 f"cannot reach the MLflow tracking server at {uri} ({reason}): start it "
                 "(`make server`) or fix MLFLOW_TRACKING_URI; stopping before any work"
             ) from None
+    elif scheme.split("+")[0] not in OTHER_SCHEMES + ("sqlite", "file", ""):
+        raise TrackingUnreachable(
+            f"MLFLOW_TRACKING_URI={uri!r} has the unknown scheme {scheme!r}: give an MLflow "
+            "server (http://host:port), a SQLite file (sqlite:////abs/path/mlflow.db) or "
+            "unset it for the project's mlflow.db; stopping before any work"
+        )
     elif scheme in ("sqlite", "file", ""):
         if scheme == "sqlite":
             path = Path(uri.removeprefix("sqlite:///"))
@@ -186,12 +198,15 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri[len(prefix) :]).resolve().parent / "mlruns").as_uri()
 
 
-def start_run(stage: str, resume_run_id: str | None = None) -> tuple[Any, bool]:
+def start_run(
+    stage: str, resume_run_id: str | None = None, tags: Mapping[str, str] | None = None
+) -> tuple[Any, bool]:
     """Start a run in the ``mnist-gan`` experiment, or reopen ``resume_run_id`` when it exists.
 
     Args:
         stage: The stage name (run name unless ``DVC_EXP_NAME`` is set, and tag ``stage``).
         resume_run_id: A run to continue (e.g. from a training checkpoint).
+        tags: More tags for a new run.
 
     Returns:
         The active run and whether it was resumed.
@@ -210,8 +225,104 @@ def start_run(stage: str, resume_run_id: str | None = None) -> tuple[Any, bool]:
             return mlflow.start_run(run_id=resume_run_id), True
         except MlflowException:  # the run is not in this store (it moved or was deleted)
             pass
-    run = mlflow.start_run(run_name=os.environ.get("DVC_EXP_NAME") or stage, tags=run_tags(stage))
+    run_name = os.environ.get("DVC_EXP_NAME") or stage
+    run = mlflow.start_run(run_name=run_name, tags={**run_tags(stage), **(tags or {})})
     return run, False
+
+
+GENERATOR_TAG = "generator_sha256"  # the SHA-256 of models/gan/generator.safetensors
+
+
+def find_generator_run(sha256: str, hint: str | None = None) -> str | None:
+    """The run, in the current tracking store, that trained the generator with this SHA-256.
+
+    The train stage tags its run with the hash of the weights it wrote; this is the only link
+    from a model to a run that is trusted. When several runs wrote the same weights, ``hint``
+    (the id the train stage last recorded) wins if it is one of them, else the newest.
+
+    Returns:
+        The run id, or None when no run of this store holds these weights (they came from
+        another store, through DVC's cache).
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.{GENERATOR_TAG} = '{sha256}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    ids = [r.info.run_id for r in runs]
+    if hint in ids:
+        return hint
+    return ids[0] if ids else None
+
+
+def dvc_hash(folder: Path) -> str:
+    """The hash DVC gives a folder (``<md5>.dir``, as in dvc.lock), computed by DVC's own code."""
+    import hashlib
+
+    from dvc_data.hashfile.tree import Tree
+
+    entries = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        md5 = hashlib.md5()  # noqa: S324 - DVC's content hash, not a security measure
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                md5.update(block)
+        entries.append({"relpath": path.relative_to(folder).as_posix(), "md5": md5.hexdigest()})
+    tree = Tree.from_list(entries)
+    tree.digest()
+    return tree.hash_info.value
+
+
+def log_training_data(folder: Path, images: Any) -> str:
+    """Record ``folder`` as the run's training dataset; returns its DVC hash.
+
+    The run page's Datasets section then names the data by the hash that ``dvc.lock`` gives
+    ``data/normalized``, which is how DVC finds it again (``dvc get``, ``dvc checkout``).
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.types import Schema, TensorSpec
+
+    digest = dvc_hash(folder)
+    schema = Schema([TensorSpec(np.dtype(np.float32), (-1, *images.shape[1:]), "images")])
+    dataset = MetaDataset(
+        LocalArtifactDatasetSource(str(folder)), name=folder.as_posix(), digest=digest,
+        schema=schema,
+    )  # fmt: skip
+    mlflow.log_input(dataset, context="training", tags={"dvc_hash": digest})
+    return digest
+
+
+def tracking_failures() -> tuple[type[BaseException], ...]:
+    """What MLflow raises when its store stops answering (to catch around logging calls)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.exceptions.RequestException, OSError)
+
+
+def short(exc: BaseException, limit: int = 160) -> str:
+    """An exception in one short line (MLflow's messages span many)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def give_up_quickly() -> None:
+    """Make later MLflow calls to a lost server fail at once (MLflow's exit hook ends the run).
+
+    Without this, the hook would retry the dead server for minutes before the process exits.
+    """
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
 
 
 def last_logged_step(run_id: str, key: str) -> int:

@@ -2,10 +2,15 @@
 
 Writes OUT (generator, discriminator and EMA generator as safetensors, config.json), METRICS
 (final losses, train seconds, images per second), PLOTS/curves.json (one entry per epoch) and
-PLOTS/samples.png. Checkpoints go to CHECKPOINTS every train.checkpoint_every epochs; run again
-after an interruption and training resumes there (same params, data and device only) and
-continues the same MLflow run. A NaN or infinite loss stops with an error naming the epoch and
-step, marks the run FAILED and exits 1, keeping the last good checkpoint.
+PLOTS/samples.png. The MLflow run gets the params, the training data as a dataset (by its DVC
+hash), one point per epoch, sample grids, the generator as a model, and the tag
+generator_sha256 by which the evaluate stage finds it. Checkpoints go to CHECKPOINTS every
+train.checkpoint_every epochs; run again after an interruption and training resumes there (same
+params, data, device and code only) in the same MLflow run. If the tracking store stops
+answering, the stage saves a checkpoint of the epoch it could not log and exits 1 with one line:
+run it again once the store answers and the run continues, the missed epoch logged. A NaN or
+infinite loss stops with an error naming the epoch and step, marks the run FAILED and exits 1,
+keeping the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -13,15 +18,16 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import mlflow
 import tracking
-from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
+from common import PARAMS_OPTION, code_digest, file_option, folder_option, load_or_exit
 from torchvision.utils import save_image
 
 from mnist_gan.data import DataError, load_normalized
-from mnist_gan.models import save_gan
+from mnist_gan.models import GENERATOR_FILE, save_gan
 from mnist_gan.params import params_to_dict
 from mnist_gan.training import (
     CheckpointStore,
@@ -47,6 +53,19 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary files go, checkpoint stays
 
 
+def _lost_tracking(exc: BaseException, trainer: GANTrainer, store: CheckpointStore,
+                   run_id: str | None) -> NoReturn:  # fmt: skip
+    """Keep the work (a checkpoint of the epoch reached) and stop with one line."""
+    if trainer.epoch and run_id:
+        store.save(trainer.state_dict(), run_id=run_id)
+    tracking.give_up_quickly()
+    sys.exit(
+        f"error: the MLflow tracking store {tracking.tracking_uri()} stopped answering "
+        f"({tracking.short(exc)}); epoch {trainer.epoch} is saved in {store.path}: run again "
+        "once it answers, and training resumes in the same run"
+    )
+
+
 @click.command(help=__doc__)
 @folder_option("--data", "Folder holding train.safetensors.")
 @folder_option("--out", "GAN folder (replaced only on success).")
@@ -55,15 +74,8 @@ def _terminate(signum: int, frame: object) -> None:
 @folder_option("--checkpoints", "Folder for checkpoints (not cached).")
 @file_option("--run-id-file", "File that receives the MLflow run id.")
 @PARAMS_OPTION
-def main(
-    data: Path,
-    out: Path,
-    metrics: Path,
-    plots: Path,
-    checkpoints: Path,
-    run_id_file: Path,
-    params_file: Path,
-) -> None:
+def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
+         run_id_file: Path, params_file: Path) -> None:  # fmt: skip
     """Train the GAN and log the run to MLflow."""
     params = load_or_exit(params_file)
     cfg, seed = params.train, params.base.seed
@@ -76,43 +88,59 @@ def main(
         trainer = GANTrainer(cfg, images, seed=seed, device=device)
     except (DataError, RuntimeError, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    store = CheckpointStore(checkpoints, fingerprint(cfg, seed, data_sha, device.type))
+    code = code_digest(Path(__file__))  # every project file this stage runs
+    store = CheckpointStore(checkpoints, fingerprint(cfg, seed, data_sha, device.type, code))
     state = store.load()
-    click.echo(store.note, err=True)
     if state is not None:
-        trainer.load_state_dict(state)
-    run, resumed = tracking.start_run("train", state.get("run_id") if state else None)
-    tracking.write_run_id(run_id_file, run.info.run_id)
-    if not resumed:
-        flat = tracking.flatten({"base": params_to_dict(params.base), "train": params_to_dict(cfg)})
-        mlflow.log_params({**flat, "data.train_sha256": data_sha})
+        try:
+            trainer.load_state_dict(state)
+        except ValueError as exc:  # a partial load may have changed the trainer: start afresh
+            store.note, state = f"{store.path}: not resumed from: {exc}", None
+            trainer = GANTrainer(cfg, images, seed=seed, device=device)
+    click.echo(store.note, err=True)
     noise = fixed_noise(GRID, cfg.latent_dim, seed)
-    # After a resume, the epochs between the checkpoint and the interruption run again. The run
-    # already has their metrics and grids (bit-identical on the CPU), so they are not logged twice.
-    logged = tracking.last_logged_step(run.info.run_id, "loss_d") if resumed else 0
+    every, run_id = cfg.sample_every, None
+
+    def log_epoch(values: dict[str, float], grid: bool) -> None:
+        epoch = int(values["epoch"])
+        mlflow.log_metrics({k: v for k, v in values.items() if k != "epoch"}, step=epoch)
+        if grid and (epoch == cfg.epochs or (every and epoch % every == 0)):
+            tracking.log_image_grid(trainer.sample(noise), key="samples", step=epoch)
 
     def on_epoch(t: GANTrainer, stats: EpochStats) -> None:
-        every = cfg.sample_every
         if stats.epoch > logged:
-            values = stats.as_dict()
-            mlflow.log_metrics({k: v for k, v in values.items() if k != "epoch"}, step=stats.epoch)
-            if stats.epoch == cfg.epochs or (every and stats.epoch % every == 0):
-                tracking.log_image_grid(t.sample(noise), key="samples", step=stats.epoch)
+            log_epoch(stats.as_dict(), grid=True)
+        losses = f"loss_d {stats.loss_d:.4f} loss_g {stats.loss_g:.4f}"
         click.echo(
-            f"epoch {stats.epoch}/{cfg.epochs}: loss_d {stats.loss_d:.4f} "
-            f"loss_g {stats.loss_g:.4f} ({stats.epoch_seconds:.1f} s)",
-            err=True,
+            f"epoch {stats.epoch}/{cfg.epochs}: {losses} ({stats.epoch_seconds:.1f} s)", err=True
         )
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        history = trainer.fit(on_epoch, store, {"run_id": run.info.run_id})
+        run, resumed = tracking.start_run("train", state.get("run_id") if state else None)
+        run_id = run.info.run_id
+        tracking.write_run_id(run_id_file, run_id)
+        if not resumed:
+            flat = tracking.flatten(
+                {"base": params_to_dict(params.base), "train": params_to_dict(cfg)}
+            )
+            mlflow.log_params({**flat, "data.train_sha256": data_sha})
+            tracking.log_training_data(data, images)
+        # A resumed run may lack the checkpoint's last epochs (the store stopped answering), or
+        # already hold epochs after it (they run again, bit-identical on the CPU): log each once.
+        logged = tracking.last_logged_step(run_id, "loss_d") if resumed else 0
+        for values in trainer.history:
+            if values["epoch"] > logged:
+                log_epoch(values, grid=values["epoch"] == trainer.epoch)
+        history = trainer.fit(on_epoch, store, {"run_id": run_id})
     except DivergenceError as exc:
         mlflow.end_run("FAILED")
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         sys.exit(f"interrupted in epoch {trainer.epoch + 1}; run again to resume ({store.path})")
+    except tracking.tracking_failures() as exc:
+        _lost_tracking(exc, trainer, store, run_id)
 
     with atomic_dir(out) as tmp:
         save_gan(tmp, cfg, seed, trainer.generator, trainer.discriminator, trainer.ema_generator)
@@ -125,9 +153,14 @@ def main(
     with atomic_path(plots / "samples.png") as tmp:
         grid = trainer.sample(noise)  # (64, 1, 28, 28), from the EMA generator when there is one
         save_image(grid, tmp, nrow=8, normalize=True, value_range=(-1, 1), format="png")
-    mlflow.log_metric("train_seconds", seconds)
-    tracking.log_generator_model(out, cfg.latent_dim, example=noise[:2].numpy())
-    mlflow.end_run()
+    try:
+        mlflow.log_metric("train_seconds", seconds)
+        # The link from these weights to this run, by content (see tracking.find_generator_run).
+        mlflow.set_tag(tracking.GENERATOR_TAG, sha256_file(out / GENERATOR_FILE))
+        tracking.log_generator_model(out, cfg.latent_dim, example=noise[:2].numpy())
+        mlflow.end_run()
+    except tracking.tracking_failures() as exc:
+        _lost_tracking(exc, trainer, store, run_id)
     store.clear()
     click.echo(f"trained {len(history)} epochs in {seconds:.1f} s into {out}", err=True)
 

@@ -191,13 +191,16 @@ class TrackingServer:
 
 
 @contextmanager
-def mlflow_server(workdir: Path, wait: bool = True) -> Iterator[TrackingServer]:
+def mlflow_server(
+    workdir: Path, wait: bool = True, port: int | None = None
+) -> Iterator[TrackingServer]:
     """A tracking server with a SQLite backend store and proxied artifacts (``make server``).
 
     It takes seconds to start (tens on a busy machine): with ``wait=False`` the caller does
-    other set-up first and calls ``wait_ready()`` before the first run.
+    other set-up first and calls ``wait_ready()`` before the first run. ``port``: a port to
+    reuse (to restart a server where clients expect it), else a free one.
     """
-    port = free_port()
+    port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [

@@ -1,8 +1,10 @@
-"""The evaluate stage: its outputs, and logging into the MLflow run that train recorded."""
+"""The evaluate stage: its outputs, and logging into the MLflow run of the generator it scored."""
 
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -21,9 +23,12 @@ from mnist_gan.data import save_normalized
 from mnist_gan.metrics import METRIC_NAMES
 from mnist_gan.models import build_discriminator, build_generator, save_gan
 from mnist_gan.params import TrainParams
+from mnist_gan.utils import sha256_file
 
 KEYS = set(METRIC_NAMES) | {f"real_{name}" for name in METRIC_NAMES}
 FIGURES = {"samples.png", "per_digit.png", "nearest_train.png"}
+EXPERIMENT = "mnist-gan"  # names other people rely on (the guide's contract)
+GENERATOR_TAG = "generator_sha256"
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +43,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
+def make_gan(folder: Path, seed: int) -> Path:
+    """An untrained GAN (with EMA) in ``folder``; its weights, and their hash, follow ``seed``."""
+    cfg = TrainParams(hidden=(32,), latent_dim=16, ema=0.9)
+    torch.manual_seed(seed)
+    nets = build_generator(cfg), build_discriminator(cfg), build_generator(cfg)
+    folder.mkdir(parents=True)
+    save_gan(folder, cfg, 0, *nets)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, shared_mirror: Path) -> Path:
     """Small real data, the quick evaluator, an untrained GAN (with EMA) and params.yaml."""
@@ -49,11 +64,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, shared_mirror: Path) -> Pa
         save_normalized(root / f"data/{split}.safetensors", images[:n], labels[:n])
     (root / "models/classifier").mkdir(parents=True)
     save_classifier(quick_classifier(shared_mirror), root / "models/classifier", QUICK_PARAMS, 0)
-    cfg = TrainParams(hidden=(32,), latent_dim=16, ema=0.9)
-    torch.manual_seed(0)
-    nets = build_generator(cfg), build_discriminator(cfg), build_generator(cfg)
-    (root / "models/gan").mkdir(parents=True)
-    save_gan(root / "models/gan", cfg, 0, *nets)
+    make_gan(root / "models/gan", seed=0)
     params = {
         "base": {"seed": 0, "device": "cpu"},
         "evaluate": {"num_samples": 300, "batch_size": 128, "k": 5, "is_splits": 5},
@@ -62,49 +73,61 @@ def project(tmp_path_factory: pytest.TempPathFactory, shared_mirror: Path) -> Pa
     return root
 
 
-def args(root: Path, out: Path) -> list[str]:
+def args(root: Path, out: Path, gan: Path | None = None) -> list[str]:
     return [
-        "--data", str(root / "data"), "--gan", str(root / "models/gan"),
+        "--data", str(root / "data"), "--gan", str(gan or root / "models/gan"),
         "--classifier", str(root / "models/classifier"),
         "--metrics", str(out / "metrics/evaluate.json"), "--plots", str(out / "plots/evaluate"),
         "--run-id-file", str(out / ".mlflow_run_id"), "--params", str(root / "params.yaml"),
     ]  # fmt: skip
 
 
-def invoke(stage: object, root: Path, out: Path, store: str) -> object:
+def invoke(stage: object, arguments: list[str], store: str, **env: str) -> object:
     try:
-        return CliRunner().invoke(stage.main, args(root, out), env={"MLFLOW_TRACKING_URI": store})
+        return CliRunner().invoke(stage.main, arguments, env={"MLFLOW_TRACKING_URI": store, **env})
     finally:
         mlflow.end_run()  # in case a failure left one active
 
 
-def test_evaluate_logs_into_the_run_that_train_wrote(
+def train_run(client: MlflowClient, gan: Path | None, name: str = "train") -> str:
+    """A finished run as the train stage leaves it: tagged with the generator's SHA-256."""
+    found = client.get_experiment_by_name(EXPERIMENT)
+    experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
+    tags = {"stage": "train"}
+    if gan is not None:
+        tags[GENERATOR_TAG] = sha256_file(gan / "generator.safetensors")
+    run_id = client.create_run(experiment, tags=tags, run_name=name).info.run_id
+    client.set_terminated(run_id)
+    return run_id
+
+
+def test_evaluate_logs_into_the_run_that_trained_the_generator(
     project: Path, stage: object, store: str, tmp_path: Path
 ) -> None:
     client = MlflowClient(store)
-    name = stage.tracking.EXPERIMENT  # where the train stage puts its runs
-    found = client.get_experiment_by_name(name)
-    experiment = found.experiment_id if found else client.create_experiment(name)
-    train_run = client.create_run(experiment, tags={"stage": "train"}).info.run_id
-    client.set_terminated(train_run)
-    (tmp_path / ".mlflow_run_id").write_text(train_run + "\n")
+    gan = project / "models/gan"
+    trained = train_run(client, gan)
+    # The last run train wrote, as after a restore from the run cache: another generator's.
+    stale = train_run(client, make_gan(tmp_path / "other-gan", seed=1), name="stale")
+    (tmp_path / ".mlflow_run_id").write_text(stale + "\n")
 
-    res = invoke(stage, project, tmp_path, store)
+    res = invoke(stage, args(project, tmp_path), store)
     assert res.exit_code == 0, res.output
     assert "new run" not in res.output
 
     metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
     assert set(metrics) == KEYS
     assert metrics["real_modes"] == 10 and metrics["real_fid"] < metrics["fid"]
-    logged = client.get_run(train_run).data
+    logged = client.get_run(trained).data
     for key in KEYS:
         assert logged.metrics[key] == pytest.approx(metrics[key]), key
     assert sum(logged.metrics[f"class_share_{d}"] for d in range(10)) == pytest.approx(1.0)
     assert logged.tags["evaluate.num_samples"] == "300"
-    artifacts = {Path(a.path).name for a in client.list_artifacts(train_run, "evaluate")}
+    artifacts = {Path(a.path).name for a in client.list_artifacts(trained, "evaluate")}
     assert artifacts == FIGURES | {"evaluate.json"}
-    runs = client.search_runs([experiment], "tags.stage = 'evaluate'")
-    assert runs == []  # no run of its own
+    assert client.get_run(stale).data.metrics == {}  # nothing in the other generator's run
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    assert client.search_runs([experiment], "tags.stage = 'evaluate'") == []  # no run of its own
 
     plots = tmp_path / "plots/evaluate"
     assert {p.name for p in plots.iterdir()} == FIGURES
@@ -113,24 +136,47 @@ def test_evaluate_logs_into_the_run_that_train_wrote(
             assert image.format == "PNG" and image.width > 100
 
 
-def test_without_a_run_id_a_new_run_and_the_same_outputs(
+def test_the_recorded_run_id_only_breaks_a_tie(
     project: Path, stage: object, store: str, tmp_path: Path
 ) -> None:
+    """Two runs trained the same weights: the one train last recorded wins, else the newest."""
+    client = MlflowClient(store)
+    gan = make_gan(tmp_path / "gan", seed=2)
+    older, newer = train_run(client, gan, "older"), train_run(client, gan, "newer")
+    (tmp_path / ".mlflow_run_id").write_text(older + "\n")
+    assert invoke(stage, args(project, tmp_path, gan), store).exit_code == 0
+    assert "fid" in client.get_run(older).data.metrics
+    assert "fid" not in client.get_run(newer).data.metrics
+    (tmp_path / ".mlflow_run_id").unlink()
+    assert invoke(stage, args(project, tmp_path, gan), store).exit_code == 0
+    assert "fid" in client.get_run(newer).data.metrics
+
+
+def test_weights_from_elsewhere_get_a_new_run_tagged_with_their_hash(
+    project: Path, stage: object, store: str, tmp_path: Path
+) -> None:
+    """No run of this store trained these weights (they came through DVC's cache): a new run
+    carries their hash, the DVC experiment and the commit, and the outputs are the same."""
+    gan = make_gan(tmp_path / "gan", seed=3)
+    sha = sha256_file(gan / "generator.safetensors")
     first, second = tmp_path / "a", tmp_path / "b"
-    outputs = []
+    outputs, notes = [], []
     for out in (first, second):
-        res = invoke(stage, project, out, store)
+        res = invoke(stage, args(project, out, gan), store, DVC_EXP_NAME="from-a-teammate")
         assert res.exit_code == 0, res.output
-        assert f"no run id in {out / '.mlflow_run_id'}" in res.output
+        notes.append(f"no run in {store} trained {gan / 'generator.safetensors'}" in res.output)
         outputs.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+    assert notes == [True, False]  # the second evaluation finds the run the first one made
     assert outputs[0] == outputs[1]  # deterministic, figures included
     assert len(outputs[0]) == 1 + len(FIGURES)
     client = MlflowClient(store)
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()], "tags.stage = 'evaluate'"
-    )
-    assert len(runs) == 2
-    assert all("fid" in r.data.metrics for r in runs)
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = client.search_runs([experiment], f"tags.{GENERATOR_TAG} = '{sha}'")
+    assert len(runs) == 1
+    tags = runs[0].data.tags
+    assert tags["stage"] == "evaluate" and tags["dvc_exp_name"] == "from-a-teammate"
+    assert "fid" in runs[0].data.metrics
+    assert len(client.get_metric_history(runs[0].info.run_id, "fid")) == 2
 
 
 def test_bad_inputs_fail_cleanly_and_keep_earlier_outputs(
@@ -138,28 +184,71 @@ def test_bad_inputs_fail_cleanly_and_keep_earlier_outputs(
 ) -> None:
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/evaluate.json").write_text('{"fid": 1.0}\n')
+
+    def refused(arguments: list[str], message: str, code: int = 1, uri: str = store) -> None:
+        res = invoke(stage, arguments, uri)
+        assert res.exit_code == code, res.output
+        assert message in res.output
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+        assert (tmp_path / "metrics/evaluate.json").read_text() == '{"fid": 1.0}\n'
+        assert not (tmp_path / "plots").exists()
+
     bad_args = args(project, tmp_path)
     bad_args[bad_args.index("--classifier") + 1] = str(tmp_path / "nowhere")
-    res = CliRunner().invoke(stage.main, bad_args, env={"MLFLOW_TRACKING_URI": store})
-    assert res.exit_code == 1
-    assert "nowhere/classifier.safetensors: missing" in res.output
-    assert (tmp_path / "metrics/evaluate.json").read_text() == '{"fid": 1.0}\n'
-    assert not (tmp_path / "plots").exists()
+    refused(bad_args, "nowhere/classifier.safetensors: missing")
+
+    # A truncated generator, and a foreign classifier (the GAN's weights in its place).
+    gan = make_gan(tmp_path / "gan", seed=0)
+    weights = gan / "generator_ema.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    refused(args(project, tmp_path, gan), f"{weights}: not a readable safetensors file")
+    foreign = tmp_path / "classifier"
+    shutil.copytree(project / "models/classifier", foreign)
+    shutil.copy(project / "models/gan/generator.safetensors", foreign / "classifier.safetensors")
+    bad_args = args(project, tmp_path)
+    bad_args[bad_args.index("--classifier") + 1] = str(foreign)
+    refused(bad_args, "classifier.safetensors: weights do not fit the DigitClassifier")
+
+    # A GAN config that params.yaml's rules refuse.
+    gan = make_gan(tmp_path / "gan-elu", seed=0)
+    config = json.loads((gan / "config.json").read_text())
+    (gan / "config.json").write_text(json.dumps({**config, "train": {"d_activation": "elu"}}))
+    refused(args(project, tmp_path, gan), "config.json: train.d_activation: must be one of")
+
+    refused(args(project, tmp_path), "unknown scheme 'mlfow'", uri="mlfow://localhost:5000")
 
     bad_params = tmp_path / "params.yaml"
     bad_params.write_text("evaluate: {k: 0}\n")
     bad_args = args(project, tmp_path)
     bad_args[bad_args.index("--params") + 1] = str(bad_params)
-    res = CliRunner().invoke(stage.main, bad_args, env={"MLFLOW_TRACKING_URI": store})
-    assert res.exit_code == 2 and "evaluate.k" in res.output
+    refused(bad_args, "evaluate.k", code=2)
 
 
-def test_dvc_yaml_declares_the_outputs() -> None:
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    evaluate, classifier = stages["evaluate"], stages["classifier"]
-    assert "metrics/evaluate.json" in str(evaluate["metrics"])
-    assert "plots/evaluate" in str(evaluate["plots"])
-    assert "metrics/classifier.json" in str(classifier["metrics"])
-    assert "models/classifier" in classifier["outs"]
-    for dep in ("models/gan", "models/classifier", "src/mnist_gan/metrics.py"):
-        assert dep in evaluate["deps"]
+def test_what_the_dvc_yaml_command_writes_is_what_dvc_tracks(
+    project: Path, stage: object, store: str, tmp_path: Path
+) -> None:
+    """Run the stage with the arguments of its dvc.yaml command, rooted in a scratch folder:
+    each file it writes lies under a declared out, metric or plot, and each of those exists
+    (DVC would fail on a missing one, and miss an undeclared one)."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
+    words = shlex.split(spec["cmd"])
+    assert words[:2] == ["python", "pipeline/evaluate.py"]
+    inputs = {"--data": project / "data", "--gan": project / "models/gan",
+              "--classifier": project / "models/classifier"}  # fmt: skip
+    arguments = []
+    for flag, value in zip(words[2::2], words[3::2], strict=True):
+        arguments += [flag, str(inputs.get(flag, tmp_path / value))]
+    arguments += ["--params", str(project / "params.yaml")]
+    res = invoke(stage, arguments, store)
+    assert res.exit_code == 0, res.output
+
+    def names(entries: list) -> set[str]:
+        return {e if isinstance(e, str) else next(iter(e)) for e in entries}
+
+    tracked = names(spec.get("outs", [])) | names(spec["metrics"]) | names(spec["plots"])
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    untracked = {w for w in written if not any(w == t or w.startswith(t + "/") for t in tracked)}
+    # The run id train records is a git-ignored hint for MLflow, not a pipeline output.
+    assert untracked <= {".mlflow_run_id"}, untracked
+    assert all((tmp_path / t).exists() for t in tracked), tracked
+    assert written  # it did write

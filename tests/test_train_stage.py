@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -20,11 +21,12 @@ from click.testing import CliRunner
 from conftest import ROOT, load_stage, run
 from PIL import Image
 from safetensors.torch import load_file
+from servers import free_port, mlflow_server
 
 from mnist_gan.data import save_normalized
 from mnist_gan.models import load_generator
 from mnist_gan.params import TrainParams, load_params
-from mnist_gan.training import METRICS, CheckpointStore, GANTrainer
+from mnist_gan.training import METRICS, CheckpointStore, GANTrainer, fingerprint
 from mnist_gan.utils import set_threads, sha256_file
 
 SCRIPT = ROOT / "pipeline" / "train.py"
@@ -124,13 +126,15 @@ def test_stage_writes_every_output_and_logs_the_run(
 ) -> None:
     root = make_project(tmp_path, SMALL)
     # A checkpoint made with other params must not be resumed from (it claims to be complete).
-    foreign = GANTrainer(TrainParams(**{**SMALL, "hidden": (32,)}), blobs(320), seed=5)
-    CheckpointStore(root / "checkpoints/train", "other-fingerprint").save(
+    cfg = TrainParams(**{**SMALL, "hidden": (32,), "lr_g": 1e-3})
+    foreign = GANTrainer(cfg, blobs(320), seed=5)
+    data_sha = sha256_file(root / "data/normalized/train.safetensors")
+    CheckpointStore(root / "checkpoints/train", fingerprint(cfg, 0, data_sha, "cpu", "")).save(
         {**foreign.state_dict(), "epoch": 2}, run_id="not-this-run"
     )
     res = invoke(stage, root, store, DVC_EXP_NAME="tiny-exp", DVC_EXP_BASELINE_REV="abc123")
     assert res.exit_code == 0, res.output
-    assert "made with other params" in res.output
+    assert "made with other params, code; not resumed from" in res.output
 
     gan = root / "models/gan"
     assert sorted(p.name for p in gan.iterdir()) == [
@@ -173,6 +177,13 @@ def test_stage_writes_every_output_and_logs_the_run(
     assert r.data.params["base.seed"] == "0" and r.data.params["train.model"] == "mlp"
     sha = sha256_file(root / "data/normalized/train.safetensors")
     assert r.data.params["data.train_sha256"] == sha
+    # The generator's hash links the weights to this run; the data is a dataset input, named
+    # and digested as DVC knows it.
+    assert r.data.tags["generator_sha256"] == sha256_file(gan / "generator.safetensors")
+    (data_input,) = r.inputs.dataset_inputs
+    assert data_input.dataset.name == (root / "data/normalized").as_posix()
+    assert data_input.dataset.digest == dvc_dir_md5(root / "data/normalized")
+    assert {t.key: t.value for t in data_input.tags}["mlflow.data.context"] == "training"
     for key in (*METRICS, "images_per_sec", "epoch_seconds"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [1, 2], key
@@ -190,6 +201,40 @@ def test_stage_writes_every_output_and_logs_the_run(
     with torch.no_grad():  # the pyfunc model is the EMA generator of models/gan
         np.testing.assert_array_equal(out, generator(torch.from_numpy(z)).numpy())
     assert tuple(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 100)
+
+
+def dvc_dir_md5(folder: Path) -> str:
+    """DVC's hash of a folder, as dvc.lock writes it: the MD5 of its sorted JSON listing."""
+    entries = [
+        {
+            "md5": hashlib.md5(p.read_bytes()).hexdigest(),
+            "relpath": p.relative_to(folder).as_posix(),
+        }
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    ]
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def test_checkpoints_of_other_code_or_that_do_not_fit_are_not_resumed(
+    tmp_path: Path, stage: object, store: str
+) -> None:
+    root = make_project(tmp_path, SMALL)
+    cfg = load_params(root / "params.yaml").train
+    data_sha = sha256_file(root / "data/normalized/train.safetensors")
+    code = stage.code_digest(SCRIPT)  # what the stage computes, in this process
+    wide = GANTrainer(TrainParams(**{**SMALL, "hidden": (48,)}), blobs(320), seed=5)
+    cases = {  # fingerprint, what the stage says
+        "made with other code; not resumed from": fingerprint(cfg, 0, data_sha, "cpu", "old"),
+        "not resumed from: checkpoint does not fit": fingerprint(cfg, 0, data_sha, "cpu", code),
+    }
+    for note, fp in cases.items():
+        CheckpointStore(root / "checkpoints/train", fp).save(wide.state_dict(), run_id="x")
+        res = invoke(stage, root, store)
+        assert res.exit_code == 0, res.output
+        assert note in res.output and "Traceback" not in res.output
+        assert "epoch 1/2" in res.output  # trained from the start
+        assert_weights_equal(root / "models/gan", reference(root))
 
 
 def test_divergence_fails_the_run_and_writes_nothing(
@@ -297,6 +342,58 @@ def test_sigterm_and_sigkill_then_resume_give_identical_weights(tmp_path: Path) 
     curves = json.loads((root / "plots/train/curves.json").read_text())
     assert [c["epoch"] for c in curves] == list(range(1, 31))
     assert not ckpt.parent.exists()
+
+
+@pytest.mark.slow
+def test_a_lost_tracking_server_costs_no_work_and_the_run_continues(tmp_path: Path) -> None:
+    """A real ``mlflow server`` dies mid-training: the stage saves the epoch it could not log
+    and stops with one line; once the server is back, a rerun continues the same run, one
+    point per epoch, to the weights of an uninterrupted run."""
+    train = {**SMALL, "hidden": [64], "epochs": 150, "sample_every": 50, "checkpoint_every": 50}
+    root = make_project(tmp_path, train, n=1024)
+    port, store = free_port(), tmp_path / "server"
+    # MLflow retries a dead server for minutes by default; fail at once here.
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "DVC_EXP_NAME": "",
+           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}  # fmt: skip
+    cmd = [sys.executable, str(SCRIPT), *args(root)]
+    ckpt = root / "checkpoints/train/checkpoint.pt"
+
+    def steps(client: mlflow.MlflowClient, run_id: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "loss_d"))
+
+    with mlflow_server(store, port=port) as server:
+        client = mlflow.MlflowClient(server.uri)
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        run_file = root / ".mlflow_run_id"
+        _wait_for(
+            lambda: run_file.exists() and len(steps(client, run_file.read_text().strip())) >= 3,
+            proc,
+        )
+        os.killpg(server.process.proc.pid, signal.SIGKILL)  # gone, mid-run, without a goodbye
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: the MLflow tracking store http://127.0.0.1:")
+        and "stopped answering" in last
+    )
+    saved = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 3 <= saved < 150 and f"epoch {saved} is saved in {ckpt}" in last
+    assert not (root / "models/gan").exists()
+    run_id = run_file.read_text().strip()
+
+    with mlflow_server(store, port=port) as server:  # the same store, back where it was
+        client = mlflow.MlflowClient(server.uri)
+        assert steps(client, run_id) == list(range(1, saved))  # the failed epoch is missing
+        res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        assert f"resuming from {ckpt} (epoch {saved})" in res.stderr
+        assert run_file.read_text().strip() == run_id
+        assert steps(client, run_id) == list(range(1, 151))  # one point per epoch
+        assert client.get_run(run_id).info.status == "FINISHED"
+    assert_weights_equal(root / "models/gan", reference(root))
 
 
 @pytest.mark.slow

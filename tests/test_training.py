@@ -22,6 +22,7 @@ from mnist_gan.training import (
 )
 
 TINY = TrainParams(hidden=(32,), batch_size=64, epochs=3, ema=0.9, checkpoint_every=1)
+FP = fingerprint(TINY, 0, "data", "cpu", "code")
 TIMING = ("images_per_sec", "epoch_seconds")
 
 
@@ -107,7 +108,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path) -> None:
     full = GANTrainer(TINY, images(), seed=0, progress=False)
     full.fit()
 
-    store = CheckpointStore(tmp_path / "ckpt", "fp")
+    store = CheckpointStore(tmp_path / "ckpt", FP)
     first = GANTrainer(TINY, images(), seed=0, progress=False)
     first.run_epoch()
     first.history.append({"epoch": 1.0})  # what fit records; restored as is
@@ -132,7 +133,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path) -> None:
 
 def test_checkpoint_restores_python_and_numpy_global_rngs(tmp_path: Path) -> None:
     t = GANTrainer(TINY, images(), seed=0, progress=False)
-    store = CheckpointStore(tmp_path, "fp")
+    store = CheckpointStore(tmp_path, FP)
     store.save(t.state_dict())
     want = (random.random(), float(np.random.rand()))  # noqa: NPY002
     state = store.load()
@@ -150,7 +151,7 @@ def test_fit_saves_checkpoints_on_schedule(tmp_path: Path) -> None:
             saved.append(state["epoch"])
             super().save(state, **meta)
 
-    store = Recording(tmp_path / "ckpt", "fp")
+    store = Recording(tmp_path / "ckpt", FP)
     seen: list[int] = []
     t = GANTrainer(cfg, images(), seed=0, progress=False)
     history = t.fit(lambda tr, s: seen.append(s.epoch), store, {"run_id": "r"})
@@ -158,38 +159,61 @@ def test_fit_saves_checkpoints_on_schedule(tmp_path: Path) -> None:
     assert seen == [1, 2, 3, 4, 5]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
     state = torch.load(store.path, weights_only=True)  # plain tensors and containers only
-    assert state["epoch"] == 5 and state["run_id"] == "r" and state["fingerprint"] == "fp"
+    assert state["epoch"] == 5 and state["run_id"] == "r" and state["fingerprint"] == FP
     assert len(state["history"]) == 5
 
 
 def test_checkpoint_with_other_fingerprint_is_not_resumed(tmp_path: Path) -> None:
     t = GANTrainer(TINY, images(), seed=0, progress=False)
-    CheckpointStore(tmp_path, "made-with-other-params").save(t.state_dict())
-    store = CheckpointStore(tmp_path, "current")
+    other = fingerprint(dataclasses.replace(TINY, lr_g=1e-3), 0, "data", "cpu", "old code")
+    CheckpointStore(tmp_path, other).save(t.state_dict())
+    store = CheckpointStore(tmp_path, FP)
     assert store.load() is None
-    assert "other params" in store.note
-    (tmp_path / CheckpointStore.FILE).write_bytes(b"not a checkpoint")
-    assert store.load() is None and "unreadable" in store.note
+    assert "made with other params, code; not resumed from" in store.note  # says which parts
+    for junk in (b"not a checkpoint", b""):
+        (tmp_path / CheckpointStore.FILE).write_bytes(junk)
+        assert store.load() is None and "unreadable" in store.note
+    torch.save({"epoch": 3, "fingerprint": "a string, as format 1 had"}, store.path)
+    assert store.load() is None and "not a checkpoint of this trainer's format" in store.note
+    torch.save([1, 2, 3], store.path)
+    assert store.load() is None and "not a checkpoint of this trainer's format" in store.note
     store.save(t.state_dict())  # replaced by the current run's
     assert store.load() is not None
 
 
-def test_fingerprint_covers_params_seed_data_and_device() -> None:
-    base = fingerprint(TINY, 0, "abc", "cpu")
-    assert base == fingerprint(dataclasses.replace(TINY), 0, "abc", "cpu")
-    others = {
-        fingerprint(dataclasses.replace(TINY, lr_g=1e-3), 0, "abc", "cpu"),
-        fingerprint(dataclasses.replace(TINY, hidden=(32, 32)), 0, "abc", "cpu"),
-        fingerprint(TINY, 1, "abc", "cpu"),
-        fingerprint(TINY, 0, "abd", "cpu"),
-        fingerprint(TINY, 0, "abc", "cuda"),
+def test_a_checkpoint_that_does_not_fit_is_a_value_error() -> None:
+    """Even with a matching fingerprint (a file forged or damaged in place), a bad state is a
+    ValueError naming what did not fit, never another exception."""
+    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    wide = GANTrainer(dataclasses.replace(TINY, hidden=(48,)), images(), seed=0, progress=False)
+    broken = {**t.state_dict(), "rng": {}}
+    for state in (wide.state_dict(), broken, {"format": 2}, "not a dict"):
+        with pytest.raises(ValueError, match="checkpoint"):
+            t.load_state_dict(state)  # type: ignore[arg-type]
+
+
+def test_fingerprint_has_one_part_per_cause() -> None:
+    base = fingerprint(TINY, 0, "abc", "cpu", "code")
+    assert set(base) == {"params", "data", "device", "code"}
+    assert base == fingerprint(dataclasses.replace(TINY), 0, "abc", "cpu", "code")
+    changes = {
+        "params": [
+            fingerprint(dataclasses.replace(TINY, lr_g=1e-3), 0, "abc", "cpu", "code"),
+            fingerprint(dataclasses.replace(TINY, hidden=(32, 32)), 0, "abc", "cpu", "code"),
+            fingerprint(TINY, 1, "abc", "cpu", "code"),  # the seed
+        ],
+        "data": [fingerprint(TINY, 0, "abd", "cpu", "code")],
+        "device": [fingerprint(TINY, 0, "abc", "cuda", "code")],
+        "code": [fingerprint(TINY, 0, "abc", "cpu", "other code")],
     }
-    assert base not in others and len(others) == 5
+    for part, prints in changes.items():
+        for other in prints:
+            assert [k for k in base if base[k] != other[k]] == [part]
 
 
 def test_clear_removes_checkpoint_and_leftovers_only(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
-    store = CheckpointStore(folder, "fp")
+    store = CheckpointStore(folder, FP)
     store.clear()  # nothing there yet: no error
     store.save({"epoch": 1})
     (folder / ".checkpoint.pt.abcd.tmp").write_bytes(b"left by a kill")
@@ -202,7 +226,7 @@ def test_clear_removes_checkpoint_and_leftovers_only(tmp_path: Path) -> None:
 
 
 def test_divergence_names_epoch_and_step_and_keeps_last_checkpoint(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path, "fp")
+    store = CheckpointStore(tmp_path, FP)
     t = GANTrainer(TINY, images(), seed=0, progress=False)
     t.run_epoch()
     t.history.append({"epoch": 1.0})

@@ -27,7 +27,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ REFERENCE_BATCH = 128
 
 # What each step records, in this order (one row per step of the epoch).
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_g", "grad_norm_d")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the fingerprint is a dict of parts
 
 
 class DivergenceError(RuntimeError):
@@ -99,17 +99,29 @@ class EpochStats:
         return asdict(self)
 
 
-def fingerprint(cfg: TrainParams, seed: int, data_sha256: str, device: str) -> str:
-    """A hash of everything that determines training: a checkpoint resumes only on a match.
+def fingerprint(
+    cfg: TrainParams, seed: int, data_sha256: str, device: str, code: str
+) -> dict[str, str]:
+    """What determines training, part by part: a checkpoint resumes only when every part matches.
 
     Args:
         cfg: The train params.
-        seed: ``base.seed``.
+        seed: ``base.seed`` (part of ``params``).
         data_sha256: SHA-256 of the training data file.
         device: The device type (``cpu`` or ``cuda``): RNG states do not carry across them.
+        code: A hash of the project code that trains (the train stage's code deps), so that
+            weights trained by old code are never continued by new code.
+
+    Returns:
+        ``{"params": ..., "data": ..., "device": ..., "code": ...}``, plain strings.
     """
-    blob = {"train": params_to_dict(cfg), "seed": seed, "data": data_sha256, "device": device}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+    blob = json.dumps({"train": params_to_dict(cfg), "seed": seed}, sort_keys=True)
+    return {
+        "params": hashlib.sha256(blob.encode()).hexdigest(),
+        "data": data_sha256,
+        "device": device,
+        "code": code,
+    }
 
 
 def scaled_lr(lr: float, batch_size: int, rule: str) -> float:
@@ -582,9 +594,25 @@ class GANTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (e.g. from a checkpoint)."""
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+        """Restore what :meth:`state_dict` returned (e.g. from a checkpoint).
+
+        Raises:
+            ValueError: The state does not fit this trainer (another format, missing entries,
+                tensors of other shapes). The trainer may then be partly changed: build a new
+                one rather than train on.
+        """
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"unsupported checkpoint format {found!r}")
+        try:
+            self._load_state(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            why = " ".join(str(exc).split())[:300]
+            raise ValueError(
+                f"checkpoint does not fit this trainer ({type(exc).__name__}: {why})"
+            ) from None
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         if self.ema_generator is not None:
@@ -611,7 +639,8 @@ class CheckpointStore:
 
     Each save replaces ``checkpoint.pt`` atomically, so a kill at any moment leaves the previous
     good checkpoint. A checkpoint carries the :func:`fingerprint` of the run that made it and is
-    resumed from only when that matches; otherwise it is ignored and replaced by the next save.
+    resumed from only when every part matches; otherwise it is ignored (:attr:`note` says which
+    parts differ) and replaced by the next save.
 
     Args:
         folder: The folder (created on the first save).
@@ -620,9 +649,9 @@ class CheckpointStore:
 
     FILE = "checkpoint.pt"
 
-    def __init__(self, folder: str | Path, fingerprint: str) -> None:
+    def __init__(self, folder: str | Path, fingerprint: Mapping[str, str]) -> None:
         self.folder = Path(folder)
-        self.fingerprint = fingerprint
+        self.fingerprint = dict(fingerprint)
         self.note = ""  # why load() returned None, for the log
 
     @property
@@ -631,7 +660,11 @@ class CheckpointStore:
         return self.folder / self.FILE
 
     def load(self) -> dict[str, Any] | None:
-        """The checkpoint's contents when it exists and matches the fingerprint, else None."""
+        """The checkpoint's contents when it exists and matches the fingerprint, else None.
+
+        Never raises for a bad file: an unreadable, foreign or older-format checkpoint is
+        ignored, and :attr:`note` says why.
+        """
         if not self.path.is_file():
             self.note = f"no checkpoint at {self.path}"
             return None
@@ -640,10 +673,18 @@ class CheckpointStore:
         except Exception as exc:  # truncated or foreign file: never resume from it
             self.note = f"{self.path}: unreadable checkpoint ignored ({type(exc).__name__})"
             return None
-        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
-            self.note = f"{self.path}: made with other params, data or device; not resumed from"
+        stored = state.get("fingerprint") if isinstance(state, dict) else None
+        if not isinstance(stored, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            self.note = f"{self.path}: not a checkpoint of this trainer's format; not resumed from"
             return None
-        self.note = f"resuming from {self.path} (epoch {state['epoch']})"
+        differ = [part for part, value in self.fingerprint.items() if stored.get(part) != value]
+        if differ:
+            self.note = (
+                f"{self.path}: made with other {', '.join(differ)}; not resumed from "
+                "(training starts afresh)"
+            )
+            return None
+        self.note = f"resuming from {self.path} (epoch {state.get('epoch')})"
         return state
 
     def save(self, state: dict[str, Any], **meta: Any) -> None:
