@@ -318,3 +318,15 @@ def test_check_reachable_names_the_server_and_the_reason(tracking_module) -> Non
         tracking_module.check_reachable(url, timeout=5)
     with http_status_server(404) as url:  # e.g. the experiment does not exist yet
         assert tracking_module.check_reachable(url, timeout=5) == url
+
+
+def test_check_reachable_refuses_a_scheme_mlflow_has_no_store_for(tracking_module) -> None:
+    unknown = tracking_module.TrackingUnreachable
+    for uri in ("mlfow://localhost:5000", "s3://bucket/mlruns", "localhost:5000"):
+        with pytest.raises(unknown, match="unknown scheme") as err:
+            tracking_module.check_reachable(uri)
+        assert repr(uri) in str(err.value) and "\n" not in str(err.value)
+    # The schemes it lets through to MLflow are ones MLflow has a store for.
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    assert set(tracking_module.OTHER_SCHEMES) <= set(_tracking_store_registry._registry)
