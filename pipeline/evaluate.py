@@ -59,6 +59,7 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
         test_images, _ = load_normalized(data / "test.safetensors")
         evaluator = load_classifier(classifier)
         generator, gan_cfg = load_generator(gan, prefer_ema=True, device=device)
+        sha = sha256_file(gan / GENERATOR_FILE)  # the weights' identity, for the MLflow run
     except (DataError, OSError, RuntimeError, ValueError) as exc:
         sys.exit(f"error: {exc}")
 
@@ -84,7 +85,6 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
     )
     click.echo(f"scored {cfg.num_samples} samples and the references in {seconds:.1f} s", err=True)
 
-    sha = sha256_file(gan / GENERATOR_FILE)
     run_id = tracking.find_generator_run(sha, hint=tracking.read_run_id(run_id_file))
     run, _ = tracking.start_run("evaluate", run_id, tags={tracking.GENERATOR_TAG: sha})
     if run_id is None:

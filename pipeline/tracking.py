@@ -246,7 +246,7 @@ def find_generator_run(sha256: str, hint: str | None = None) -> str | None:
     """
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri())  # not MLflow's default: the stages' store
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return None
@@ -329,7 +329,7 @@ def last_logged_step(run_id: str, key: str) -> int:
     """The highest step at which metric ``key`` was logged in ``run_id`` (0 when never)."""
     import mlflow
 
-    history = mlflow.MlflowClient().get_metric_history(run_id, key)
+    history = mlflow.MlflowClient(tracking_uri()).get_metric_history(run_id, key)
     return max((m.step for m in history), default=0)
 
 
