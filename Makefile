@@ -21,7 +21,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run test test-fast lint format ui bench remote-folder remote-s3 server
+.PHONY: help setup run test test-fast lint format ui bench remote-folder remote-s3 server promote
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -78,3 +78,6 @@ server: setup  ## the team's MLflow tracking server (SQLite + artifacts in SERVE
 	mkdir -p "$(SERVER_DIR)/artifacts"
 	$(BIN)/mlflow server --backend-store-uri "sqlite:///$(SERVER_DIR)/mlflow.db" \
 		--artifacts-destination "$(SERVER_DIR)/artifacts" --host $(HOST) --port $(PORT) $(SERVER_ARGS)
+
+promote: setup  ## make models/gan's generator the champion if it passes the gate (see README)
+	$(BIN)/python pipeline/promote.py --gan models/gan

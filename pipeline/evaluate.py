@@ -4,11 +4,14 @@ Draws evaluate.num_samples images from GAN (the EMA weights when present) with b
 scores them with the classifier in CLASSIFIER: FID and KID against the test set, Inception Score,
 precision, recall, density and coverage (k = evaluate.k), mode coverage (modes, class_kl) and
 memorisation (memorized_fraction, nn_ratio). Every metric also gets its real-data reference,
-prefixed real_. Writes METRICS (flat JSON) and under PLOTS: samples.png, per_digit.png and
-nearest_train.png. Logs all of it into the MLflow run that trained these weights, found in the
-tracking store by the generator's SHA-256 (RUN_ID_FILE, the id train last wrote, only breaks a
-tie). When the store has no such run (the model came through DVC's cache from elsewhere), it
-logs into a new run tagged stage=evaluate and with that SHA-256, and says so.
+prefixed real_. A conditional generator is asked for every digit equally often and also gets
+label_accuracy: the share of samples the classifier calls the digit asked for (its reference:
+the classifier's test accuracy). Writes METRICS (flat JSON) and under PLOTS: samples.png,
+per_digit.png and nearest_train.png. Logs all of it into the MLflow run that trained these
+weights, found in the tracking store by the generator's SHA-256 (RUN_ID_FILE, the id train last
+wrote, only breaks a tie). When the store has no such run (the model came through DVC's cache
+from elsewhere), it logs into a new run tagged stage=evaluate and with that SHA-256, and says
+so. The headline metrics also go onto the registered model version of those weights, as tags.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 from mnist_gan.classifier import load_classifier
 from mnist_gan.data import DataError, load_normalized
 from mnist_gan.figures import class_grid, neighbour_figure, sample_grid, save_png
-from mnist_gan.metrics import evaluate_samples, generate_samples
+from mnist_gan.metrics import balanced_labels, evaluate_samples, generate_samples
 from mnist_gan.models import GENERATOR_FILE, load_generator
 from mnist_gan.params import params_to_dict
 from mnist_gan.utils import (
@@ -56,7 +59,7 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
         set_threads(params.base.threads)
         device = resolve_device(params.base.device)
         train_images, _ = load_normalized(data / "train.safetensors")
-        test_images, _ = load_normalized(data / "test.safetensors")
+        test_images, test_labels = load_normalized(data / "test.safetensors")
         evaluator = load_classifier(classifier)
         generator, gan_cfg = load_generator(gan, prefer_ema=True, device=device)
         sha = sha256_file(gan / GENERATOR_FILE)  # the weights' identity, for the MLflow run
@@ -64,11 +67,15 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
         sys.exit(f"error: {exc}")
 
     seed_everything(seed)
+    # A conditional generator is asked for every digit equally often, and judged on whether
+    # the classifier sees the digit asked for (label_accuracy).
+    digits = balanced_labels(cfg.num_samples) if gan_cfg.conditional else None
     samples = generate_samples(generator, cfg.num_samples, gan_cfg.latent_dim, seed,
-                               cfg.batch_size, device)  # fmt: skip
+                               cfg.batch_size, device, labels=digits)  # fmt: skip
     start = time.perf_counter()
     result = evaluate_samples(samples, evaluator, train_images, test_images, cfg.k,
-                              cfg.is_splits, seed, cfg.batch_size)  # fmt: skip
+                              cfg.is_splits, seed, cfg.batch_size, labels=digits,
+                              test_labels=test_labels)  # fmt: skip
     seconds = time.perf_counter() - start
     scores, flat = result.samples, result.flat()
 
@@ -100,6 +107,11 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
                             "evaluate_seconds": seconds})  # fmt: skip
         mlflow.log_artifact(str(metrics), artifact_path="evaluate")
         mlflow.log_artifacts(str(plots), artifact_path="evaluate")
+    # The registered version of these weights carries its headline metrics (for the promotion
+    # gate), and the evaluator that measured them.
+    headline = {k: flat[k] for k in tracking.HEADLINE_METRICS if k in flat}
+    evaluator_sha = sha256_file(classifier / "classifier.safetensors")
+    tracking.tag_model_versions(run.info.run_id, {**headline, "classifier_sha256": evaluator_sha})
 
 
 if __name__ == "__main__":

@@ -126,6 +126,18 @@ def check_reachable(uri: str | None = None, timeout: float = 10.0) -> str:
     return uri
 
 
+def client_for_store() -> Any:
+    """An ``MlflowClient`` on the stages' store (:func:`tracking_uri`), runs and registry both.
+
+    Never MLflow's defaults: those follow the current folder (a queued experiment's temporary
+    copy) or whatever registry URI was set last in the process.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested params as ``section.key`` pairs; lists become their string form."""
     out: dict[str, Any] = {}
@@ -169,6 +181,12 @@ def read_run_id(path: Path) -> str | None:
 
 
 EXPERIMENT = "mnist-gan"
+# MLflow 3's UI shows an experiment of this kind as model training (runs, charts), not GenAI.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+REGISTERED_MODEL = "mnist-gan-generator"
+
+
+DVC_TAGS = ("dvc_exp_name", "dvc_exp_baseline_rev")  # from DVC_EXP_NAME, DVC_EXP_BASELINE_REV
 
 
 def run_tags(stage: str) -> dict[str, str]:
@@ -178,8 +196,7 @@ def run_tags(stage: str) -> dict[str, str]:
     if commit:
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
-    envs = (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev"))
-    for env, tag in envs:
+    for env, tag in zip(("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"), DVC_TAGS, strict=True):
         value = os.environ.get(env, "").strip()
         if value:
             tags[tag] = value
@@ -199,14 +216,21 @@ def artifact_location(uri: str) -> str | None:
 
 
 def start_run(
-    stage: str, resume_run_id: str | None = None, tags: Mapping[str, str] | None = None
+    stage: str,
+    resume_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    system_metrics: bool = False,
 ) -> tuple[Any, bool]:
     """Start a run in the ``mnist-gan`` experiment, or reopen ``resume_run_id`` when it exists.
+
+    The experiment is created on first use, tagged as a model-training one so that the MLflow
+    UI opens on its training runs (not on the GenAI traces view).
 
     Args:
         stage: The stage name (run name unless ``DVC_EXP_NAME`` is set, and tag ``stage``).
         resume_run_id: A run to continue (e.g. from a training checkpoint).
         tags: More tags for a new run.
+        system_metrics: Log CPU, memory (and GPU, with pynvml) use while the run is active.
 
     Returns:
         The active run and whether it was resumed.
@@ -216,17 +240,29 @@ def start_run(
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+    mlflow.set_registry_uri(uri)  # the registered models live in the same store
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
         with contextlib.suppress(MlflowException):  # created meanwhile by a parallel run
-            mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
+            mlflow.create_experiment(
+                EXPERIMENT, artifact_location=artifact_location(uri), tags=EXPERIMENT_TAGS
+            )
+    elif any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
+        for key, value in EXPERIMENT_TAGS.items():  # an experiment made before the tag existed
+            client_for_store().set_experiment_tag(experiment.experiment_id, key, value)
     mlflow.set_experiment(EXPERIMENT)
     if resume_run_id:
         try:
-            return mlflow.start_run(run_id=resume_run_id), True
+            run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
+            return run, True
         except MlflowException:  # the run is not in this store (it moved or was deleted)
             pass
     run_name = os.environ.get("DVC_EXP_NAME") or stage
-    run = mlflow.start_run(run_name=run_name, tags={**run_tags(stage), **(tags or {})})
+    run = mlflow.start_run(
+        run_name=run_name,
+        tags={**run_tags(stage), **(tags or {})},
+        log_system_metrics=system_metrics,
+    )
     return run, False
 
 
@@ -244,9 +280,8 @@ def find_generator_run(sha256: str, hint: str | None = None) -> str | None:
         The run id, or None when no run of this store holds these weights (they came from
         another store, through DVC's cache).
     """
-    import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri())  # not MLflow's default: the stages' store
+    client = client_for_store()
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return None
@@ -327,9 +362,8 @@ def give_up_quickly() -> None:
 
 def last_logged_step(run_id: str, key: str) -> int:
     """The highest step at which metric ``key`` was logged in ``run_id`` (0 when never)."""
-    import mlflow
 
-    history = mlflow.MlflowClient(tracking_uri()).get_metric_history(run_id, key)
+    history = client_for_store().get_metric_history(run_id, key)
     return max((m.step for m in history), default=0)
 
 
@@ -343,12 +377,27 @@ def log_image_grid(images: Any, key: str, step: int, nrow: int = 8) -> None:
     mlflow.log_image(array, key=key, step=step)
 
 
-def log_generator_model(model_dir: Path, latent_dim: int, example: Any) -> None:
-    """Log the generator as a pyfunc model: ``gan_pyfunc.py`` as code, ``model_dir`` as artifact.
+def log_generator_model(
+    model_dir: Path,
+    latent_dim: int,
+    conditional: bool,
+    example: Any,
+    generator_sha256: str,
+    params_sha256: str,
+) -> str:
+    """Log the generator as a pyfunc model and register it as a new version of
+    ``mnist-gan-generator``, tagged with the git commit, the DVC experiment, the weights'
+    SHA-256 and a hash of the train params (evaluate adds its headline metrics later).
 
-    Nothing is pickled: MLflow stores the code file and the safetensors folder, plus the
-    ``mnist_gan`` package so the model loads where the project is not installed.
+    ``gan_pyfunc.py`` goes as code and ``model_dir`` as an artifact; nothing is pickled. MLflow
+    also stores the ``mnist_gan`` package, so the model loads where the project is not
+    installed, and pip requirements pinned to the versions installed here, which trained it.
+
+    Returns:
+        The new version's number.
     """
+    import importlib.metadata
+
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -356,21 +405,116 @@ def log_generator_model(model_dir: Path, latent_dim: int, example: Any) -> None:
 
     import mnist_gan
 
+    width = latent_dim + int(conditional)  # z, and the digit asked for when conditional
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))]),  # z
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),  # images
     )
+    pins = [f"{p}=={importlib.metadata.version(p)}" for p in PYFUNC_PACKAGES]
     # Quiet logs: no progress bar for the validation's artifact download, and no advice to
     # type-hint predict (the signature above is the schema).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*type hints? .*predict", category=UserWarning)
-        mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name="generator",
             python_model=str(Path(__file__).with_name("gan_pyfunc.py")),
             artifacts={"gan": str(model_dir)},
             code_paths=[str(Path(mnist_gan.__file__).parent)],
             signature=signature,
             input_example=example,
-            pip_requirements=["torch", "numpy", "safetensors", "pyyaml"],
+            pip_requirements=pins,
+            registered_model_name=REGISTERED_MODEL,
         )
+    version = str(info.registered_model_version)
+    tags = {k: v for k, v in run_tags("train").items() if k in ("git_commit", *DVC_TAGS)}
+    tags.update({GENERATOR_TAG: generator_sha256, "params_sha256": params_sha256})
+    client = client_for_store()
+    for key, value in tags.items():
+        client.set_model_version_tag(REGISTERED_MODEL, version, key, value)
+    return version
+
+
+# What the pyfunc model imports, pinned in its requirements (MLflow adds itself).
+PYFUNC_PACKAGES = ("torch", "numpy", "safetensors", "pyyaml")
+# evaluate's headline metrics, copied onto the registered version once known.
+HEADLINE_METRICS = (
+    "fid",
+    "is_mean",
+    "precision",
+    "recall",
+    "coverage",
+    "modes",
+    "memorized_fraction",
+    "real_memorized_fraction",
+    "label_accuracy",
+)
+
+
+def tag_model_versions(run_id: str, tags: Mapping[str, Any]) -> list[str]:
+    """Set ``tags`` on every registered version that the run ``run_id`` logged.
+
+    Returns:
+        The versions tagged (none when the run registered no model).
+    """
+
+    client = client_for_store()
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'")
+    for v in versions:
+        for key, value in tags.items():
+            client.set_model_version_tag(REGISTERED_MODEL, v.version, key, str(value))
+    return [v.version for v in versions]
+
+
+def find_model_version(generator_sha256: str) -> Any:
+    """The registered version of ``mnist-gan-generator`` that holds these generator weights.
+
+    Raises:
+        ValueError: No version does (they were trained with another tracking store, or not
+            registered): one line saying so.
+    """
+
+    client = client_for_store()
+    found = client.search_model_versions(
+        f"name = '{REGISTERED_MODEL}' and tags.{GENERATOR_TAG} = '{generator_sha256}'"
+    )
+    if not found:
+        raise ValueError(
+            f"no version of {REGISTERED_MODEL} in {tracking_uri()} holds the generator with "
+            f"SHA-256 {generator_sha256[:12]}...: train it with this tracking store (dvc repro)"
+        )
+    return max(found, key=lambda v: int(v.version))
+
+
+def version_metrics(version: Any) -> dict[str, float]:
+    """The headline metrics the evaluate stage put on a registered version, as numbers.
+
+    Raises:
+        ValueError: evaluate has not scored this version yet.
+    """
+    tags = version.tags
+    if "fid" not in tags:
+        raise ValueError(
+            f"{REGISTERED_MODEL} version {version.version} has no metrics yet: run the evaluate "
+            "stage on it (dvc repro evaluate)"
+        )
+    return {k: float(tags[k]) for k in HEADLINE_METRICS if k in tags}
+
+
+def alias_version(alias: str) -> Any | None:
+    """The version under ``alias`` (e.g. ``champion``), or None when the alias is not set."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for_store()
+    try:
+        return client.get_model_version_by_alias(REGISTERED_MODEL, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def set_alias(alias: str, version: str) -> None:
+    """Point ``alias`` of ``mnist-gan-generator`` at ``version``."""
+
+    client_for_store().set_registered_model_alias(REGISTERED_MODEL, alias, version)

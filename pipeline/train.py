@@ -22,6 +22,7 @@ from typing import NoReturn
 
 import click
 import mlflow
+import torch
 import tracking
 from common import PARAMS_OPTION, code_digest, file_option, folder_option, load_or_exit
 from torchvision.utils import save_image
@@ -45,8 +46,6 @@ from mnist_gan.utils import (
     sha256_file,
     write_json,
 )
-
-GRID = 64  # samples in a grid (8 x 8)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -81,31 +80,36 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
     cfg, seed = params.train, params.base.seed
     try:
         tracking.check_reachable()  # a dead tracking server fails now, not after training
-        images, _ = load_normalized(data / "train.safetensors")
+        images, labels = load_normalized(data / "train.safetensors")
         set_threads(params.base.threads)
         device = resolve_device(params.base.device)
         data_sha = sha256_file(data / "train.safetensors")
-        trainer = GANTrainer(cfg, images, seed=seed, device=device)
+        trainer = GANTrainer(cfg, images, labels=labels, seed=seed, device=device)
     except (DataError, RuntimeError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     code = code_digest(Path(__file__))  # every project file this stage runs
-    store = CheckpointStore(checkpoints, fingerprint(cfg, seed, data_sha, device.type, code))
+    parts = fingerprint(cfg, seed, data_sha, device.type, code)
+    store = CheckpointStore(checkpoints, parts)
     state = store.load()
     if state is not None:
         try:
             trainer.load_state_dict(state)
         except ValueError as exc:  # a partial load may have changed the trainer: start afresh
             store.note, state = f"{store.path}: not resumed from: {exc}", None
-            trainer = GANTrainer(cfg, images, seed=seed, device=device)
+            trainer = GANTrainer(cfg, images, labels=labels, seed=seed, device=device)
     click.echo(store.note, err=True)
-    noise = fixed_noise(GRID, cfg.latent_dim, seed)
+    # The grid: 8 x 8, or 10 x 10 for a conditional GAN, row r asking for digit r.
+    rows = 10 if cfg.conditional else 8
+    noise = fixed_noise(rows * rows, cfg.latent_dim, seed)
+    digits = torch.arange(rows * rows) // rows if cfg.conditional else None
     every, run_id = cfg.sample_every, None
 
     def log_epoch(values: dict[str, float], grid: bool) -> None:
         epoch = int(values["epoch"])
         mlflow.log_metrics({k: v for k, v in values.items() if k != "epoch"}, step=epoch)
         if grid and (epoch == cfg.epochs or (every and epoch % every == 0)):
-            tracking.log_image_grid(trainer.sample(noise), key="samples", step=epoch)
+            grid = trainer.sample(noise, digits)
+            tracking.log_image_grid(grid, key="samples", step=epoch, nrow=rows)
 
     def on_epoch(t: GANTrainer, stats: EpochStats) -> None:
         if stats.epoch > logged:
@@ -117,7 +121,8 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        run, resumed = tracking.start_run("train", state.get("run_id") if state else None)
+        resume = state.get("run_id") if state else None
+        run, resumed = tracking.start_run("train", resume, system_metrics=True)
         run_id = run.info.run_id
         tracking.write_run_id(run_id_file, run_id)
         if not resumed:
@@ -151,18 +156,23 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
     write_json(metrics, {**final, **summary})
     write_json(plots / "curves.json", history)
     with atomic_path(plots / "samples.png") as tmp:
-        grid = trainer.sample(noise)  # (64, 1, 28, 28), from the EMA generator when there is one
-        save_image(grid, tmp, nrow=8, normalize=True, value_range=(-1, 1), format="png")
+        grid = trainer.sample(noise, digits)  # (rows^2, 1, 28, 28), from the EMA generator if any
+        save_image(grid, tmp, nrow=rows, normalize=True, value_range=(-1, 1), format="png")
     try:
         mlflow.log_metric("train_seconds", seconds)
         # The link from these weights to this run, by content (see tracking.find_generator_run).
-        mlflow.set_tag(tracking.GENERATOR_TAG, sha256_file(out / GENERATOR_FILE))
-        tracking.log_generator_model(out, cfg.latent_dim, example=noise[:2].numpy())
+        sha = sha256_file(out / GENERATOR_FILE)
+        mlflow.set_tag(tracking.GENERATOR_TAG, sha)
+        example = noise[:2] if digits is None else torch.cat([noise[:2], digits[:2, None]], 1)
+        version = tracking.log_generator_model(
+            out, cfg.latent_dim, cfg.conditional, example.numpy(), sha, parts["params"]
+        )
         mlflow.end_run()
     except tracking.tracking_failures() as exc:
         _lost_tracking(exc, trainer, store, run_id)
     store.clear()
-    click.echo(f"trained {len(history)} epochs in {seconds:.1f} s into {out}", err=True)
+    click.echo(f"trained {len(history)} epochs in {seconds:.1f} s into {out}; registered as "
+               f"{tracking.REGISTERED_MODEL} version {version}", err=True)  # fmt: skip
 
 
 if __name__ == "__main__":

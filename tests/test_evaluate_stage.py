@@ -18,8 +18,8 @@ from evalkit import QUICK_PARAMS, quick_classifier, real_mnist
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mnist_gan.classifier import save_classifier
-from mnist_gan.data import save_normalized
+from mnist_gan.classifier import evaluate_classifier, load_classifier, save_classifier
+from mnist_gan.data import load_normalized, save_normalized
 from mnist_gan.metrics import METRIC_NAMES
 from mnist_gan.models import build_discriminator, build_generator, save_gan
 from mnist_gan.params import TrainParams
@@ -43,9 +43,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
-def make_gan(folder: Path, seed: int) -> Path:
+def make_gan(folder: Path, seed: int, conditional: bool = False) -> Path:
     """An untrained GAN (with EMA) in ``folder``; its weights, and their hash, follow ``seed``."""
-    cfg = TrainParams(hidden=(32,), latent_dim=16, ema=0.9)
+    cfg = TrainParams(hidden=(32,), latent_dim=16, ema=0.9, conditional=conditional)
     torch.manual_seed(seed)
     nets = build_generator(cfg), build_discriminator(cfg), build_generator(cfg)
     folder.mkdir(parents=True)
@@ -104,7 +104,7 @@ def train_run(client: MlflowClient, gan: Path | None, name: str = "train") -> st
 def test_evaluate_logs_into_the_run_that_trained_the_generator(
     project: Path, stage: object, store: str, tmp_path: Path
 ) -> None:
-    client = MlflowClient(store)
+    client = MlflowClient(store, registry_uri=store)
     gan = project / "models/gan"
     trained = train_run(client, gan)
     # The last run train wrote, as after a restore from the run cache: another generator's.
@@ -136,11 +136,38 @@ def test_evaluate_logs_into_the_run_that_trained_the_generator(
             assert image.format == "PNG" and image.width > 100
 
 
+def test_a_conditional_generator_is_asked_for_every_digit_and_its_version_tagged(
+    project: Path, stage: object, store: str, tmp_path: Path
+) -> None:
+    client = MlflowClient(store, registry_uri=store)
+    gan = make_gan(tmp_path / "gan", seed=4, conditional=True)
+    trained = train_run(client, gan)
+    if not client.search_registered_models("name = 'mnist-gan-generator'"):
+        client.create_registered_model("mnist-gan-generator")
+    version = client.create_model_version("mnist-gan-generator", "file:///x", run_id=trained)
+    res = invoke(stage, args(project, tmp_path, gan), store)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    assert set(metrics) == KEYS | {"label_accuracy", "real_label_accuracy"}
+    # The classifier's test accuracy on the project's 1,000 test digits is the reference.
+    test_images, test_labels = load_normalized(project / "data/test.safetensors")
+    classifier = load_classifier(project / "models/classifier")
+    _, accuracy = evaluate_classifier(classifier, test_images, test_labels)
+    assert metrics["real_label_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert 0 <= metrics["label_accuracy"] < 0.5  # an untrained generator draws no digit at will
+    tags = client.get_model_version("mnist-gan-generator", version.version).tags
+    for key in ("fid", "modes", "memorized_fraction", "real_memorized_fraction", "label_accuracy"):
+        assert float(tags[key]) == pytest.approx(metrics[key]), key
+    assert tags["classifier_sha256"] == sha256_file(
+        project / "models/classifier/classifier.safetensors"
+    )
+
+
 def test_the_recorded_run_id_only_breaks_a_tie(
     project: Path, stage: object, store: str, tmp_path: Path
 ) -> None:
     """Two runs trained the same weights: the one train last recorded wins, else the newest."""
-    client = MlflowClient(store)
+    client = MlflowClient(store, registry_uri=store)
     gan = make_gan(tmp_path / "gan", seed=2)
     older, newer = train_run(client, gan, "older"), train_run(client, gan, "newer")
     (tmp_path / ".mlflow_run_id").write_text(older + "\n")
@@ -169,7 +196,7 @@ def test_weights_from_elsewhere_get_a_new_run_tagged_with_their_hash(
     assert notes == [True, False]  # the second evaluation finds the run the first one made
     assert outputs[0] == outputs[1]  # deterministic, figures included
     assert len(outputs[0]) == 1 + len(FIGURES)
-    client = MlflowClient(store)
+    client = MlflowClient(store, registry_uri=store)
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     runs = client.search_runs([experiment], f"tags.{GENERATOR_TAG} = '{sha}'")
     assert len(runs) == 1

@@ -11,7 +11,7 @@ from evalkit import quick_classifier, real_mnist
 from torch import nn
 
 from mnist_gan import metrics as M
-from mnist_gan.classifier import embed
+from mnist_gan.classifier import embed, evaluate_classifier
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +294,47 @@ def test_noise_generator_scores_badly(mnist: dict, evaluator: nn.Module) -> None
     assert got["coverage"] < 0.05 and got["recall"] < 0.05  # seeds: 0-0.002 / 0
     assert real["precision"] > 0.6  # seeds: 0.93-0.96
     assert got["memorized_fraction"] == 0.0  # pixel space
+
+
+class _ByDigit(nn.Module):
+    """A perfect conditional stand-in: for each digit asked for, the next real test image of it."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        super().__init__()
+        self.pools = [images[labels == d] for d in range(10)]
+        self.used = [0] * 10
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = []
+        for d in y.tolist():
+            out.append(self.pools[d][self.used[d] % len(self.pools[d])])
+            self.used[d] += 1
+        return torch.stack(out)
+
+
+def test_label_accuracy_follows_the_digits_asked_for(mnist: dict, evaluator: nn.Module) -> None:
+    images, labels = mnist["test"]
+    digits = M.balanced_labels(1000)
+    assert torch.equal(torch.bincount(digits), torch.full((10,), 100))
+    generator = _ByDigit(images[OTHERS], labels[OTHERS])
+    samples = M.generate_samples(generator, 1000, latent_dim=8, seed=0, batch_size=256,
+                                 labels=digits)  # fmt: skip
+    test_labels = labels[REFERENCE]
+    result = _evaluate(samples, evaluator, mnist, labels=digits, test_labels=test_labels)
+    got, real = result.samples.metrics, result.reference
+    assert got["label_accuracy"] > 0.9  # the evaluator's accuracy; seeds: 0.974-0.985
+    _, accuracy = evaluate_classifier(evaluator, images[REFERENCE], test_labels)
+    assert real["label_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    flat = result.flat()
+    assert flat["label_accuracy"] == round(got["label_accuracy"], 6)
+    assert flat["real_label_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    # Judged against other digits than it was asked for, the same samples score near 0.
+    wrong = _evaluate(samples, evaluator, mnist, labels=(digits + 1) % 10, test_labels=test_labels)
+    assert wrong.samples.metrics["label_accuracy"] < 0.1
+    # An unconditional evaluation has no such key.
+    assert "label_accuracy" not in _evaluate(samples, evaluator, mnist).flat()
+    with pytest.raises(ValueError, match="one label per sample"):
+        _evaluate(samples, evaluator, mnist, labels=digits[:10], test_labels=test_labels)
 
 
 def test_evaluation_is_deterministic_and_flat(mnist: dict, evaluator: nn.Module) -> None:

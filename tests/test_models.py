@@ -45,6 +45,47 @@ def test_shapes_and_ranges(name: str) -> None:
     assert d.eval()(torch.randn(4, 1, 28, 28) * 1000).abs().max() > 1
 
 
+CONDITIONAL = {
+    "mlp": TrainParams(hidden=(32, 16), latent_dim=8, conditional=True),
+    "mlp-sn": TrainParams(hidden=(32,), latent_dim=8, conditional=True, spectral_norm=True),
+    "dcgan": TrainParams(model="dcgan", channels=4, latent_dim=8, conditional=True),
+}
+
+
+@pytest.mark.parametrize("name", CONDITIONAL)
+def test_conditional_networks_depend_on_the_digit(name: str) -> None:
+    cfg = CONDITIONAL[name]
+    torch.manual_seed(0)
+    g, d = build_generator(cfg).eval(), build_discriminator(cfg).eval()
+    z = torch.randn(1, cfg.latent_dim).expand(10, -1)  # the same z for every digit
+    digits = torch.arange(10)
+    images = g(z, digits)
+    assert images.shape == (10, 1, 28, 28)
+    assert images.min() >= -1 and images.max() <= 1
+    assert not torch.equal(images[0], images[1])  # only the digit differs
+    same = images[:1].expand(10, -1, -1, -1)
+    logits = d(same, digits)  # one image judged as each digit
+    assert logits.shape == (10,) and torch.isfinite(logits).all()
+    assert logits.unique().numel() == 10
+    with pytest.raises(ValueError, match="needs the digits"):
+        g(z)
+    with pytest.raises(ValueError, match="needs the digits"):
+        d(images)
+
+
+def test_unconditional_networks_keep_their_parameters() -> None:
+    """train.conditional: false builds exactly the networks (and weights) it always has."""
+    cfg = TrainParams(hidden=(32,), latent_dim=8)
+    for build in (build_generator, build_discriminator):
+        torch.manual_seed(0)
+        plain = build(cfg)
+        torch.manual_seed(0)
+        conditional = build(TrainParams(hidden=(32,), latent_dim=8, conditional=True))
+        keys = set(plain.state_dict())
+        assert keys == set(conditional.state_dict()) - {"embed.weight"}
+        assert not any("embed" in k for k in keys)
+
+
 def test_article_sizes() -> None:
     g = build_generator(CONFIGS["mlp-article"])
     d = build_discriminator(CONFIGS["mlp-article"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from types import ModuleType
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -28,6 +30,7 @@ from mnist_gan.models import load_generator
 from mnist_gan.params import TrainParams, load_params
 from mnist_gan.training import METRICS, CheckpointStore, GANTrainer, fingerprint
 from mnist_gan.utils import set_threads, sha256_file
+from mnist_gan_cli import main as cli_main
 
 SCRIPT = ROOT / "pipeline" / "train.py"
 SMALL = {
@@ -201,6 +204,65 @@ def test_stage_writes_every_output_and_logs_the_run(
     with torch.no_grad():  # the pyfunc model is the EMA generator of models/gan
         np.testing.assert_array_equal(out, generator(torch.from_numpy(z)).numpy())
     assert tuple(model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 100)
+
+
+def test_a_conditional_run_registers_a_generator_that_draws_digits_on_request(
+    tmp_path: Path, stage: object, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_project(tmp_path, {**SMALL, "conditional": True})
+    res = invoke(stage, root, store, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2")
+    assert res.exit_code == 0, res.output
+    with Image.open(root / "plots/train/samples.png") as png:
+        assert png.size == (10 * 28 + 11 * 2,) * 2  # 10 x 10: row r asks for digit r
+    run_id = (root / ".mlflow_run_id").read_text().strip()
+    client = mlflow.MlflowClient(store, registry_uri=store)
+    run = client.get_run(run_id)
+    assert any(k.startswith("system/cpu") for k in run.data.metrics)  # system metrics
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # A new version of the registered model, tagged with what made it.
+    (version,) = client.search_model_versions(
+        f"name = 'mnist-gan-generator' and run_id = '{run_id}'"
+    )
+    assert f"registered as mnist-gan-generator version {version.version}" in res.output
+    gan = root / "models/gan"
+    cfg = load_params(root / "params.yaml").train
+    sha = sha256_file(root / "data/normalized/train.safetensors")
+    assert version.tags["generator_sha256"] == sha256_file(gan / "generator.safetensors")
+    assert version.tags["params_sha256"] == fingerprint(cfg, 0, sha, "cpu", "")["params"]
+    uri = f"models:/mnist-gan-generator/{version.version}"
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
+    pins = (local / "requirements.txt").read_text().split()
+    assert f"torch=={importlib.metadata.version('torch')}" in pins
+
+    # Served rows: z plus the digit; an ndarray or a DataFrame.
+    model = mlflow.pyfunc.load_model(uri)
+    rows = np.random.default_rng(0).standard_normal((4, cfg.latent_dim + 1)).astype(np.float32)
+    rows[:, -1] = [0, 3, 3, 9]
+    out = model.predict(rows)
+    assert out.shape == (4, 1, 28, 28) and out.min() >= -1 and out.max() <= 1
+    np.testing.assert_array_equal(model.predict(pd.DataFrame(rows)), out)
+    generator, _ = load_generator(gan)
+    with torch.no_grad():
+        z, y = torch.from_numpy(rows[:, :-1]), torch.tensor([0, 3, 3, 9])
+        np.testing.assert_array_equal(out, generator(z, y).numpy())
+    rows[0, -1] = 11
+    with pytest.raises(Exception, match="digits 0-9"):
+        model.predict(rows)
+
+    # mnist-gan generate finds the same weights by run and by registered version.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    outputs = []
+    for source in (str(gan), f"runs:/{run_id}/generator", uri):
+        target = tmp_path / f"{len(outputs)}.npy"
+        args = ["generate", "--model", source, "-n", "6", "--digit", "3", "--out", str(target)]
+        result = CliRunner().invoke(cli_main, args)
+        assert result.exit_code == 0, result.output
+        outputs.append(np.load(target))
+    assert np.array_equal(outputs[0], outputs[1]) and np.array_equal(outputs[0], outputs[2])
 
 
 def dvc_dir_md5(folder: Path) -> str:

@@ -37,6 +37,7 @@ __all__ = [
     "MODE_MIN_RATIO",
     "Evaluation",
     "RealData",
+    "balanced_labels",
     "SampleScores",
     "class_kl",
     "evaluate_samples",
@@ -379,6 +380,7 @@ class RealData:
     threshold: float  # near-copy distance in memorisation space
     k: int  # neighbours for precision, recall, density and coverage
     kid_subsets: int = KID_SUBSETS
+    test_accuracy: float | None = None  # the classifier's, when the test labels are given
 
     @classmethod
     def prepare(
@@ -390,10 +392,15 @@ class RealData:
         seed: int,
         batch_size: int = 1000,
         kid_subsets: int = KID_SUBSETS,
+        test_labels: Tensor | None = None,
     ) -> RealData:
         """Embed the test set and set up the memorisation search."""
         test_feats, test_logits = embed(classifier, test_images, batch_size)
-        counts = torch.bincount(test_logits.argmax(1), minlength=NUM_CLASSES)
+        test_pred = test_logits.argmax(1)
+        counts = torch.bincount(test_pred, minlength=NUM_CLASSES)
+        accuracy = None
+        if test_labels is not None:
+            accuracy = (test_pred == test_labels.cpu()).double().mean().item()
         train_space = memorization_space(train_images)
         return cls(
             test_feats=test_feats,
@@ -404,6 +411,7 @@ class RealData:
             threshold=memorization_threshold(train_space, _rng(seed, _SALT_THRESHOLD)),
             k=k,
             kid_subsets=kid_subsets,
+            test_accuracy=accuracy,
         )
 
 
@@ -513,12 +521,18 @@ class Evaluation:
     reference: dict[str, float]
     threshold: float  # the near-copy distance (memorisation space)
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """:data:`METRIC_NAMES`, and ``label_accuracy`` for a conditional generator's samples."""
+        extra = ("label_accuracy",) if "label_accuracy" in self.samples.metrics else ()
+        return METRIC_NAMES + extra
+
     def flat(self) -> dict[str, Any]:
-        """The keys of ``metrics/evaluate.json``: :data:`METRIC_NAMES` and ``real_`` twins."""
+        """The keys of ``metrics/evaluate.json``: :attr:`names` and their ``real_`` twins."""
         out: dict[str, Any] = {}
-        for name in METRIC_NAMES:
+        for name in self.names:
             out[name] = _clean(self.samples.metrics[name], name)
-        for name in METRIC_NAMES:
+        for name in self.names:
             out[f"real_{name}"] = _clean(self.reference[name], name)
         return out
 
@@ -540,6 +554,8 @@ def evaluate_samples(
     seed: int,
     batch_size: int = 1000,
     kid_subsets: int = KID_SUBSETS,
+    labels: Tensor | None = None,
+    test_labels: Tensor | None = None,
 ) -> Evaluation:
     """Score generated digits and the real-data references of every metric.
 
@@ -553,7 +569,13 @@ def evaluate_samples(
         seed: ``base.seed``, for the KID subsets, the reference subset and the threshold.
         batch_size: Images per classifier forward pass.
         kid_subsets: Subsets of KID (100, as torchmetrics; fewer only to save time in tests).
+        labels: (M,) the digits a conditional generator was asked for; adds
+            ``label_accuracy``, the share of samples the classifier calls the digit asked for.
+            Its reference is the classifier's accuracy on the test set (``test_labels``).
+        test_labels: (N',) the test set's digits; needed with ``labels``.
     """
+    if labels is not None and (test_labels is None or labels.shape != samples.shape[:1]):
+        raise ValueError("label_accuracy needs one label per sample and the test labels")
     for images, what in (
         (samples, "samples"),
         (train_images, "training images"),
@@ -563,12 +585,24 @@ def evaluate_samples(
     if not 1 <= k < min(len(samples), len(test_images), len(train_images)):
         raise ValueError(f"evaluate.k = {k} must be >= 1 and below the number of samples")
     classifier.eval()
-    real = RealData.prepare(classifier, train_images, test_images, k, seed, batch_size, kid_subsets)
+    real = RealData.prepare(
+        classifier, train_images, test_images, k, seed, batch_size, kid_subsets, test_labels
+    )
     scores = score_samples(samples, classifier, real, is_splits, seed, batch_size)
     reference = reference_scores(
         train_images, test_images, classifier, real, len(samples), is_splits, seed, batch_size
     )
+    if labels is not None:
+        hits = scores.predictions == labels.cpu()
+        scores.metrics["label_accuracy"] = hits.double().mean().item()
+        reference["label_accuracy"] = real.test_accuracy
     return Evaluation(scores, reference, real.threshold)
+
+
+def balanced_labels(n: int) -> Tensor:
+    """``n`` digits, each as often as the others (0, 1, ..., 9, 0, 1, ...): what a conditional
+    generator is asked for when it is judged."""
+    return torch.arange(n) % NUM_CLASSES
 
 
 @torch.no_grad()
@@ -579,19 +613,23 @@ def generate_samples(
     seed: int,
     batch_size: int = 1000,
     device: str | torch.device = "cpu",
+    labels: Tensor | None = None,
 ) -> Tensor:
     """Draw ``num_samples`` images (N, 1, 28, 28) from ``generator`` with z ~ N(0, I), seeded.
 
     The noise is drawn on the CPU from its own generator, so the samples do not depend on the
-    device or on what else used the global RNG.
+    device or on what else used the global RNG. ``labels`` (N,): the digits to ask a
+    conditional generator for (e.g. :func:`balanced_labels`).
     """
     rng = torch.Generator().manual_seed(seed)
     generator.eval()
     out = []
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
-        z = torch.randn(n, latent_dim, generator=rng)  # (n, latent_dim)
-        out.append(generator(z.to(device)).float().cpu())  # (n, 1, 28, 28)
+        z = torch.randn(n, latent_dim, generator=rng).to(device)  # (n, latent_dim)
+        y = None if labels is None else labels[start : start + n].to(device)  # (n,)
+        images = generator(z) if y is None else generator(z, y)  # (n, 1, 28, 28)
+        out.append(images.float().cpu())
     images = torch.cat(out)
     _check_images(images, "generator output")
     return images

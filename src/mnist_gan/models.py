@@ -45,6 +45,8 @@ __all__ = [
 
 IMAGE_SHAPE = (1, 28, 28)
 _PIXELS = 28 * 28
+NUM_CLASSES = 10  # digits, for train.conditional
+LABEL_DIM = 10  # size of a digit's embedding where it joins an input
 LEAKY_SLOPE = 0.2  # the usual GAN discriminator slope (DCGAN paper)
 
 GENERATOR_FILE = "generator.safetensors"
@@ -64,12 +66,16 @@ class MLPGenerator(nn.Module):
         latent_dim: Size of z.
         hidden: Widths of the hidden layers, in order (the article: 256, 256, 256).
         batchnorm: BatchNorm1d before each hidden ReLU (the article has none).
+        num_classes: 0 for an unconditional generator; else the digit asked for is embedded
+            (``LABEL_DIM`` numbers) and joins z at the input.
     """
 
-    def __init__(self, latent_dim: int, hidden: tuple[int, ...], batchnorm: bool) -> None:
+    def __init__(
+        self, latent_dim: int, hidden: tuple[int, ...], batchnorm: bool, num_classes: int = 0
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        width = latent_dim
+        width = latent_dim + (LABEL_DIM if num_classes else 0)
         for h in hidden:
             layers.append(nn.Linear(width, h))
             if batchnorm:
@@ -78,11 +84,12 @@ class MLPGenerator(nn.Module):
             width = h
         layers += [nn.Linear(width, _PIXELS), nn.Tanh()]
         self.net = nn.Sequential(*layers)
-        self.latent_dim = latent_dim
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.embed = nn.Embedding(num_classes, LABEL_DIM) if num_classes else None
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Map z (B, latent_dim) to images (B, 1, 28, 28) in [-1, 1]."""
-        return self.net(z).view(z.shape[0], *IMAGE_SHAPE)  # (B, 784) -> (B, 1, 28, 28)
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Map z (B, latent_dim), and digits y (B,) when conditional, to images (B, 1, 28, 28)."""
+        return self.net(_join(z, y, self.embed)).view(z.shape[0], *IMAGE_SHAPE)
 
 
 class MLPDiscriminator(nn.Module):
@@ -93,14 +100,26 @@ class MLPDiscriminator(nn.Module):
         activation: ``relu`` (the article) or ``leaky_relu`` (slope 0.2).
         dropout: Dropout after each hidden activation; 0 disables it (the article).
         spectral_norm: Spectral normalisation of every linear layer.
+        num_classes: 0 for an unconditional discriminator; else it judges an image as a
+            picture of the digit y, by ``conditioning``.
+        conditioning: ``projection`` (Miyato & Koyama 2018: the logit gains the inner product
+            of y's embedding with the last hidden features) or ``concat`` (y's embedding joins
+            the pixels at the input).
     """
 
     def __init__(
-        self, hidden: tuple[int, ...], activation: str, dropout: float, spectral_norm: bool
+        self,
+        hidden: tuple[int, ...],
+        activation: str,
+        dropout: float,
+        spectral_norm: bool,
+        num_classes: int = 0,
+        conditioning: str = "projection",
     ) -> None:
         super().__init__()
+        concat = bool(num_classes) and conditioning == "concat"
         layers: list[nn.Module] = [nn.Flatten()]  # (B, 1, 28, 28) -> (B, 784)
-        width = _PIXELS
+        width = _PIXELS + (LABEL_DIM if concat else 0)
         for h in hidden:
             layers.append(_sn(nn.Linear(width, h), spectral_norm))
             layers.append(nn.LeakyReLU(LEAKY_SLOPE) if activation == "leaky_relu" else nn.ReLU())
@@ -109,10 +128,46 @@ class MLPDiscriminator(nn.Module):
             width = h
         layers.append(_sn(nn.Linear(width, 1), spectral_norm))
         self.net = nn.Sequential(*layers)
+        self.num_classes, self.conditioning = num_classes, conditioning
+        self.embed = None
+        if num_classes:  # concat: LABEL_DIM numbers at the input; projection: one per feature
+            dim = LABEL_DIM if concat else width
+            self.embed = _label_embedding(num_classes, dim, spectral_norm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images (B, 1, 28, 28) to logits (B,)."""
-        return self.net(x).squeeze(1)  # (B, 1) -> (B,)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Map images (B, 1, 28, 28), and digits y (B,) when conditional, to logits (B,)."""
+        if self.embed is None:
+            return self.net(x).squeeze(1)  # (B, 1) -> (B,)
+        if self.conditioning == "concat":
+            return self.net[1:](_join(self.net[0](x), y, self.embed)).squeeze(1)
+        features = self.net[:-1](x)  # (B, H)
+        return _project(self.net[-1](features).squeeze(1), features, y, self.embed)
+
+
+def _join(z: torch.Tensor, y: torch.Tensor | None, embed: nn.Module | None) -> torch.Tensor:
+    """z (B, D) joined by y's embedding (B, E) when the network is conditional: (B, D + E)."""
+    if embed is None:
+        return z
+    if y is None:
+        raise ValueError("a class-conditional network needs the digits y")
+    return torch.cat([z, embed(y).to(z.dtype)], dim=1)
+
+
+def _project(
+    logits: torch.Tensor, features: torch.Tensor, y: torch.Tensor | None, embed: nn.Module
+) -> torch.Tensor:
+    """The projection discriminator's logit: ``psi(phi(x)) + <embed(y), phi(x)>``."""
+    if y is None:
+        raise ValueError("a class-conditional network needs the digits y")
+    inner = (embed(y).to(features.dtype) * features.flatten(1)).sum(dim=1)  # (B,)
+    return logits + inner
+
+
+def _label_embedding(num_classes: int, dim: int, spectral_norm: bool) -> nn.Module:
+    """A learned vector per digit (Glorot-uniform, as in the projection discriminator's code)."""
+    embed = nn.Embedding(num_classes, dim)
+    nn.init.xavier_uniform_(embed.weight)
+    return _sn(embed, spectral_norm)
 
 
 def _dcgan_init(module: nn.Module) -> None:
@@ -133,13 +188,15 @@ class DCGANGenerator(nn.Module):
     Args:
         latent_dim: Size of z.
         channels: Base width C.
+        num_classes: 0 for an unconditional generator; else the digit's embedding joins z.
     """
 
-    def __init__(self, latent_dim: int, channels: int) -> None:
+    def __init__(self, latent_dim: int, channels: int, num_classes: int = 0) -> None:
         super().__init__()
         c = channels
+        width = latent_dim + (LABEL_DIM if num_classes else 0)
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(latent_dim, 2 * c, 7, 1, 0, bias=False),  # -> (2C, 7, 7)
+            nn.ConvTranspose2d(width, 2 * c, 7, 1, 0, bias=False),  # -> (2C, 7, 7)
             nn.BatchNorm2d(2 * c),
             nn.ReLU(),
             nn.ConvTranspose2d(2 * c, c, 4, 2, 1, bias=False),  # -> (C, 14, 14)
@@ -148,12 +205,14 @@ class DCGANGenerator(nn.Module):
             nn.ConvTranspose2d(c, 1, 4, 2, 1),  # -> (1, 28, 28)
             nn.Tanh(),
         )
-        self.latent_dim = latent_dim
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.embed = nn.Embedding(num_classes, LABEL_DIM) if num_classes else None
         _dcgan_init(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Map z (B, latent_dim) to images (B, 1, 28, 28) in [-1, 1]."""
-        return self.net(z.view(z.shape[0], -1, 1, 1))  # (B, latent) -> (B, latent, 1, 1)
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Map z (B, latent_dim), and digits y (B,) when conditional, to images (B, 1, 28, 28)."""
+        h = _join(z, y, self.embed)  # (B, latent [+ LABEL_DIM])
+        return self.net(h.view(h.shape[0], -1, 1, 1))  # (B, width) -> (B, width, 1, 1)
 
 
 class DCGANDiscriminator(nn.Module):
@@ -162,43 +221,68 @@ class DCGANDiscriminator(nn.Module):
     Args:
         channels: Base width C.
         spectral_norm: Spectral normalisation of every convolution, replacing the BatchNorm.
+        num_classes: 0 for an unconditional discriminator; else conditional on the digit y.
+        conditioning: ``projection`` (the inner product of y's embedding with the (2C, 7, 7)
+            features joins the logit) or ``concat`` (y's embedding, a learned 28x28 map, joins
+            the image as a second input channel).
     """
 
-    def __init__(self, channels: int, spectral_norm: bool) -> None:
+    def __init__(
+        self,
+        channels: int,
+        spectral_norm: bool,
+        num_classes: int = 0,
+        conditioning: str = "projection",
+    ) -> None:
         super().__init__()
         c = channels
+        concat = bool(num_classes) and conditioning == "concat"
         self.net = nn.Sequential(
-            _sn(nn.Conv2d(1, c, 4, 2, 1), spectral_norm),  # -> (C, 14, 14)
+            _sn(nn.Conv2d(2 if concat else 1, c, 4, 2, 1), spectral_norm),  # -> (C, 14, 14)
             nn.LeakyReLU(LEAKY_SLOPE),
             _sn(nn.Conv2d(c, 2 * c, 4, 2, 1, bias=spectral_norm), spectral_norm),  # (2C, 7, 7)
             nn.Identity() if spectral_norm else nn.BatchNorm2d(2 * c),
             nn.LeakyReLU(LEAKY_SLOPE),
             _sn(nn.Conv2d(2 * c, 1, 7, 1, 0), spectral_norm),  # -> (1, 1, 1)
         )
+        self.num_classes, self.conditioning = num_classes, conditioning
+        self.embed = None
+        if num_classes:
+            dim = _PIXELS if concat else 2 * c * 7 * 7
+            self.embed = _label_embedding(num_classes, dim, spectral_norm)
         _dcgan_init(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images (B, 1, 28, 28) to logits (B,)."""
-        return self.net(x).flatten()  # (B, 1, 1, 1) -> (B,)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Map images (B, 1, 28, 28), and digits y (B,) when conditional, to logits (B,)."""
+        if self.embed is None:
+            return self.net(x).flatten()  # (B, 1, 1, 1) -> (B,)
+        if self.conditioning == "concat":
+            if y is None:
+                raise ValueError("a class-conditional network needs the digits y")
+            label_map = self.embed(y).to(x.dtype).view(x.shape[0], *IMAGE_SHAPE)
+            return self.net(torch.cat([x, label_map], dim=1)).flatten()  # (B, 2, 28, 28) in
+        features = self.net[:-1](x)  # (B, 2C, 7, 7)
+        return _project(self.net[-1](features).flatten(), features, y, self.embed)
 
 
 def build_generator(cfg: TrainParams) -> nn.Module:
     """A freshly initialised generator for ``cfg`` (drawing from torch's global RNG)."""
+    classes = NUM_CLASSES if cfg.conditional else 0
     if cfg.model == "mlp":
-        return MLPGenerator(cfg.latent_dim, tuple(cfg.hidden), cfg.g_batchnorm)
+        return MLPGenerator(cfg.latent_dim, tuple(cfg.hidden), cfg.g_batchnorm, classes)
     if cfg.model == "dcgan":
-        return DCGANGenerator(cfg.latent_dim, cfg.channels)
+        return DCGANGenerator(cfg.latent_dim, cfg.channels, classes)
     raise ValueError(f"train.model: unknown model {cfg.model!r} (expected mlp or dcgan)")
 
 
-def build_discriminator(cfg: TrainParams) -> nn.Module:
+def build_discriminator(cfg: TrainParams, conditioning: str = "projection") -> nn.Module:
     """A freshly initialised discriminator for ``cfg`` (drawing from torch's global RNG)."""
+    classes = NUM_CLASSES if cfg.conditional else 0
     if cfg.model == "mlp":
-        return MLPDiscriminator(
-            tuple(cfg.hidden), cfg.d_activation, cfg.d_dropout, cfg.spectral_norm
-        )
+        return MLPDiscriminator(tuple(cfg.hidden), cfg.d_activation, cfg.d_dropout,
+                                cfg.spectral_norm, classes, conditioning)  # fmt: skip
     if cfg.model == "dcgan":
-        return DCGANDiscriminator(cfg.channels, cfg.spectral_norm)
+        return DCGANDiscriminator(cfg.channels, cfg.spectral_norm, classes, conditioning)
     raise ValueError(f"train.model: unknown model {cfg.model!r} (expected mlp or dcgan)")
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "NormalizeParams",
     "Params",
     "ParamsError",
+    "PromoteParams",
     "TrainParams",
     "load_params",
     "params_to_dict",
@@ -125,6 +126,8 @@ class TrainParams:
     d_activation: Literal["relu", "leaky_relu"] = "leaky_relu"  # mlp discriminator
     d_dropout: float = 0.3  # mlp discriminator; 0 = the article literally
     channels: int = 64  # dcgan base width
+    # Class-conditional: G draws the digit it is asked for, D judges image and digit together.
+    conditional: bool = False
     batch_size: int = 128
     epochs: int = 100
     lr_g: float = 2e-4
@@ -182,6 +185,17 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class PromoteParams:
+    """The promotion gate (``make promote``): when a new generator replaces the champion."""
+
+    # The challenger's FID must be at most (1 - fid_margin) times the champion's.
+    fid_margin: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.fid_margin < 1.0, "fid_margin: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class Params:
     """All of ``params.yaml``: one section per stage plus ``base``."""
 
@@ -191,6 +205,7 @@ class Params:
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    promote: PromoteParams = field(default_factory=PromoteParams)
 
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")

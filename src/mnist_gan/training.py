@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from mnist_gan.losses import discriminator_loss, generator_loss
-from mnist_gan.models import IMAGE_SHAPE, build_discriminator, build_generator
+from mnist_gan.models import IMAGE_SHAPE, NUM_CLASSES, build_discriminator, build_generator
 from mnist_gan.params import TrainParams, params_to_dict
 from mnist_gan.utils import atomic_path, seed_everything
 
@@ -205,6 +205,7 @@ class GANTrainer:
     Args:
         cfg: The train params.
         images: float32 (N, 1, 28, 28) in [-1, 1]; copied to ``device`` once.
+        labels: int64 (N,) digits of the images; needed (and copied) when ``cfg.conditional``.
         seed: ``base.seed``.
         device: Where to train.
         progress: Show a per-epoch progress bar; None shows one when stderr is a terminal.
@@ -225,6 +226,7 @@ class GANTrainer:
         cfg: TrainParams,
         images: torch.Tensor,
         *,
+        labels: torch.Tensor | None = None,
         seed: int = 0,
         device: torch.device | str = "cpu",
         progress: bool | None = None,
@@ -239,6 +241,8 @@ class GANTrainer:
                 f"train.batch_size: {cfg.batch_size} is larger than the training set "
                 f"({images.shape[0]} images)"
             )
+        if cfg.conditional and (labels is None or labels.shape != images.shape[:1]):
+            raise ValueError("train.conditional: the trainer needs one label per training image")
         self.cfg, self.seed, self.device = cfg, seed, torch.device(device)
         cuda = self.device.type == "cuda"
         # Seeds random, numpy and torch (CPU and CUDA); the returned generator on the device
@@ -260,6 +264,7 @@ class GANTrainer:
         if cfg.ema > 0:
             self.ema_generator = copy.deepcopy(self.generator).eval().requires_grad_(False)
         self.images = images.to(self.device, torch.float32).contiguous()
+        self.labels = labels.to(self.device, torch.int64) if cfg.conditional else None
         self.steps_per_epoch = images.shape[0] // cfg.batch_size
 
         # The whole step as one CUDA graph: Adam's step counters must then live on the GPU.
@@ -283,8 +288,8 @@ class GANTrainer:
         self.epoch = 0  # completed epochs
         self.history: list[dict[str, float]] = []  # EpochStats.as_dict() per completed epoch
 
-        self._g_fwd: Callable[[torch.Tensor], torch.Tensor] = self.generator
-        self._d_fwd: Callable[[torch.Tensor], torch.Tensor] = self.discriminator
+        self._g_fwd: Callable[..., torch.Tensor] = self.generator
+        self._d_fwd: Callable[..., torch.Tensor] = self.discriminator
         self.compiled = cfg.compile and self._compile()
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_warm = 0  # eager steps taken towards the capture
@@ -296,6 +301,9 @@ class GANTrainer:
                 "z": torch.empty(b, cfg.latent_dim, device=self.device),
                 "record": torch.zeros(len(METRICS), device=self.device),
             }
+            if self.labels is not None:
+                self._static["y_real"] = torch.empty(b, dtype=torch.int64, device=self.device)
+                self._static["y_fake"] = torch.empty(b, dtype=torch.int64, device=self.device)
 
     # --- construction helpers -------------------------------------------------------------
 
@@ -386,12 +394,29 @@ class GANTrainer:
         if self.cuda_graph:
             self._graph_step(idx, self._record[i])
         else:
-            real = self.images.index_select(0, idx)  # (B, 1, 28, 28)
-            z = torch.randn(
-                b, self.cfg.latent_dim, device=self.device, generator=self.data_generator
-            )
-            self._train_step(real, z, self._record[i])
+            self._train_step(self._batch(idx), self._record[i])
         self._cursor += 1
+
+    def _batch(self, idx: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict:
+        """A step's inputs: ``real`` images (B, 1, 28, 28) and ``z`` (B, latent_dim); when
+        conditional, also ``y_real`` (B,), the real images' digits, and ``y_fake`` (B,), the
+        digits asked of G, drawn uniformly. Written into ``out`` (a graph's inputs) if given."""
+        gen, b = self.data_generator, self.cfg.batch_size
+        if out is None:
+            out = {
+                "real": self.images.index_select(0, idx),
+                "z": torch.randn(b, self.cfg.latent_dim, device=self.device, generator=gen),
+            }
+            if self.labels is not None:
+                out["y_real"] = self.labels.index_select(0, idx)
+                out["y_fake"] = torch.randint(NUM_CLASSES, (b,), device=self.device, generator=gen)
+            return out
+        torch.index_select(self.images, 0, idx, out=out["real"])
+        torch.randn(out["z"].shape, generator=gen, out=out["z"])
+        if self.labels is not None:
+            torch.index_select(self.labels, 0, idx, out=out["y_real"])
+            torch.randint(NUM_CLASSES, (b,), generator=gen, out=out["y_fake"])
+        return out
 
     def _graph_step(self, idx: torch.Tensor, record: torch.Tensor) -> None:
         """The step through the CUDA graph: fill its inputs, replay it, keep its metrics.
@@ -400,18 +425,16 @@ class GANTrainer:
         require); the next one captures the step, then every step replays it. If capturing
         fails, the trainer warns and stays eager.
         """
-        s = self._static
-        torch.index_select(self.images, 0, idx, out=s["real"])  # (B, 1, 28, 28)
-        torch.randn(s["z"].shape, generator=self.data_generator, out=s["z"])
+        s = self._batch(idx, out=self._static)
         if self._graph is None and self._graph_warm < GRAPH_WARMUP_STEPS:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._train_step(s["real"], s["z"], s["record"])
+                self._train_step(s, s["record"])
             torch.cuda.current_stream(self.device).wait_stream(side)
             self._graph_warm += 1
         elif self._graph is None and not self._capture():
-            self._train_step(s["real"], s["z"], s["record"])
+            self._train_step(s, s["record"])
         else:
             assert self._graph is not None
             self._graph.replay()
@@ -433,7 +456,7 @@ class GANTrainer:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._train_step(s["real"], s["z"], s["record"])
+                self._train_step(s, s["record"])
         except Exception as exc:  # an op that cannot be captured, an old driver, ...
             warnings.warn(
                 f"train.cuda_graph: capturing the training step failed ({type(exc).__name__}: "
@@ -448,17 +471,19 @@ class GANTrainer:
         self._graph = graph
         return True
 
-    def _train_step(self, real: torch.Tensor, z: torch.Tensor, record: torch.Tensor) -> None:
-        """Update D then G on real images (B, 1, 28, 28) and noise z (B, latent_dim).
+    def _train_step(self, batch: dict[str, torch.Tensor], record: torch.Tensor) -> None:
+        """Update D then G on a :meth:`_batch` (real images, z and, if conditional, digits).
 
         Writes METRICS into ``record`` (6,). Runs eagerly or under CUDA graph capture.
         """
         cfg = self.cfg
+        real, z = batch["real"], batch["z"]
+        y_real, y_fake = batch.get("y_real"), batch.get("y_fake")  # None unless conditional
         # One generator pass serves both updates (as in pytorch/examples' DCGAN).
         with self._autocast():
-            fake = self._g_fwd(z)  # (B, 1, 28, 28)
-            real_logits = self._d_fwd(real)  # (B,)
-            fake_logits = self._d_fwd(fake.detach())  # (B,)
+            fake = self._g_fwd(z, y_fake)  # (B, 1, 28, 28)
+            real_logits = self._d_fwd(real, y_real)  # (B,)
+            fake_logits = self._d_fwd(fake.detach(), y_fake)  # (B,)
         loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward(inputs=self._d_params)
@@ -466,7 +491,7 @@ class GANTrainer:
         self.opt_d.step()
 
         with self._autocast():
-            fake_logits_g = self._d_fwd(fake)  # (B,), through the updated D
+            fake_logits_g = self._d_fwd(fake, y_fake)  # (B,), through the updated D
         loss_g = generator_loss(cfg.loss, fake_logits_g)
         self.opt_g.zero_grad(set_to_none=True)
         # inputs= limits backward to G's weights: D's weight gradients are never computed.
@@ -556,16 +581,17 @@ class GANTrainer:
     # --- sampling ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor) -> torch.Tensor:
+    def sample(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, 1, 28, 28) on the CPU for z (B, latent_dim), in eval mode.
 
-        Uses the EMA generator when there is one. Touches no RNG and no training state.
+        ``y`` (B,): the digits asked for, for a conditional generator. Uses the EMA generator
+        when there is one. Touches no RNG and no training state.
         """
         net = self.ema_generator if self.ema_generator is not None else self.generator
         was_training = net.training
         net.eval()
         try:
-            return net(z.to(self.device)).float().cpu()
+            return net(z.to(self.device), None if y is None else y.to(self.device)).float().cpu()
         finally:
             net.train(was_training)
 

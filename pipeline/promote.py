@@ -1,0 +1,114 @@
+"""The promotion gate: make the workspace's generator the team's champion if it earns it.
+
+Not a DVC stage: it changes shared state, the aliases of the registered model
+mnist-gan-generator. It finds the registered version that holds GAN's generator (by SHA-256),
+always points the alias challenger at it, and compares it with the version under the alias
+champion on the metrics the evaluate stage put on both:
+
+  fid                 at most (1 - promote.fid_margin) times the champion's
+  modes               all 10 digits drawn
+  memorized_fraction  not above real data's (real_memorized_fraction)
+
+Only when every rule passes does champion move. The first promotion (no champion yet) checks
+the last two rules. Exit codes, for CI: 0 promoted (or the challenger already is the champion),
+3 refused (champion unchanged), 1 error (no registered version holds these weights, evaluate has
+not scored it, the tracking store cannot be reached).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import click
+import tracking
+from common import PARAMS_OPTION, folder_option, load_or_exit
+from mlflow.exceptions import MlflowException
+
+from mnist_gan.models import GENERATOR_FILE
+from mnist_gan.utils import sha256_file
+
+REFUSED = 3
+ALL_MODES = 10
+
+
+class Rule(NamedTuple):
+    """One line of the comparison: a metric, both values, the rule and whether it holds."""
+
+    metric: str
+    champion: float | None
+    challenger: float
+    rule: str
+    passed: bool
+
+
+def rules(challenger: dict[str, float], champion: dict[str, float] | None,
+          fid_margin: float) -> list[Rule]:  # fmt: skip
+    """The gate's rules for a challenger's metrics against the champion's (None: no champion)."""
+    old = champion or {}
+    out = []
+    if champion is not None:
+        bound = (1.0 - fid_margin) * champion["fid"]
+        out.append(Rule("fid", champion["fid"], challenger["fid"], f"<= {bound:.4g}",
+                        challenger["fid"] <= bound))  # fmt: skip
+    out.append(Rule("modes", old.get("modes"), challenger["modes"], f"= {ALL_MODES}",
+                    challenger["modes"] == ALL_MODES))  # fmt: skip
+    real = challenger["real_memorized_fraction"]
+    out.append(Rule("memorized_fraction", old.get("memorized_fraction"),
+                    challenger["memorized_fraction"], f"<= {real:.4g} (real data)",
+                    challenger["memorized_fraction"] <= real))  # fmt: skip
+    return out
+
+
+def table(result: list[Rule], versions: tuple[str, str], extra: dict[str, tuple[Any, Any]]) -> str:
+    """The comparison as a text table; ``extra``: shown, not judged."""
+    head = ("metric", f"champion {versions[0]}", f"challenger {versions[1]}", "rule", "")
+    lines = [(r.metric, r.champion, r.challenger, r.rule, "pass" if r.passed else "FAIL")
+             for r in result]  # fmt: skip
+    lines += [(name, a, b, "(shown only)", "") for name, (a, b) in extra.items()]
+    cells = [head] + [tuple("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                            for v in line) for line in lines]  # fmt: skip
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)  # fmt: skip
+
+
+@click.command(help=__doc__)
+@folder_option("--gan", "GAN folder whose generator is the challenger, e.g. models/gan.")
+@PARAMS_OPTION
+def main(gan: Path, params_file: Path) -> None:
+    """Promote the generator in GAN to champion when it passes the gate."""
+    margin = load_or_exit(params_file).promote.fid_margin
+    try:
+        tracking.check_reachable()
+        sha = sha256_file(gan / GENERATOR_FILE)
+        new = tracking.find_model_version(sha)
+        new_metrics = tracking.version_metrics(new)
+        old = tracking.alias_version("champion")
+        old_metrics = tracking.version_metrics(old) if old is not None else None
+    except (OSError, RuntimeError, ValueError, MlflowException) as exc:
+        sys.exit(f"error: {tracking.short(exc, 300)}")
+    name = tracking.REGISTERED_MODEL
+    tracking.set_alias("challenger", new.version)
+    if old is not None and old.version == new.version:
+        click.echo(f"{name} version {new.version} is the champion already")
+        return
+    result = rules(new_metrics, old_metrics, margin)
+    extra = {k: ((old_metrics or {}).get(k), new_metrics[k])
+             for k in ("is_mean", "precision", "recall", "coverage", "label_accuracy")
+             if k in new_metrics}  # fmt: skip
+    click.echo(table(result, (f"v{old.version}" if old else "-", f"v{new.version}"), extra))
+    if old is not None and old.tags.get("classifier_sha256") != new.tags.get("classifier_sha256"):
+        click.echo("note: the two were scored by different evaluator classifiers", err=True)
+    if not all(r.passed for r in result):
+        click.echo(f"refused: {name} version {new.version} is the challenger; the champion "
+                   f"stays {f'version {old.version}' if old else 'unset'}")  # fmt: skip
+        sys.exit(REFUSED)
+    tracking.set_alias("champion", new.version)
+    click.echo(f"promoted: {name} version {new.version} is the champion"
+               + (f" (was version {old.version})" if old else ""))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

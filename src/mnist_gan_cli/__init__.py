@@ -1,0 +1,144 @@
+"""``mnist-gan``: the project's command, installed with it.
+
+    mnist-gan generate --model MODEL -n 64 [--digit 7] [--seed 0] --out grid.png
+
+MODEL is a GAN folder (``models/gan``), a run's logged model (``runs:/RUN_ID/generator``) or a
+registered one (``models:/mnist-gan-generator@champion``, ``models:/mnist-gan-generator/3``).
+URIs are resolved in the tracking store the pipeline's stages use: ``MLFLOW_TRACKING_URI``, else
+``mlflow.db`` at the project root (the nearest folder up from here holding ``dvc.yaml``).
+
+This package is glue, like ``pipeline/``: it uses click and MLflow, which the ``mnist_gan``
+library never imports.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from mnist_gan.models import load_generator
+from mnist_gan.utils import atomic_dir, atomic_path
+
+__all__ = ["generate", "main", "tracking_uri"]
+
+URI_SCHEMES = ("runs:/", "models:/")
+
+
+def tracking_uri(start: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the project's SQLite store, as the stages use.
+
+    The project root is the nearest folder up from ``start`` (default: the current one) that
+    holds ``dvc.yaml``; outside a project, ``start`` itself.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    here = (start or Path.cwd()).resolve()
+    root = next((p for p in (here, *here.parents) if (p / "dvc.yaml").is_file()), here)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _load(model: str, workdir: Path) -> tuple[torch.nn.Module, object]:
+    """The generator and its train params from a folder or an MLflow model URI."""
+    if not model.startswith(URI_SCHEMES):
+        return load_generator(Path(model))
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ValueError(f"--model {model}: there is no tracking store at {uri} (run the "
+                         "pipeline first, or set MLFLOW_TRACKING_URI)")  # fmt: skip
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # models:/ URIs resolve in the same store
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(workdir)))
+    except (MlflowException, OSError) as exc:
+        why = " ".join(str(exc).split())[:200]
+        raise ValueError(
+            f"--model {model}: not found in the tracking store {uri} ({why})"
+        ) from None
+    folder = local / "artifacts" / "gan"  # the pyfunc model's copy of models/gan
+    if not folder.is_dir():
+        raise ValueError(f"--model {model}: not a mnist-gan generator model (no artifacts/gan)")
+    return load_generator(folder)
+
+
+def _write(images: torch.Tensor, out: Path) -> None:
+    """Images (N, 1, 28, 28) in [-1, 1] as a PNG grid, a .npy array or a folder of PNGs."""
+    from torchvision.utils import save_image
+
+    if out.suffix == ".npy":
+        with atomic_path(out) as tmp, tmp.open("wb") as f:
+            np.save(f, images.numpy())  # float32 (N, 1, 28, 28) in [-1, 1]
+    elif out.suffix == ".png":
+        nrow = max(1, round(len(images) ** 0.5))
+        with atomic_path(out) as tmp:
+            save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1), format="png")
+    else:  # a folder, replaced as a whole
+        with atomic_dir(out) as tmp:
+            for i, image in enumerate(images):
+                save_image(image, tmp / f"{i:05d}.png", normalize=True, value_range=(-1, 1))
+
+
+@click.group(help=__doc__.split("\n\n")[0])
+def main() -> None:
+    """The project's command."""
+
+
+@main.command()
+@click.option(
+    "--model",
+    required=True,
+    help="models/gan, runs:/RUN_ID/generator or models:/mnist-gan-generator@champion.",
+)
+@click.option(
+    "-n",
+    "num",
+    type=click.IntRange(1, 100_000),
+    default=64,
+    show_default=True,
+    help="How many images.",
+)
+@click.option(
+    "--digit",
+    type=click.IntRange(0, 9),
+    help="The digit to draw (a conditional model only); default: any.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the noise: the same seed gives the same images.",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="grid.png (a square grid), samples.npy (float32 N x 1 x 28 x 28 in [-1, 1]) "
+                   "or a folder (one PNG per image).")  # fmt: skip
+def generate(model: str, num: int, digit: int | None, seed: int, out: Path) -> None:
+    """Draw images from a trained generator."""
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            generator, cfg = _load(model, Path(workdir))
+        except (OSError, ValueError) as exc:
+            sys.exit(f"error: {exc}")
+    if digit is not None and not cfg.conditional:
+        sys.exit(f"error: --digit {digit}: {model} is an unconditional generator (it was not "
+                 "trained with train.conditional: true); leave --digit out")  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(num, cfg.latent_dim, generator=gen)  # (N, latent_dim), on the CPU
+    y = None
+    if cfg.conditional:  # the digit asked for, or every digit in turn
+        y = torch.full((num,), digit) if digit is not None else torch.arange(num) % 10
+    with torch.no_grad():
+        images = generator(z) if y is None else generator(z, y)  # (N, 1, 28, 28)
+    _write(images.float(), out)
+    what = f"digit {digit}" if digit is not None else "images"
+    click.echo(f"wrote {num} {what} from {model} to {out}", err=True)

@@ -1,0 +1,131 @@
+"""The promotion gate (pipeline/promote.py): rules, aliases and exit codes, on a real registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import load_stage
+from mlflow import MlflowClient
+
+from mnist_gan.models import build_discriminator, build_generator, save_gan
+from mnist_gan.params import TrainParams
+from mnist_gan.utils import sha256_file
+
+NAME = "mnist-gan-generator"  # the registered model's name (the guide's contract)
+GOOD = {"fid": 3.0, "modes": 10, "memorized_fraction": 0.001, "real_memorized_fraction": 0.01}
+
+
+@pytest.fixture(scope="module")
+def stage() -> ModuleType:
+    return load_stage("promote")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def make_gan(folder: Path, seed: int) -> Path:
+    cfg = TrainParams(hidden=(8,), latent_dim=4)
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True)
+    save_gan(folder, cfg, 0, build_generator(cfg), build_discriminator(cfg))
+    return folder
+
+
+def register(client: MlflowClient, gan: Path, metrics: dict | None) -> str:
+    """A version as the train stage registers it and evaluate tags it (metrics None: not yet)."""
+    if not client.search_registered_models(f"name = '{NAME}'"):
+        client.create_registered_model(NAME)
+    tags = {"generator_sha256": sha256_file(gan / "generator.safetensors"),
+            "classifier_sha256": "c0ffee"}  # fmt: skip
+    tags.update({k: str(v) for k, v in (metrics or {}).items()})
+    return client.create_model_version(NAME, f"file://{gan}", tags=tags).version
+
+
+def promote(stage: ModuleType, gan: Path, store: str, tmp_path: Path, margin: float = 0.02):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"promote": {"fid_margin": margin}}))
+    args = ["--gan", str(gan), "--params", str(params)]
+    return CliRunner().invoke(stage.main, args, env={"MLFLOW_TRACKING_URI": store})
+
+
+def aliases(client: MlflowClient) -> dict[str, str]:
+    return dict(client.get_registered_model(NAME).aliases)
+
+
+def test_rules_at_their_edges(stage: ModuleType) -> None:
+    at_bound = {**GOOD, "fid": 3.0 * 0.98}
+    assert all(r.passed for r in stage.rules(at_bound, GOOD, 0.02))
+    worse = stage.rules({**GOOD, "fid": 3.0 * 0.98 + 1e-6}, GOOD, 0.02)
+    assert [r.metric for r in worse if not r.passed] == ["fid"]
+    nine = stage.rules({**GOOD, "fid": 1.0, "modes": 9}, GOOD, 0.02)
+    assert [r.metric for r in nine if not r.passed] == ["modes"]
+    copies = stage.rules({**GOOD, "fid": 1.0, "memorized_fraction": 0.0101}, GOOD, 0.02)
+    assert [r.metric for r in copies if not r.passed] == ["memorized_fraction"]
+    first = stage.rules(GOOD, None, 0.02)  # no champion: no FID to beat
+    assert [r.metric for r in first] == ["modes", "memorized_fraction"]
+
+
+def test_the_gate_moves_champion_only_when_it_passes(
+    stage: ModuleType, store: str, tmp_path: Path
+) -> None:
+    client = MlflowClient(store, registry_uri=store)
+    first = make_gan(tmp_path / "first", seed=0)
+    v1 = register(client, first, GOOD)
+    res = promote(stage, first, store, tmp_path)
+    assert res.exit_code == 0, res.output
+    assert f"promoted: {NAME} version {v1} is the champion" in res.output
+    assert aliases(client) == {"champion": v1, "challenger": v1}
+
+    # Worse FID: refused with 3, the champion stays, the challenger moves; the table says why.
+    worse = make_gan(tmp_path / "worse", seed=1)
+    v2 = register(client, worse, {**GOOD, "fid": 3.5, "label_accuracy": 0.9})
+    res = promote(stage, worse, store, tmp_path)
+    assert res.exit_code == 3, res.output
+    assert aliases(client) == {"champion": v1, "challenger": v2}
+    row = next(line for line in res.output.splitlines() if line.startswith("fid "))
+    assert row.split()[1:5] == ["3", "3.5", "<=", "2.94"] and row.endswith("FAIL")
+    assert "label_accuracy" in res.output and f"champion stays version {v1}" in res.output
+
+    # Better by more than the margin, all digits, no copying: promoted.
+    better = make_gan(tmp_path / "better", seed=2)
+    v3 = register(client, better, {**GOOD, "fid": 2.5})
+    res = promote(stage, better, store, tmp_path)
+    assert res.exit_code == 0, res.output
+    assert f"(was version {v1})" in res.output
+    assert aliases(client) == {"champion": v3, "challenger": v3}
+
+    # Better FID but a digit missing, or copying more than real data: refused.
+    for i, metrics in enumerate(({**GOOD, "fid": 1.0, "modes": 9},
+                                 {**GOOD, "fid": 1.0, "memorized_fraction": 0.05})):  # fmt: skip
+        gan = make_gan(tmp_path / f"bad{i}", seed=3 + i)
+        version = register(client, gan, metrics)
+        assert promote(stage, gan, store, tmp_path).exit_code == 3
+        assert aliases(client) == {"champion": v3, "challenger": version}
+
+    # The champion's own weights: nothing to do.
+    res = promote(stage, better, store, tmp_path)
+    assert res.exit_code == 0 and "is the champion already" in res.output
+
+
+def test_errors_exit_1_with_one_line(stage: ModuleType, store: str, tmp_path: Path) -> None:
+    client = MlflowClient(store, registry_uri=store)
+    gan = make_gan(tmp_path / "gan", seed=0)
+    res = promote(stage, gan, store, tmp_path)  # never registered
+    assert res.exit_code == 1
+    assert f"no version of {NAME}" in res.output and len(res.output.strip().splitlines()) == 1
+    version = register(client, gan, None)  # registered, not evaluated yet
+    res = promote(stage, gan, store, tmp_path)
+    assert res.exit_code == 1
+    assert f"version {version} has no metrics yet: run the evaluate stage" in res.output
+    assert "champion" not in aliases(client)
+    res = promote(stage, tmp_path / "nowhere", store, tmp_path)
+    assert res.exit_code == 1 and "generator.safetensors" in res.output
+    res = promote(stage, gan, f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}", tmp_path)
+    assert res.exit_code == 1 and "does not exist" in res.output
