@@ -13,6 +13,13 @@ Two families, chosen by ``train.model``:
 With ``train.spectral_norm`` every weight layer of the discriminator is spectrally normalised
 (and the dcgan discriminator drops its BatchNorm, which would undo the Lipschitz bound).
 
+With ``train.conditional`` both families are class-conditional: G gets a learned embedding of
+the digit asked for beside z, and D is a projection discriminator (Miyato & Koyama 2018): its
+logit gains the inner product of the digit's embedding with D's last features. Measured on
+MNIST against D with the digit's embedding joined to its input, projection won on every metric
+for both families (mlp, 20 epochs, 2 seeds: FID 6.2-8.3 against 8.7-10.5, label accuracy
+87-91% against 82-85%; dcgan, 3 epochs: FID 2.3 against 9.8, 95.8% against 86.1%).
+
 Every size is passed explicitly; nothing reads module globals. The library keeps to PyTorch
 here (safetensors is imported only when weights are written or read) so that training runs on
 a machine that has only PyTorch installed.
@@ -101,10 +108,8 @@ class MLPDiscriminator(nn.Module):
         dropout: Dropout after each hidden activation; 0 disables it (the article).
         spectral_norm: Spectral normalisation of every linear layer.
         num_classes: 0 for an unconditional discriminator; else it judges an image as a
-            picture of the digit y, by ``conditioning``.
-        conditioning: ``projection`` (Miyato & Koyama 2018: the logit gains the inner product
-            of y's embedding with the last hidden features) or ``concat`` (y's embedding joins
-            the pixels at the input).
+            picture of the digit y: a projection discriminator (Miyato & Koyama 2018), whose
+            logit gains the inner product of y's embedding with the last hidden features.
     """
 
     def __init__(
@@ -114,12 +119,10 @@ class MLPDiscriminator(nn.Module):
         dropout: float,
         spectral_norm: bool,
         num_classes: int = 0,
-        conditioning: str = "projection",
     ) -> None:
         super().__init__()
-        concat = bool(num_classes) and conditioning == "concat"
         layers: list[nn.Module] = [nn.Flatten()]  # (B, 1, 28, 28) -> (B, 784)
-        width = _PIXELS + (LABEL_DIM if concat else 0)
+        width = _PIXELS
         for h in hidden:
             layers.append(_sn(nn.Linear(width, h), spectral_norm))
             layers.append(nn.LeakyReLU(LEAKY_SLOPE) if activation == "leaky_relu" else nn.ReLU())
@@ -128,18 +131,13 @@ class MLPDiscriminator(nn.Module):
             width = h
         layers.append(_sn(nn.Linear(width, 1), spectral_norm))
         self.net = nn.Sequential(*layers)
-        self.num_classes, self.conditioning = num_classes, conditioning
-        self.embed = None
-        if num_classes:  # concat: LABEL_DIM numbers at the input; projection: one per feature
-            dim = LABEL_DIM if concat else width
-            self.embed = _label_embedding(num_classes, dim, spectral_norm)
+        self.num_classes = num_classes
+        self.embed = _label_embedding(num_classes, width, spectral_norm) if num_classes else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Map images (B, 1, 28, 28), and digits y (B,) when conditional, to logits (B,)."""
         if self.embed is None:
             return self.net(x).squeeze(1)  # (B, 1) -> (B,)
-        if self.conditioning == "concat":
-            return self.net[1:](_join(self.net[0](x), y, self.embed)).squeeze(1)
         features = self.net[:-1](x)  # (B, H)
         return _project(self.net[-1](features).squeeze(1), features, y, self.embed)
 
@@ -221,46 +219,31 @@ class DCGANDiscriminator(nn.Module):
     Args:
         channels: Base width C.
         spectral_norm: Spectral normalisation of every convolution, replacing the BatchNorm.
-        num_classes: 0 for an unconditional discriminator; else conditional on the digit y.
-        conditioning: ``projection`` (the inner product of y's embedding with the (2C, 7, 7)
-            features joins the logit) or ``concat`` (y's embedding, a learned 28x28 map, joins
-            the image as a second input channel).
+        num_classes: 0 for an unconditional discriminator; else a projection discriminator:
+            the inner product of y's embedding with the (2C, 7, 7) features joins the logit.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        spectral_norm: bool,
-        num_classes: int = 0,
-        conditioning: str = "projection",
-    ) -> None:
+    def __init__(self, channels: int, spectral_norm: bool, num_classes: int = 0) -> None:
         super().__init__()
         c = channels
-        concat = bool(num_classes) and conditioning == "concat"
         self.net = nn.Sequential(
-            _sn(nn.Conv2d(2 if concat else 1, c, 4, 2, 1), spectral_norm),  # -> (C, 14, 14)
+            _sn(nn.Conv2d(1, c, 4, 2, 1), spectral_norm),  # -> (C, 14, 14)
             nn.LeakyReLU(LEAKY_SLOPE),
             _sn(nn.Conv2d(c, 2 * c, 4, 2, 1, bias=spectral_norm), spectral_norm),  # (2C, 7, 7)
             nn.Identity() if spectral_norm else nn.BatchNorm2d(2 * c),
             nn.LeakyReLU(LEAKY_SLOPE),
             _sn(nn.Conv2d(2 * c, 1, 7, 1, 0), spectral_norm),  # -> (1, 1, 1)
         )
-        self.num_classes, self.conditioning = num_classes, conditioning
+        self.num_classes = num_classes
         self.embed = None
-        if num_classes:
-            dim = _PIXELS if concat else 2 * c * 7 * 7
-            self.embed = _label_embedding(num_classes, dim, spectral_norm)
+        if num_classes:  # one number per feature of (2C, 7, 7)
+            self.embed = _label_embedding(num_classes, 2 * c * 7 * 7, spectral_norm)
         _dcgan_init(self)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Map images (B, 1, 28, 28), and digits y (B,) when conditional, to logits (B,)."""
         if self.embed is None:
             return self.net(x).flatten()  # (B, 1, 1, 1) -> (B,)
-        if self.conditioning == "concat":
-            if y is None:
-                raise ValueError("a class-conditional network needs the digits y")
-            label_map = self.embed(y).to(x.dtype).view(x.shape[0], *IMAGE_SHAPE)
-            return self.net(torch.cat([x, label_map], dim=1)).flatten()  # (B, 2, 28, 28) in
         features = self.net[:-1](x)  # (B, 2C, 7, 7)
         return _project(self.net[-1](features).flatten(), features, y, self.embed)
 
@@ -275,14 +258,14 @@ def build_generator(cfg: TrainParams) -> nn.Module:
     raise ValueError(f"train.model: unknown model {cfg.model!r} (expected mlp or dcgan)")
 
 
-def build_discriminator(cfg: TrainParams, conditioning: str = "projection") -> nn.Module:
+def build_discriminator(cfg: TrainParams) -> nn.Module:
     """A freshly initialised discriminator for ``cfg`` (drawing from torch's global RNG)."""
     classes = NUM_CLASSES if cfg.conditional else 0
     if cfg.model == "mlp":
         return MLPDiscriminator(tuple(cfg.hidden), cfg.d_activation, cfg.d_dropout,
-                                cfg.spectral_norm, classes, conditioning)  # fmt: skip
+                                cfg.spectral_norm, classes)  # fmt: skip
     if cfg.model == "dcgan":
-        return DCGANDiscriminator(cfg.channels, cfg.spectral_norm, classes, conditioning)
+        return DCGANDiscriminator(cfg.channels, cfg.spectral_norm, classes)
     raise ValueError(f"train.model: unknown model {cfg.model!r} (expected mlp or dcgan)")
 
 
