@@ -33,14 +33,21 @@ NAME = "mnist-gan-generator"
 # training on two cores.
 PARAMS = {
     "classifier": {"epochs": 1},
-    "train": {"conditional": True, "ema": 0.999, "batch_size": 64, "epochs": 10,
-              "checkpoint_every": 0, "sample_every": 0},  # fmt: skip
+    "train": {
+        "conditional": True,
+        "ema": 0.999,
+        "batch_size": 64,
+        "epochs": 10,
+        "checkpoint_every": 0,
+        "sample_every": 0,
+    },  # fmt: skip
     "evaluate": {"num_samples": 1000, "is_splits": 2, "k": 3},
 }
 
 
 def aliases(store: str) -> dict[str, str]:
-    return dict(MlflowClient(store, registry_uri=store).get_registered_model(NAME).aliases)
+    model = MlflowClient(store, registry_uri=store).get_registered_model(NAME)
+    return {alias: str(version) for alias, version in model.aliases.items()}
 
 
 def test_a_conditional_generator_goes_from_run_to_use(

@@ -176,6 +176,14 @@ def check_tracked_run(uri: str, run_id: str, params: dict[str, str], tmp: Path) 
     samples = np.asarray(generator.predict(np.zeros((2, latent), dtype=np.float32)))
     assert samples.shape == (2, 1, 28, 28)
     assert samples.min() >= -1.0 and samples.max() <= 1.0
+    # ...and registered on the server as a version of mnist-gan-generator, with evaluate's
+    # metrics on it.
+    registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (version,) = registry.search_model_versions(
+        f"name = 'mnist-gan-generator' and run_id = '{run_id}'"
+    )
+    assert version.tags["generator_sha256"] == got.data.tags["generator_sha256"]
+    assert float(version.tags["fid"]) == pytest.approx(got.data.metrics["fid"])
 
 
 def workspace_state(project: Path) -> dict[str, str]:
