@@ -56,6 +56,10 @@ format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff format .
 
 ui: setup  ## open the MLflow UI on the tracking store, on $(HOST):$(PORT)
+	@# MLflow 3's UI opens experiments in its GenAI view unless the URL asks for model training.
+	@$(BIN)/python -c 'import mlflow; e = mlflow.MlflowClient("$(TRACKING_URI)").get_experiment_by_name("mnist-gan"); \
+	  print("the training runs: http://$(HOST):$(PORT)/#/experiments/" + (e.experiment_id + "/runs" if e else "") + "?workflowType=machine_learning")' \
+	  2>/dev/null || true
 	$(BIN)/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host $(HOST) --port $(PORT)
 
 bench: setup  ## training throughput against the common tutorial baseline
