@@ -322,7 +322,7 @@ def test_label_accuracy_follows_the_digits_asked_for(mnist: dict, evaluator: nn.
     test_labels = labels[REFERENCE]
     result = _evaluate(samples, evaluator, mnist, labels=digits, test_labels=test_labels)
     got, real = result.samples.metrics, result.reference
-    assert got["label_accuracy"] > 0.9  # the evaluator's accuracy; seeds: 0.974-0.985
+    assert got["label_accuracy"] > 0.9  # seeds: 0.956-0.971
     _, accuracy = evaluate_classifier(evaluator, images[REFERENCE], test_labels)
     assert real["label_accuracy"] == pytest.approx(accuracy, abs=1e-6)
     flat = result.flat()
