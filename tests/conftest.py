@@ -98,6 +98,35 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+# What MLflow writes into os.environ when code sets its URIs, so that subprocesses inherit them.
+_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_isolated() -> Iterator[None]:
+    """Each test starts with no MLflow URI set, and ends with them as the suite found them.
+
+    A test never talks to the store of the shell that runs the suite (a team server, say).
+
+    ``mlflow.set_tracking_uri`` and ``set_registry_uri`` also write ``MLFLOW_TRACKING_URI`` and
+    ``MLFLOW_REGISTRY_URI`` into ``os.environ``. A stage run in-process (CliRunner) sets them to
+    its throwaway store, and without this every later subprocess (``mlflow models serve``, dvc)
+    would inherit the store of a test that has finished.
+    """
+    saved = {name: os.environ.pop(name, None) for name in _MLFLOW_URI_VARS}
+    yield
+    if "mlflow" in sys.modules:  # the library and most tests run without importing it
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture
 def project_copy(tmp_path: Path) -> Path:
     """A fresh git repository holding the project's files (as git sees them), no outputs.
