@@ -25,7 +25,7 @@ import mlflow
 import tracking
 from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 
-from mnist_gan.classifier import load_classifier
+from mnist_gan.classifier import WEIGHTS_FILE, load_classifier
 from mnist_gan.data import DataError, load_normalized
 from mnist_gan.figures import class_grid, neighbour_figure, sample_grid, save_png
 from mnist_gan.metrics import balanced_labels, evaluate_samples, generate_samples
@@ -93,25 +93,27 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
     click.echo(f"scored {cfg.num_samples} samples and the references in {seconds:.1f} s", err=True)
 
     run_id = tracking.find_generator_run(sha, hint=tracking.read_run_id(run_id_file))
-    run, _ = tracking.start_run("evaluate", run_id, tags={tracking.GENERATOR_TAG: sha})
-    if run_id is None:
+    run, resumed = tracking.start_run("evaluate", run_id, tags={tracking.GENERATOR_TAG: sha})
+    if not resumed:
         click.echo(f"note: no run in {tracking.tracking_uri()} trained {gan / GENERATOR_FILE} "
                    f"(sha256 {sha[:12]}...); logging into a new run {run.info.run_id} "
                    "(stage=evaluate)", err=True)  # fmt: skip
+    # Tags, not params: a train run keeps its id when only evaluate's params change, and
+    # MLflow refuses to change a logged param.
+    settings = {**tracking.flatten({"evaluate": params_to_dict(cfg)}), "base.seed": seed}
     with run:
-        # Tags, not params: a train run keeps its id when only evaluate's params change, and
-        # MLflow refuses to change a logged param.
-        mlflow.set_tags(tracking.flatten({"evaluate": params_to_dict(cfg)}))
+        mlflow.set_tags(settings)
         shares = scores.counts.double() / scores.counts.sum()
         mlflow.log_metrics({**flat, **{f"class_share_{d}": float(s) for d, s in enumerate(shares)},
                             "evaluate_seconds": seconds})  # fmt: skip
         mlflow.log_artifact(str(metrics), artifact_path="evaluate")
         mlflow.log_artifacts(str(plots), artifact_path="evaluate")
     # The registered version of these weights carries its headline metrics (for the promotion
-    # gate), and the evaluator that measured them.
+    # gate), the evaluator that measured them and how (two versions compare fairly only when
+    # both match).
     headline = {k: flat[k] for k in tracking.HEADLINE_METRICS if k in flat}
-    evaluator_sha = sha256_file(classifier / "classifier.safetensors")
-    tracking.tag_model_versions(run.info.run_id, {**headline, "classifier_sha256": evaluator_sha})
+    evaluator_sha = sha256_file(classifier / WEIGHTS_FILE)
+    tracking.tag_model_versions(sha, {**headline, **settings, "classifier_sha256": evaluator_sha})
 
 
 if __name__ == "__main__":

@@ -74,6 +74,22 @@ def table(result: list[Rule], versions: tuple[str, str], extra: dict[str, tuple[
                      for row in cells)  # fmt: skip
 
 
+def scoring_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """How two versions' evaluations differ: the evaluator classifier or evaluate's settings."""
+    keys = sorted(k for k in {*old, *new} if k.startswith(("evaluate.", "base.seed")))
+    out = [f"{k} {old.get(k, '-')} vs {new.get(k, '-')}" for k in keys if old.get(k) != new.get(k)]
+    if old.get("classifier_sha256") != new.get("classifier_sha256"):
+        out.insert(0, "another evaluator classifier")
+    return out
+
+
+def _set_alias(alias: str, version: str) -> None:
+    try:
+        tracking.set_alias(alias, version)
+    except tracking.tracking_failures() as exc:
+        sys.exit(f"error: could not point {alias} at version {version}: {tracking.short(exc)}")
+
+
 @click.command(help=__doc__)
 @folder_option("--gan", "GAN folder whose generator is the challenger, e.g. models/gan.")
 @PARAMS_OPTION
@@ -90,7 +106,7 @@ def main(gan: Path, params_file: Path) -> None:
     except (OSError, RuntimeError, ValueError, MlflowException) as exc:
         sys.exit(f"error: {tracking.short(exc, 300)}")
     name = tracking.REGISTERED_MODEL
-    tracking.set_alias("challenger", new.version)
+    _set_alias("challenger", new.version)
     if old is not None and old.version == new.version:
         click.echo(f"{name} version {new.version} is the champion already")
         return
@@ -99,13 +115,14 @@ def main(gan: Path, params_file: Path) -> None:
              for k in ("is_mean", "precision", "recall", "coverage", "label_accuracy")
              if k in new_metrics}  # fmt: skip
     click.echo(table(result, (f"v{old.version}" if old else "-", f"v{new.version}"), extra))
-    if old is not None and old.tags.get("classifier_sha256") != new.tags.get("classifier_sha256"):
-        click.echo("note: the two were scored by different evaluator classifiers", err=True)
+    if old is not None and (differ := scoring_differences(old.tags, new.tags)):
+        click.echo(f"note: the two were scored differently ({', '.join(differ)}): the "
+                   "comparison is not like for like", err=True)  # fmt: skip
     if not all(r.passed for r in result):
         click.echo(f"refused: {name} version {new.version} is the challenger; the champion "
                    f"stays {f'version {old.version}' if old else 'unset'}")  # fmt: skip
         sys.exit(REFUSED)
-    tracking.set_alias("champion", new.version)
+    _set_alias("champion", new.version)
     click.echo(f"promoted: {name} version {new.version} is the champion"
                + (f" (was version {old.version})" if old else ""))  # fmt: skip
 

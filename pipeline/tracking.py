@@ -338,11 +338,14 @@ def log_training_data(folder: Path, images: Any) -> str:
 
 
 def tracking_failures() -> tuple[type[BaseException], ...]:
-    """What MLflow raises when its store stops answering (to catch around logging calls)."""
+    """What MLflow raises when its store fails or stops answering (to catch around logging calls).
+
+    Not OSError: a full disk while writing a checkpoint is not the tracking store's failure.
+    """
     import requests
     from mlflow.exceptions import MlflowException
 
-    return (MlflowException, requests.exceptions.RequestException, OSError)
+    return (MlflowException, requests.exceptions.RequestException)
 
 
 def short(exc: BaseException, limit: int = 160) -> str:
@@ -402,6 +405,7 @@ def log_generator_model(
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
+    from packaging.version import Version
 
     import mnist_gan
 
@@ -410,7 +414,8 @@ def log_generator_model(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),  # images
     )
-    pins = [f"{p}=={importlib.metadata.version(p)}" for p in PYFUNC_PACKAGES]
+    # The public version: a local one such as 2.11.0+cu128 is not on PyPI for the serving env.
+    pins = [f"{p}=={Version(importlib.metadata.version(p)).public}" for p in PYFUNC_PACKAGES]
     # Quiet logs: no progress bar for the validation's artifact download, and no advice to
     # type-hint predict (the signature above is the schema).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -451,15 +456,20 @@ HEADLINE_METRICS = (
 )
 
 
-def tag_model_versions(run_id: str, tags: Mapping[str, Any]) -> list[str]:
-    """Set ``tags`` on every registered version that the run ``run_id`` logged.
+def tag_model_versions(generator_sha256: str, tags: Mapping[str, Any]) -> list[str]:
+    """Set ``tags`` on every registered version that holds the generator with this SHA-256.
+
+    Found by content, like the run (a run that resumed after a lost server, or two runs that
+    made the same weights, may have registered more than one version of them).
 
     Returns:
-        The versions tagged (none when the run registered no model).
+        The versions tagged (none when no version holds these weights).
     """
 
     client = client_for_store()
-    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'")
+    versions = client.search_model_versions(
+        f"name = '{REGISTERED_MODEL}' and tags.{GENERATOR_TAG} = '{generator_sha256}'"
+    )
     for v in versions:
         for key, value in tags.items():
             client.set_model_version_tag(REGISTERED_MODEL, v.version, key, str(value))
@@ -486,19 +496,33 @@ def find_model_version(generator_sha256: str) -> Any:
     return max(found, key=lambda v: int(v.version))
 
 
+# What the promotion gate judges: a version without one of these cannot be compared.
+GATE_METRICS = ("fid", "modes", "memorized_fraction", "real_memorized_fraction")
+
+
 def version_metrics(version: Any) -> dict[str, float]:
     """The headline metrics the evaluate stage put on a registered version, as numbers.
 
     Raises:
-        ValueError: evaluate has not scored this version yet.
+        ValueError: evaluate has not scored this version yet, or a tag is not a number.
     """
     tags = version.tags
-    if "fid" not in tags:
+    missing = [k for k in GATE_METRICS if k not in tags]
+    if missing:
         raise ValueError(
-            f"{REGISTERED_MODEL} version {version.version} has no metrics yet: run the evaluate "
-            "stage on it (dvc repro evaluate)"
+            f"{REGISTERED_MODEL} version {version.version} has no {', '.join(missing)} yet: run "
+            "the evaluate stage on it (dvc repro evaluate)"
         )
-    return {k: float(tags[k]) for k in HEADLINE_METRICS if k in tags}
+    out = {}
+    for key in (k for k in HEADLINE_METRICS if k in tags):
+        try:
+            out[key] = float(tags[key])
+        except ValueError:
+            raise ValueError(
+                f"{REGISTERED_MODEL} version {version.version}: tag {key} = {tags[key]!r} is "
+                "not a number: run the evaluate stage on it again (dvc repro -f evaluate)"
+            ) from None
+    return out
 
 
 def alias_version(alias: str) -> Any | None:

@@ -55,13 +55,15 @@ def _terminate(signum: int, frame: object) -> None:
 def _lost_tracking(exc: BaseException, trainer: GANTrainer, store: CheckpointStore,
                    run_id: str | None) -> NoReturn:  # fmt: skip
     """Keep the work (a checkpoint of the epoch reached) and stop with one line."""
+    kept = "nothing was trained yet"
     if trainer.epoch and run_id:
         store.save(trainer.state_dict(), run_id=run_id)
+        kept = f"epoch {trainer.epoch} is saved in {store.path}"
     tracking.give_up_quickly()
     sys.exit(
-        f"error: the MLflow tracking store {tracking.tracking_uri()} stopped answering "
-        f"({tracking.short(exc)}); epoch {trainer.epoch} is saved in {store.path}: run again "
-        "once it answers, and training resumes in the same run"
+        f"error: the MLflow tracking store {tracking.tracking_uri()} failed "
+        f"({tracking.short(exc)}); {kept}: run again once it answers, and training resumes in "
+        "the same run"
     )
 
 
@@ -104,16 +106,16 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
     digits = torch.arange(rows * rows) // rows if cfg.conditional else None
     every, run_id = cfg.sample_every, None
 
-    def log_epoch(values: dict[str, float], grid: bool) -> None:
+    def log_epoch(values: dict[str, float], with_grid: bool) -> None:
         epoch = int(values["epoch"])
         mlflow.log_metrics({k: v for k, v in values.items() if k != "epoch"}, step=epoch)
-        if grid and (epoch == cfg.epochs or (every and epoch % every == 0)):
+        if with_grid and (epoch == cfg.epochs or (every and epoch % every == 0)):
             grid = trainer.sample(noise, digits)
             tracking.log_image_grid(grid, key="samples", step=epoch, nrow=rows)
 
     def on_epoch(t: GANTrainer, stats: EpochStats) -> None:
         if stats.epoch > logged:
-            log_epoch(stats.as_dict(), grid=True)
+            log_epoch(stats.as_dict(), with_grid=True)
         losses = f"loss_d {stats.loss_d:.4f} loss_g {stats.loss_g:.4f}"
         click.echo(
             f"epoch {stats.epoch}/{cfg.epochs}: {losses} ({stats.epoch_seconds:.1f} s)", err=True
@@ -136,7 +138,7 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
         logged = tracking.last_logged_step(run_id, "loss_d") if resumed else 0
         for values in trainer.history:
             if values["epoch"] > logged:
-                log_epoch(values, grid=values["epoch"] == trainer.epoch)
+                log_epoch(values, with_grid=values["epoch"] == trainer.epoch)
         history = trainer.fit(on_epoch, store, {"run_id": run_id})
     except DivergenceError as exc:
         mlflow.end_run("FAILED")

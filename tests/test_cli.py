@@ -88,7 +88,9 @@ def test_digits_on_request(gans: dict, tmp_path: Path) -> None:
 def test_errors_are_one_line(gans: dict, tmp_path: Path, monkeypatch) -> None:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    res = generate("--model", "models:/mnist-gan-generator@champion", "--out", "x.png")
+    res = generate(
+        "--model", "models:/mnist-gan-generator@champion", "--out", str(tmp_path / "x.png")
+    )
     assert res.exit_code == 1 and f"there is no tracking store at {store}" in res.output
     assert not (tmp_path / "mlflow.db").exists()  # not made by asking
     MlflowClient(store).search_experiments()  # an empty store
@@ -103,8 +105,45 @@ def test_errors_are_one_line(gans: dict, tmp_path: Path, monkeypatch) -> None:
         assert res.exit_code == 1, res.output
         assert message in res.output and len(res.output.strip().splitlines()) == 1, res.output
         assert not (tmp_path / "x.png").exists()
-    res = generate("--model", str(gans["plain"]), "--digit", "10", "--out", "x.png")
+    res = generate("--model", str(gans["plain"]), "--digit", "10", "--out", str(tmp_path / "x.png"))
     assert res.exit_code == 2 and "0<=x<=9" in res.output
+
+
+def test_out_names_a_grid_an_array_or_a_folder_it_may_replace(gans: dict, tmp_path: Path) -> None:
+    model = ["--model", str(gans["plain"]), "-n", "4"]
+    # The suffix in any case.
+    assert generate(*model, "--out", str(tmp_path / "GRID.PNG")).exit_code == 0
+    with Image.open(tmp_path / "GRID.PNG") as grid:
+        assert grid.format == "PNG" and grid.size == (2 * 28 + 3 * 2,) * 2
+    assert generate(*model, "--out", str(tmp_path / "S.Npy")).exit_code == 0
+    assert np.load(tmp_path / "S.Npy").shape == (4, 1, 28, 28)
+    # Another suffix is not silently taken for a folder.
+    res = generate(*model, "--out", str(tmp_path / "grid.jpg"))
+    assert res.exit_code == 2 and "give a .png file" in res.output
+    assert not (tmp_path / "grid.jpg").exists()
+    # A folder holding other files is never replaced; one of earlier images is.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    res = generate(*model, "--out", str(work))
+    assert res.exit_code == 2 and "holding other files (notes.txt)" in res.output
+    assert (work / "notes.txt").read_text() == "mine"
+    assert generate(*model, "--out", str(tmp_path / "imgs")).exit_code == 0
+    res = generate("--model", str(gans["plain"]), "-n", "2", "--out", str(tmp_path / "imgs"))
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_more_images_than_one_batch_are_the_same_images(gans: dict, tmp_path: Path) -> None:
+    """Drawn in batches of 1,000 (memory stays flat), from one seeded stream of noise."""
+    args = ["--model", str(gans["conditional"]), "--seed", "5"]
+    assert generate(*args, "-n", "1500", "--out", str(tmp_path / "many.npy")).exit_code == 0
+    many = np.load(tmp_path / "many.npy")
+    generator, cfg = load_generator(gans["conditional"])
+    z = torch.randn(1500, cfg.latent_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = generator(z, torch.arange(1500) % 10).numpy()
+    np.testing.assert_allclose(many, want, rtol=0, atol=1e-6)
 
 
 def test_the_installed_command_and_the_stages_use_one_store(monkeypatch) -> None:

@@ -73,8 +73,9 @@ def test_conditional_networks_depend_on_the_digit(name: str) -> None:
         d(images)
 
 
-def test_unconditional_networks_keep_their_parameters() -> None:
-    """train.conditional: false builds exactly the networks (and weights) it always has."""
+def test_unconditional_networks_keep_their_parameter_names() -> None:
+    """train.conditional: false builds the parameters it always has (saved weights still load);
+    a conditional network adds only the label embedding."""
     cfg = TrainParams(hidden=(32,), latent_dim=8)
     for build in (build_generator, build_discriminator):
         torch.manual_seed(0)

@@ -109,6 +109,15 @@ def test_the_gate_moves_champion_only_when_it_passes(
         assert promote(stage, gan, store, tmp_path).exit_code == 3
         assert aliases(client) == {"champion": v3, "challenger": version}
 
+    # Scored another way than the champion: compared all the same, with a note saying how.
+    other = make_gan(tmp_path / "other", seed=9)
+    register(client, other, {**GOOD, "fid": 2.6, "evaluate.num_samples": "1000"})
+    client.set_model_version_tag(NAME, v3, "evaluate.num_samples", "10000")
+    res = promote(stage, other, store, tmp_path)
+    assert res.exit_code == 3 and "scored differently (evaluate.num_samples 10000 vs 1000)" in (
+        res.output
+    )
+
     # The champion's own weights: nothing to do.
     res = promote(stage, better, store, tmp_path)
     assert res.exit_code == 0 and "is the champion already" in res.output
@@ -123,8 +132,20 @@ def test_errors_exit_1_with_one_line(stage: ModuleType, store: str, tmp_path: Pa
     version = register(client, gan, None)  # registered, not evaluated yet
     res = promote(stage, gan, store, tmp_path)
     assert res.exit_code == 1
-    assert f"version {version} has no metrics yet: run the evaluate stage" in res.output
+    assert (
+        f"version {version} has no fid, modes, memorized_fraction, real_memorized_fraction yet"
+        in res.output
+    )
     assert "champion" not in aliases(client)
+    client.set_model_version_tag(NAME, version, "fid", "3.0")  # the other gate metrics missing
+    res = promote(stage, gan, store, tmp_path)
+    assert res.exit_code == 1 and "has no modes, memorized_fraction" in res.output
+    for key, value in GOOD.items():
+        client.set_model_version_tag(NAME, version, key, str(value))
+    client.set_model_version_tag(NAME, version, "fid", "n/a")
+    res = promote(stage, gan, store, tmp_path)
+    assert res.exit_code == 1 and "tag fid = 'n/a' is not a number" in res.output
+    assert len(res.output.strip().splitlines()) == 1
     res = promote(stage, tmp_path / "nowhere", store, tmp_path)
     assert res.exit_code == 1 and "generator.safetensors" in res.output
     res = promote(stage, gan, f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}", tmp_path)

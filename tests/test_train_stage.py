@@ -21,6 +21,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from conftest import ROOT, load_stage, run
+from packaging.version import Version
 from PIL import Image
 from safetensors.torch import load_file
 from servers import free_port, mlflow_server
@@ -236,7 +237,9 @@ def test_a_conditional_run_registers_a_generator_that_draws_digits_on_request(
     mlflow.set_registry_uri(store)
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
     pins = (local / "requirements.txt").read_text().split()
-    assert f"torch=={importlib.metadata.version('torch')}" in pins
+    # The installed torch's public version (no +cpu or +cu128: those are not on PyPI).
+    assert f"torch=={Version(importlib.metadata.version('torch')).public}" in pins
+    assert not any("+" in pin for pin in pins), pins
 
     # Served rows: z plus the digit; an ndarray or a DataFrame.
     model = mlflow.pyfunc.load_model(uri)
@@ -439,7 +442,7 @@ def test_a_lost_tracking_server_costs_no_work_and_the_run_continues(tmp_path: Pa
     last = err.strip().splitlines()[-1]
     assert (
         last.startswith("error: the MLflow tracking store http://127.0.0.1:")
-        and "stopped answering" in last
+        and " failed (" in last
     )
     saved = torch.load(ckpt, weights_only=True)["epoch"]
     assert 3 <= saved < 150 and f"epoch {saved} is saved in {ckpt}" in last

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from mnist_gan.data import NUM_CLASSES
 from mnist_gan.params import ClassifierParams, params_to_dict, section_from_dict
 from mnist_gan.utils import load_weights, seed_everything
 
@@ -39,7 +40,6 @@ __all__ = [
 ARCHITECTURE = "cnn-v1"  # bump when the layers change, so old weights are refused on load
 WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "config.json"
-NUM_CLASSES = 10
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:

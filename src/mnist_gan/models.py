@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mnist_gan.data import NUM_CLASSES
 from mnist_gan.params import TrainParams, params_to_dict, section_from_dict
 from mnist_gan.utils import load_weights
 
@@ -52,7 +53,6 @@ __all__ = [
 
 IMAGE_SHAPE = (1, 28, 28)
 _PIXELS = 28 * 28
-NUM_CLASSES = 10  # digits, for train.conditional
 LABEL_DIM = 10  # size of a digit's embedding where it joins an input
 LEAKY_SLOPE = 0.2  # the usual GAN discriminator slope (DCGAN paper)
 
@@ -138,8 +138,16 @@ class MLPDiscriminator(nn.Module):
         """Map images (B, 1, 28, 28), and digits y (B,) when conditional, to logits (B,)."""
         if self.embed is None:
             return self.net(x).squeeze(1)  # (B, 1) -> (B,)
-        features = self.net[:-1](x)  # (B, H)
+        features = _body(self.net, x)  # (B, H)
         return _project(self.net[-1](features).squeeze(1), features, y, self.embed)
+
+
+def _body(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``net`` without its last layer, applied to ``x`` (no new Sequential per call)."""
+    *body, _ = net
+    for layer in body:
+        x = layer(x)
+    return x
 
 
 def _join(z: torch.Tensor, y: torch.Tensor | None, embed: nn.Module | None) -> torch.Tensor:
@@ -244,7 +252,7 @@ class DCGANDiscriminator(nn.Module):
         """Map images (B, 1, 28, 28), and digits y (B,) when conditional, to logits (B,)."""
         if self.embed is None:
             return self.net(x).flatten()  # (B, 1, 1, 1) -> (B,)
-        features = self.net[:-1](x)  # (B, 2C, 7, 7)
+        features = _body(self.net, x)  # (B, 2C, 7, 7)
         return _project(self.net[-1](features).flatten(), features, y, self.embed)
 
 

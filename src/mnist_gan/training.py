@@ -632,7 +632,7 @@ class GANTrainer:
             raise ValueError(f"unsupported checkpoint format {found!r}")
         try:
             self._load_state(state)
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
             why = " ".join(str(exc).split())[:300]
             raise ValueError(
                 f"checkpoint does not fit this trainer ({type(exc).__name__}: {why})"

@@ -14,6 +14,7 @@ library never imports.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ import click
 import numpy as np
 import torch
 
+from mnist_gan.metrics import balanced_labels, generate_samples
 from mnist_gan.models import load_generator
 from mnist_gan.utils import atomic_dir, atomic_path
 
@@ -71,14 +73,43 @@ def _load(model: str, workdir: Path) -> tuple[torch.nn.Module, object]:
     return load_generator(folder)
 
 
-def _write(images: torch.Tensor, out: Path) -> None:
+def _out_kind(out: Path) -> str:
+    """What ``--out`` names: "npy", "png" or "folder"; a clear error for anything else.
+
+    A folder is replaced as a whole, so an existing one must be empty or hold only what this
+    command writes there (``00000.png``, ...): ``--out .`` never deletes a project.
+    """
+    suffix = out.suffix.lower()
+    if suffix in (".npy", ".png") and not out.is_dir():
+        return suffix[1:]
+    if suffix and not out.is_dir():
+        raise click.BadParameter(
+            f"{out}: give a .png file (a grid), a .npy file (an array) or a folder",
+            param_hint="--out",
+        )
+    if out.is_dir():
+        foreign = [p.name for p in out.iterdir() if not _OURS.fullmatch(p.name)]
+        if foreign:
+            raise click.BadParameter(
+                f"{out} is a folder holding other files ({', '.join(sorted(foreign)[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); it would be replaced: name a new or an "
+                "empty folder",
+                param_hint="--out",
+            )
+    return "folder"
+
+
+_OURS = re.compile(r"\d{5,}\.png")  # the files of an earlier --out FOLDER
+
+
+def _write(images: torch.Tensor, out: Path, kind: str) -> None:
     """Images (N, 1, 28, 28) in [-1, 1] as a PNG grid, a .npy array or a folder of PNGs."""
     from torchvision.utils import save_image
 
-    if out.suffix == ".npy":
+    if kind == "npy":
         with atomic_path(out) as tmp, tmp.open("wb") as f:
             np.save(f, images.numpy())  # float32 (N, 1, 28, 28) in [-1, 1]
-    elif out.suffix == ".png":
+    elif kind == "png":
         nrow = max(1, round(len(images) ** 0.5))
         with atomic_path(out) as tmp:
             save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1), format="png")
@@ -124,6 +155,7 @@ def main() -> None:
                    "or a folder (one PNG per image).")  # fmt: skip
 def generate(model: str, num: int, digit: int | None, seed: int, out: Path) -> None:
     """Draw images from a trained generator."""
+    kind = _out_kind(out)
     with tempfile.TemporaryDirectory() as workdir:
         try:
             generator, cfg = _load(model, Path(workdir))
@@ -132,13 +164,14 @@ def generate(model: str, num: int, digit: int | None, seed: int, out: Path) -> N
     if digit is not None and not cfg.conditional:
         sys.exit(f"error: --digit {digit}: {model} is an unconditional generator (it was not "
                  "trained with train.conditional: true); leave --digit out")  # fmt: skip
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(num, cfg.latent_dim, generator=gen)  # (N, latent_dim), on the CPU
-    y = None
+    labels = None
     if cfg.conditional:  # the digit asked for, or every digit in turn
-        y = torch.full((num,), digit) if digit is not None else torch.arange(num) % 10
-    with torch.no_grad():
-        images = generator(z) if y is None else generator(z, y)  # (N, 1, 28, 28)
-    _write(images.float(), out)
+        labels = torch.full((num,), digit) if digit is not None else balanced_labels(num)
+    # The evaluate stage's sampler: noise seeded on the CPU, drawn in batches.
+    try:
+        images = generate_samples(generator, num, cfg.latent_dim, seed, labels=labels)
+    except ValueError as exc:  # e.g. weights that make NaN
+        sys.exit(f"error: {model}: {exc}")
+    _write(images, out, kind)
     what = f"digit {digit}" if digit is not None else "images"
     click.echo(f"wrote {num} {what} from {model} to {out}", err=True)
