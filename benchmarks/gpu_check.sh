@@ -5,18 +5,21 @@
 #   2. benchmark the trainer against the tutorial baseline on CUDA (mlp and dcgan, batch 128);
 #   3. train the article's configuration (params.yaml) for 100 epochs on the full MNIST,
 #      report the training seconds and write the final sample grid;
-#   4. optionally (GPU_CHECK_FID=1): FID of the fast path against the plain eager path, 2 seeds;
-#   5. while the budget lasts (GPU_CHECK_EXTRAS=0 skips them): the variants the fast path was
+#   4. the reference and evaluate stages' scoring on the CPU and on the GPU: seconds, and how far
+#      the GPU's metrics are from the CPU's;
+#   5. optionally (GPU_CHECK_FID=1): FID of the fast path against the plain eager path, 2 seeds;
+#   6. while the budget lasts (GPU_CHECK_EXTRAS=0 skips them): the variants the fast path was
 #      chosen from: dcgan without channels_last, mlp with torch.compile, mlp at batch 1024.
 # Every part runs under its own time bound, and a failing part does not stop the next one.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR] [MNIST_DIR]
 #   OUT_DIR    results (default: $OUT, else bench/gpu_check): throughput.json, train_full.json,
-#              samples.png, fid_check.json, one .log per part, summary.txt
+#              samples.png, evaluate_device.json, fid_check.json, one .log per part, summary.txt
 #   MNIST_DIR  the four MNIST IDX files, decompressed or .gz (default: $MNIST_DATA, else
 #              .gpucheck/mnist, else data/raw); relative paths start at the repository root
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for all parts, default 450),
-#   GPU_CHECK_FID=1 to run part 4, BENCH_ARGS / TRAIN_ARGS / FID_ARGS extra arguments per part,
+#   GPU_CHECK_FID=1 to run part 5, BENCH_ARGS / TRAIN_ARGS / EVAL_ARGS / FID_ARGS extra arguments
+#   per part,
 #   GPU_CHECK_DEVICE (default cuda; cpu only to try the script's plumbing on a CPU machine).
 set -uo pipefail
 
@@ -83,6 +86,8 @@ EOF
     --data "$DATA" --out "$OUT_DIR/throughput.json" ${BENCH_ARGS:-}
   part train_full 200 "$PY" benchmarks/train_full.py --data "$DATA" --out "$OUT_DIR" \
     --device "$DEVICE" --time-limit 150 ${TRAIN_ARGS:-}
+  part evaluate_device 120 "$PY" benchmarks/evaluate_device.py --data "$DATA" \
+    --devices "cpu,$DEVICE" --out "$OUT_DIR" ${EVAL_ARGS:-}
   if [[ ${GPU_CHECK_FID:-0} == 1 ]]; then
     part fid_check 150 "$PY" benchmarks/fid_check.py --data "$DATA" --out "$OUT_DIR" \
       --device "$DEVICE" --time-limit 100 ${FID_ARGS:-}
@@ -128,6 +133,13 @@ if full:
           f"{full['train_seconds']} s ({full['images_per_sec']:,.0f} img/s; first epoch "
           f"{full['first_epoch_seconds']} s, median epoch {full['median_epoch_seconds']} s) "
           f"on {full['device']}")
+scoring = load("evaluate_device.json")
+for r in (scoring or {}).get("results", []):
+    diff = r.get("max_abs_diff_from_first")
+    worst = max(diff.items(), key=lambda kv: kv[1]) if diff else None
+    print(f"evaluate_device {r['device']}: reference {r['reference_seconds']} s, samples "
+          f"{r['evaluate_seconds']} s; " + (f"largest difference from the CPU: {worst[0]} "
+          f"{worst[1]:.2e}" if worst else "the base"))
 fid = load("fid_check.json")
 if fid:
     print(f"fid_check: {fid['summary']}; verdict {fid['verdict']}")

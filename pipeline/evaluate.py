@@ -4,14 +4,16 @@ Draws evaluate.num_samples images from GAN (the EMA weights when present) with b
 scores them with the classifier in CLASSIFIER: FID and KID against the test set, Inception Score,
 precision, recall, density and coverage (k = evaluate.k), mode coverage (modes, class_kl) and
 memorisation (memorized_fraction, nn_ratio). Every metric also gets its real-data reference,
-prefixed real_. A conditional generator is asked for every digit equally often and also gets
-label_accuracy: the share of samples the classifier calls the digit asked for (its reference:
-the classifier's test accuracy). Writes METRICS (flat JSON) and under PLOTS: samples.png,
-per_digit.png and nearest_train.png. Logs all of it into the MLflow run that trained these
-weights, found in the tracking store by the generator's SHA-256 (RUN_ID_FILE, the id train last
-wrote, only breaks a tie). When the store has no such run (the model came through DVC's cache
-from elsewhere), it logs into a new run tagged stage=evaluate and with that SHA-256, and says
-so. The headline metrics also go onto the registered model version of those weights, as tags.
+prefixed real_, from REFERENCE (the reference stage computes real data's side once for these
+settings; this stage scores only the samples). A conditional generator is asked for every digit
+equally often and also gets label_accuracy: the share of samples the classifier calls the digit
+asked for (its reference: the classifier's test accuracy). Writes METRICS (flat JSON) and under
+PLOTS: samples.png, per_digit.png and nearest_train.png. Logs all of it into the MLflow run that
+trained these weights, found in the tracking store by the generator's SHA-256 (RUN_ID_FILE, the
+id train last wrote, only breaks a tie). When the store has no such run (the model came through
+DVC's cache from elsewhere), it logs into a new run tagged stage=evaluate and with that SHA-256,
+and says so. The headline metrics also go onto the registered model version of those weights,
+as tags.
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 from mnist_gan.classifier import WEIGHTS_FILE, load_classifier
 from mnist_gan.data import DataError, load_normalized
 from mnist_gan.figures import class_grid, neighbour_figure, sample_grid, save_png
-from mnist_gan.metrics import balanced_labels, evaluate_samples, generate_samples
+from mnist_gan.metrics import (
+    balanced_labels,
+    evaluate_samples,
+    generate_samples,
+    load_reference,
+)
 from mnist_gan.models import GENERATOR_FILE, load_generator
 from mnist_gan.params import params_to_dict
 from mnist_gan.utils import (
@@ -45,11 +52,12 @@ from mnist_gan.utils import (
 @folder_option("--data", "Folder holding train/test.safetensors.")
 @folder_option("--gan", "GAN folder written by the train stage.")
 @folder_option("--classifier", "Classifier folder (classifier stage).")
+@folder_option("--reference", "Real-data reference folder (reference stage).")
 @file_option("--metrics", "JSON file for the metrics.")
 @folder_option("--plots", "Folder for the figures (replaced on success).")
 @file_option("--run-id-file", "File holding the train run's MLflow id.")
 @PARAMS_OPTION
-def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
+def main(data: Path, gan: Path, classifier: Path, reference: Path, metrics: Path, plots: Path,
          run_id_file: Path, params_file: Path) -> None:  # fmt: skip
     """Score the GAN in GAN against the data in DATA."""
     params = load_or_exit(params_file)
@@ -59,8 +67,9 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
         set_threads(params.base.threads)
         device = resolve_device(params.base.device)
         train_images, _ = load_normalized(data / "train.safetensors")
-        test_images, test_labels = load_normalized(data / "test.safetensors")
+        test_images, _ = load_normalized(data / "test.safetensors")
         evaluator = load_classifier(classifier)
+        real = load_reference(reference, train_images, test_images, device)
         generator, gan_cfg = load_generator(gan, prefer_ema=True, device=device)
         sha = sha256_file(gan / GENERATOR_FILE)  # the weights' identity, for the MLflow run
     except (DataError, OSError, RuntimeError, ValueError) as exc:
@@ -73,9 +82,12 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
     samples = generate_samples(generator, cfg.num_samples, gan_cfg.latent_dim, seed,
                                cfg.batch_size, device, labels=digits)  # fmt: skip
     start = time.perf_counter()
-    result = evaluate_samples(samples, evaluator, train_images, test_images, cfg.k,
-                              cfg.is_splits, seed, cfg.batch_size, labels=digits,
-                              test_labels=test_labels)  # fmt: skip
+    try:
+        result = evaluate_samples(samples, evaluator, train_images, test_images, cfg.k,
+                                  cfg.is_splits, seed, cfg.batch_size, labels=digits,
+                                  reference=real)  # fmt: skip
+    except ValueError as exc:  # a reference made for other settings, NaN samples
+        sys.exit(f"error: {reference}: {exc}" if "reference" in str(exc) else f"error: {exc}")
     seconds = time.perf_counter() - start
     scores, flat = result.samples, result.flat()
 
@@ -90,7 +102,8 @@ def main(data: Path, gan: Path, classifier: Path, metrics: Path, plots: Path,
         "\n".join(f"{k:>19}: {flat[k]:<10g} real: {flat['real_' + k]:g}" for k in scores.metrics),
         err=True,
     )
-    click.echo(f"scored {cfg.num_samples} samples and the references in {seconds:.1f} s", err=True)
+    click.echo(f"scored {cfg.num_samples} samples in {seconds:.1f} s (real data: {reference})",
+               err=True)  # fmt: skip
 
     run_id = tracking.find_generator_run(sha, hint=tracking.read_run_id(run_id_file))
     run, resumed = tracking.start_run("evaluate", run_id, tags={tracking.GENERATOR_TAG: sha})

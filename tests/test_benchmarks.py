@@ -245,6 +245,7 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
         "PYTHON": sys.executable,
         "BENCH_ARGS": f"--steps 2 --warmup 1 --repeats 1 --batch-size 16 {tiny}",
         "TRAIN_ARGS": f"--epochs 1 --set batch_size=16 {tiny}",
+        "EVAL_ARGS": "--samples 40 --k 3 --is-splits 2 --kid-subsets 2",
         "FID_ARGS": f"--epochs 1 --seeds 0,1 --samples 50 --classifier-epochs 1 "
         f"--set batch_size=16 {tiny}",
     }
@@ -254,9 +255,13 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     summary = (out / "summary.txt").read_text()
-    for part in ("bench", "train_full", "fid_check"):
+    for part in ("bench", "train_full", "evaluate_device", "fid_check"):
         assert f"{part}: exit 0" in summary, summary
     assert "throughput cpu mlp" in summary and "train_full: 1/1 epochs" in summary
+    # The same computation on the same device twice: the same numbers.
+    scoring = [line for line in summary.splitlines() if line.startswith("evaluate_device cpu:")]
+    assert len(scoring) == 2 and scoring[0].endswith("the base"), summary
+    assert "largest difference from the CPU: " in scoring[1] and scoring[1].endswith(" 0.00e+00")
     assert (out / "samples.png").is_file()
     fid = json.loads((out / "fid_check.json").read_text())
     assert [(r["variant"], r["seed"]) for r in fid["runs"]] == [

@@ -20,8 +20,8 @@ from PIL import Image
 
 from mnist_gan.classifier import evaluate_classifier, load_classifier, save_classifier
 from mnist_gan.data import load_normalized, save_normalized
-from mnist_gan.metrics import METRIC_NAMES
-from mnist_gan.models import build_discriminator, build_generator, save_gan
+from mnist_gan.metrics import METRIC_NAMES, evaluate_samples, generate_samples
+from mnist_gan.models import build_discriminator, build_generator, load_generator, save_gan
 from mnist_gan.params import TrainParams
 from mnist_gan.utils import sha256_file
 
@@ -70,13 +70,23 @@ def project(tmp_path_factory: pytest.TempPathFactory, shared_mirror: Path) -> Pa
         "evaluate": {"num_samples": 300, "batch_size": 128, "k": 5, "is_splits": 5},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    res = CliRunner().invoke(load_stage("reference").main, reference_args(root, root))
+    assert res.exit_code == 0, res.output
     return root
+
+
+def reference_args(root: Path, out: Path) -> list[str]:
+    return [
+        "--data", str(root / "data"), "--classifier", str(root / "models/classifier"),
+        "--out", str(out / "reference"), "--metrics", str(out / "metrics/reference.json"),
+        "--params", str(root / "params.yaml"),
+    ]  # fmt: skip
 
 
 def args(root: Path, out: Path, gan: Path | None = None) -> list[str]:
     return [
         "--data", str(root / "data"), "--gan", str(gan or root / "models/gan"),
-        "--classifier", str(root / "models/classifier"),
+        "--classifier", str(root / "models/classifier"), "--reference", str(root / "reference"),
         "--metrics", str(out / "metrics/evaluate.json"), "--plots", str(out / "plots/evaluate"),
         "--run-id-file", str(out / ".mlflow_run_id"), "--params", str(root / "params.yaml"),
     ]  # fmt: skip
@@ -261,17 +271,20 @@ def test_bad_inputs_fail_cleanly_and_keep_earlier_outputs(
     refused(bad_args, "evaluate.k", code=2)
 
 
+@pytest.mark.parametrize("name", ["reference", "evaluate"])
 def test_what_the_dvc_yaml_command_writes_is_what_dvc_tracks(
-    project: Path, stage: object, store: str, tmp_path: Path
+    project: Path, name: str, store: str, tmp_path: Path
 ) -> None:
     """Run the stage with the arguments of its dvc.yaml command, rooted in a scratch folder:
     each file it writes lies under a declared out, metric or plot, and each of those exists
     (DVC would fail on a missing one, and miss an undeclared one)."""
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
+    stage = load_stage(name)
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]
     words = shlex.split(spec["cmd"])
-    assert words[:2] == ["python", "pipeline/evaluate.py"]
+    assert words[:2] == ["python", f"pipeline/{name}.py"]
     inputs = {"--data": project / "data", "--gan": project / "models/gan",
-              "--classifier": project / "models/classifier"}  # fmt: skip
+              "--classifier": project / "models/classifier",
+              "--reference": project / "reference"}  # fmt: skip
     arguments = []
     for flag, value in zip(words[2::2], words[3::2], strict=True):
         arguments += [flag, str(inputs.get(flag, tmp_path / value))]
@@ -282,10 +295,56 @@ def test_what_the_dvc_yaml_command_writes_is_what_dvc_tracks(
     def names(entries: list) -> set[str]:
         return {e if isinstance(e, str) else next(iter(e)) for e in entries}
 
-    tracked = names(spec.get("outs", [])) | names(spec["metrics"]) | names(spec["plots"])
+    tracked = names(spec.get("outs", [])) | names(spec["metrics"]) | names(spec.get("plots", []))
     written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     untracked = {w for w in written if not any(w == t or w.startswith(t + "/") for t in tracked)}
     # The run id train records is a git-ignored hint for MLflow, not a pipeline output.
     assert untracked <= {".mlflow_run_id"}, untracked
     assert all((tmp_path / t).exists() for t in tracked), tracked
     assert written  # it did write
+
+
+def test_the_reference_is_real_datas_side_computed_once(
+    project: Path, stage: object, store: str, tmp_path: Path
+) -> None:
+    """The reference stage's output gives evaluate the real_ values that computing them in
+    place gives; it is deterministic; evaluate refuses a reference made for other settings."""
+    reference = load_stage("reference")
+    res = CliRunner().invoke(reference.main, reference_args(project, tmp_path))
+    assert res.exit_code == 0, res.output
+    files = {p.name: p.read_bytes() for p in (tmp_path / "reference").iterdir()}
+    assert files == {p.name: p.read_bytes() for p in (project / "reference").iterdir()}
+    real = json.loads((tmp_path / "metrics/reference.json").read_text())
+    assert set(real) == set(METRIC_NAMES) | {"label_accuracy"}
+
+    res = invoke(stage, args(project, tmp_path), store)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    assert {k: metrics[f"real_{k}"] for k in METRIC_NAMES} == {k: real[k] for k in METRIC_NAMES}
+    # The same numbers as the library computing real data's side in place.
+    train, _ = load_normalized(project / "data/train.safetensors")
+    test, _ = load_normalized(project / "data/test.safetensors")
+    classifier = load_classifier(project / "models/classifier")
+    generator, cfg = load_generator(project / "models/gan", prefer_ema=True)
+    samples = generate_samples(generator, 300, cfg.latent_dim, 0, 128)
+    in_place = evaluate_samples(samples, classifier, train, test, 5, 5, 0, 128).flat()
+    assert metrics == in_place
+
+    # evaluate.k changed, the reference not remade: one line, nothing written.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evaluate"]["k"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "k4"
+    bad_args = args(project, out)
+    bad_args[bad_args.index("--params") + 1] = str(tmp_path / "params.yaml")
+    res = invoke(stage, bad_args, store)
+    assert res.exit_code == 1, res.output
+    assert "the reference was computed for other settings (k 5, not 4)" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
+    # A missing classifier: one line, and the earlier reference is kept.
+    bad_args = reference_args(project, tmp_path)
+    bad_args[bad_args.index("--classifier") + 1] = str(tmp_path / "nowhere")
+    res = CliRunner().invoke(reference.main, bad_args)
+    assert res.exit_code == 1 and "nowhere/classifier.safetensors" in res.output
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "reference").iterdir()}

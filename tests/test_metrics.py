@@ -357,3 +357,62 @@ def test_bad_input_is_refused(mnist: dict, evaluator: nn.Module) -> None:
         _evaluate(nan, evaluator, mnist)
     with pytest.raises(ValueError, match="evaluate.k"):
         _evaluate(good[:5], evaluator, mnist, k=5)
+
+
+# --- the cached reference (the reference stage) ----------------------------------------------
+
+
+def test_a_saved_reference_gives_the_metrics_computed_in_place(
+    evaluator: nn.Module, mnist: dict, tmp_path: Path
+) -> None:
+    """Real data's side computed once, saved and loaded, scores samples exactly as computing it
+    in place does, real_ references included; only settings it was made for are accepted."""
+    train = mnist["train"][0][:10_000]
+    test, test_labels = mnist["test"][0][REFERENCE], mnist["test"][1][REFERENCE]
+    samples = mnist["test"][0][OTHERS[:600]]
+    labels = mnist["test"][1][OTHERS[:600]]
+    settings = {"k": 5, "is_splits": 5, "seed": 0, "kid_subsets": 10}
+    in_place = M.evaluate_samples(samples, evaluator, train, test, labels=labels,
+                                  test_labels=test_labels, **settings)  # fmt: skip
+    reference = M.compute_reference(evaluator, train, test, test_labels, 5, 600, 5, 0,
+                                    kid_subsets=10)  # fmt: skip
+    M.save_reference(tmp_path, reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reference.json", "reference.safetensors"]
+    loaded = M.load_reference(tmp_path, train, test)
+    cached = M.evaluate_samples(samples, evaluator, train, test, labels=labels, reference=loaded,
+                                **settings)  # fmt: skip
+    assert cached.flat() == in_place.flat()
+    assert cached.reference == in_place.reference  # unrounded, bit for bit
+    assert cached.samples.metrics == in_place.samples.metrics
+    assert cached.reference["label_accuracy"] == pytest.approx(
+        evaluate_classifier(evaluator, test, test_labels)[1], abs=1e-6
+    )
+    assert torch.equal(cached.samples.nn_train_index, in_place.samples.nn_train_index)
+    # The subset that stands in for samples is kept, embedded: real data's FID is its FID.
+    assert len(loaded.subset.index) == 600 and loaded.subset.feats.shape[0] == 600
+    fid = M.frechet_distance(loaded.real.test_feats, loaded.subset.feats)
+    assert fid == pytest.approx(in_place.reference["fid"], rel=1e-9)
+
+    for key, value in (("k", 4), ("is_splits", 3), ("seed", 1)):
+        with pytest.raises(ValueError, match=f"other settings \\({key} {settings[key]}, not "):
+            M.evaluate_samples(samples, evaluator, train, test, reference=loaded,
+                               **{**settings, key: value})  # fmt: skip
+    with pytest.raises(ValueError, match="num_samples 600, not 500"):
+        M.evaluate_samples(samples[:500], evaluator, train, test, reference=loaded, **settings)
+    with pytest.raises(ValueError, match="made for 10000 training and 3000 test images"):
+        M.load_reference(tmp_path, train[:5000], test)
+
+
+def test_a_broken_reference_folder_is_one_line(tmp_path: Path) -> None:
+    images = torch.zeros(20, 1, 28, 28)
+    with pytest.raises(ValueError, match="reference.json: not found"):
+        M.load_reference(tmp_path, images, images)
+    (tmp_path / "reference.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="format 'other', expected 'mnist-gan-reference-v1'"):
+        M.load_reference(tmp_path, images, images)
+    (tmp_path / "reference.json").write_text("{not json")
+    with pytest.raises(ValueError, match="reference.json: unreadable"):
+        M.load_reference(tmp_path, images, images)
+    (tmp_path / "reference.json").write_text('{"format": "mnist-gan-reference-v1"}')
+    with pytest.raises(ValueError, match="reference.safetensors"):
+        M.load_reference(tmp_path, images, images)

@@ -21,8 +21,10 @@ other metrics share.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnist_gan.classifier import NUM_CLASSES, DigitClassifier, embed
+from mnist_gan.utils import load_safetensors
 
 __all__ = [
     "METRIC_NAMES",
@@ -37,21 +40,28 @@ __all__ = [
     "MODE_MIN_RATIO",
     "Evaluation",
     "RealData",
+    "RealSubset",
+    "Reference",
     "balanced_labels",
     "SampleScores",
     "class_kl",
+    "compute_reference",
     "evaluate_samples",
     "frechet_distance",
     "generate_samples",
     "inception_score",
     "kernel_inception_distance",
     "knn_radii",
+    "load_reference",
     "memorization_space",
     "memorization_threshold",
     "mode_count",
     "nearest_neighbours",
     "prdc",
     "reference_scores",
+    "reference_subset",
+    "save_reference",
+    "score_features",
     "score_memorization",
     "score_quality",
     "score_samples",
@@ -122,16 +132,18 @@ def nearest_neighbours(
     Returns:
         ``(distances, indices)``, both (M,).
     """
-    m = len(queries)
-    dist = torch.empty(m)
-    index = torch.empty(m, dtype=torch.long)
+    m, dev = len(queries), queries.device
+    dist = torch.empty(m, device=dev)
+    index = torch.empty(m, dtype=torch.long, device=dev)
     refs_sq = refs.square().sum(1)
-    buf = torch.empty(min(chunk, m), min(ref_chunk, len(refs)))
+    buf = torch.empty(min(chunk, m), min(ref_chunk, len(refs)), device=dev)
+    if exclude is not None:
+        exclude = exclude.to(dev)
     for i in range(0, m, chunk):
         q = queries[i : i + chunk]
-        best = torch.full((len(q),), math.inf)
-        best_idx = torch.zeros(len(q), dtype=torch.long)
-        rows = torch.arange(len(q))
+        best = torch.full((len(q),), math.inf, device=dev)
+        best_idx = torch.zeros(len(q), dtype=torch.long, device=dev)
+        rows = torch.arange(len(q), device=dev)
         for j in range(0, len(refs), ref_chunk):
             r = refs[j : j + ref_chunk]
             # |b|^2 - 2 a.b (q, r): the ranking of |a - b|^2 per query; |a|^2 is added at the end.
@@ -157,12 +169,12 @@ def knn_radii(feats: Tensor, k: int, chunk: int = 1024) -> Tensor:
     n = len(feats)
     if not 1 <= k < n:
         raise ValueError(f"k = {k} needs 1 <= k < number of points ({n})")
-    out = torch.empty(n)
+    out = torch.empty(n, device=feats.device)
     sq = feats.square().sum(1)
-    buf = torch.empty(min(chunk, n), n)
+    buf = torch.empty(min(chunk, n), n, device=feats.device)
     for i in range(0, n, chunk):
         d = _sq_dists(feats[i : i + chunk], feats, sq, buf)  # (c, N)
-        rows = torch.arange(len(d))
+        rows = torch.arange(len(d), device=feats.device)
         d[rows, rows + i] = math.inf  # a point is not its own neighbour
         out[i : i + len(d)] = d.topk(k, dim=1, largest=False).values[:, -1].sqrt()
     return out
@@ -220,9 +232,12 @@ def kernel_inception_distance(
     if size < 2:
         raise ValueError("KID needs at least 2 samples in each set")
     scores = torch.empty(subsets, dtype=torch.float64)
+    dev = feats_real.device
     for s in range(subsets):  # a loop over subsets, not samples
-        r = feats_real[torch.randperm(len(feats_real), generator=generator)[:size]]
-        f = feats_fake[torch.randperm(len(feats_fake), generator=generator)[:size]]
+        # The subsets are drawn on the CPU (the same on any device), then gathered where the
+        # features are.
+        r = feats_real[torch.randperm(len(feats_real), generator=generator)[:size].to(dev)]
+        f = feats_fake[torch.randperm(len(feats_fake), generator=generator)[:size].to(dev)]
         scores[s] = _poly_mmd(r, f)
     return float(scores.mean()), float(scores.std(unbiased=False))
 
@@ -268,10 +283,11 @@ def prdc(
     fake_radii = knn_radii(fake, k, chunk)
     real_r2, fake_r2 = real_radii.square(), fake_radii.square()  # compare squared distances
     real_sq = real.square().sum(1)
-    holding = torch.empty(len(fake))  # per fake: how many real balls hold it
-    recall_margin = torch.full((len(real),), math.inf)  # per real: min_j d^2 - fake_r2[j]
-    nearest_fake = torch.full((len(real),), math.inf)  # per real: min_j d^2
-    buf = torch.empty(min(chunk, len(fake)), len(real))
+    dev = real.device
+    holding = torch.empty(len(fake), device=dev)  # per fake: how many real balls hold it
+    recall_margin = torch.full((len(real),), math.inf, device=dev)  # min_j d^2 - fake_r2[j]
+    nearest_fake = torch.full((len(real),), math.inf, device=dev)  # per real: min_j d^2
+    buf = torch.empty(min(chunk, len(fake)), len(real), device=dev)
     tmp = torch.empty_like(buf)
     for i in range(0, len(fake), chunk):
         d = _sq_dists(fake[i : i + chunk], real, real_sq, buf)  # (c, N) squared
@@ -335,6 +351,7 @@ def memorization_threshold(
     test images do; copies sit at ~0, far under it.
     """
     idx = torch.randperm(len(train_space), generator=generator)[: min(queries, len(train_space))]
+    idx = idx.to(train_space.device)
     dist, _ = nearest_neighbours(train_space[idx], train_space, exclude=idx)
     return float(torch.quantile(dist.double(), quantile))
 
@@ -370,7 +387,10 @@ def score_memorization(
 
 @dataclass(frozen=True)
 class RealData:
-    """What the metrics need from real data, computed once for samples and references."""
+    """What the metrics need from real data, computed once for samples and references.
+
+    Its tensors sit on one device (:attr:`device`), where the samples are scored.
+    """
 
     test_feats: Tensor  # (N_test, D)
     test_radii: Tensor  # (N_test,) k-NN radii for precision, recall, density, coverage
@@ -381,6 +401,12 @@ class RealData:
     k: int  # neighbours for precision, recall, density and coverage
     kid_subsets: int = KID_SUBSETS
     test_accuracy: float | None = None  # the classifier's, when the test labels are given
+    test_logits: Tensor | None = None  # (N_test, 10)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the real data's tensors are, and the samples are scored."""
+        return self.test_feats.device
 
     @classmethod
     def prepare(
@@ -393,25 +419,28 @@ class RealData:
         batch_size: int = 1000,
         kid_subsets: int = KID_SUBSETS,
         test_labels: Tensor | None = None,
+        device: str | torch.device = "cpu",
     ) -> RealData:
-        """Embed the test set and set up the memorisation search."""
-        test_feats, test_logits = embed(classifier, test_images, batch_size)
+        """Embed the test set and set up the memorisation search, on ``device``."""
+        test_feats, test_logits = embed(classifier, test_images, batch_size, device)
         test_pred = test_logits.argmax(1)
         counts = torch.bincount(test_pred, minlength=NUM_CLASSES)
         accuracy = None
         if test_labels is not None:
             accuracy = (test_pred == test_labels.cpu()).double().mean().item()
-        train_space = memorization_space(train_images)
+        test_feats = test_feats.to(device)
+        train_space = memorization_space(train_images.to(device))
         return cls(
             test_feats=test_feats,
             test_radii=knn_radii(test_feats, k),
-            test_share=counts.double() / counts.sum(),
+            test_share=(counts.double() / counts.sum()).to(device),
             train_space=train_space,
-            test_space=memorization_space(test_images),
+            test_space=memorization_space(test_images.to(device)),
             threshold=memorization_threshold(train_space, _rng(seed, _SALT_THRESHOLD)),
             k=k,
             kid_subsets=kid_subsets,
             test_accuracy=accuracy,
+            test_logits=test_logits,
         )
 
 
@@ -426,6 +455,40 @@ class SampleScores:
     nn_train_index: Tensor  # (M,) its index in the training set
 
 
+def score_features(
+    feats: Tensor,
+    logits: Tensor,
+    real: RealData,
+    is_splits: int,
+    generator: torch.Generator,
+) -> tuple[dict[str, float], Tensor, Tensor]:
+    """FID, KID, IS, precision, recall, density, coverage, modes and class_kl of images given
+    by their classifier features (M, D) and logits (M, 10).
+
+    Returns:
+        The metrics, the predicted digits (M,) and their histogram (10,), on the CPU.
+    """
+    feats = feats.to(real.device)
+    pred = logits.argmax(1).cpu()
+    counts = torch.bincount(pred, minlength=NUM_CLASSES)
+    kid_mean, kid_std = kernel_inception_distance(
+        real.test_feats, feats, generator, subsets=real.kid_subsets
+    )
+    is_mean, is_std = inception_score(logits, is_splits)
+    share = real.test_share.cpu()
+    metrics = {
+        "fid": frechet_distance(real.test_feats, feats),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "is_mean": is_mean,
+        "is_std": is_std,
+        **prdc(real.test_feats, feats, real.k, real.test_radii),
+        "modes": mode_count(counts, share),
+        "class_kl": class_kl(counts, share),
+    }
+    return metrics, pred, counts
+
+
 def score_quality(
     images: Tensor,
     classifier: DigitClassifier,
@@ -434,29 +497,13 @@ def score_quality(
     generator: torch.Generator,
     batch_size: int = 1000,
 ) -> tuple[dict[str, float], Tensor, Tensor]:
-    """FID, KID, IS, precision, recall, density, coverage, modes and class_kl of ``images``.
+    """:func:`score_features` of ``images`` (M, 1, 28, 28), embedded on the real data's device.
 
     Returns:
         The metrics, the predicted digits (M,) and their histogram (10,).
     """
-    feats, logits = embed(classifier, images, batch_size)  # (M, D), (M, 10)
-    pred = logits.argmax(1)
-    counts = torch.bincount(pred, minlength=NUM_CLASSES)
-    kid_mean, kid_std = kernel_inception_distance(
-        real.test_feats, feats, generator, subsets=real.kid_subsets
-    )
-    is_mean, is_std = inception_score(logits, is_splits)
-    metrics = {
-        "fid": frechet_distance(real.test_feats, feats),
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "is_mean": is_mean,
-        "is_std": is_std,
-        **prdc(real.test_feats, feats, real.k, real.test_radii),
-        "modes": mode_count(counts, real.test_share),
-        "class_kl": class_kl(counts, real.test_share),
-    }
-    return metrics, pred, counts
+    feats, logits = embed(classifier, images, batch_size, real.device)  # (M, D), (M, 10)
+    return score_features(feats, logits, real, is_splits, generator)
 
 
 def _check_images(images: Tensor, what: str) -> None:
@@ -481,8 +528,32 @@ def score_samples(
     quality, pred, counts = score_quality(
         images, classifier, real, is_splits, _rng(seed, _SALT_KID), batch_size
     )
-    memo, d_train, i_train = score_memorization(memorization_space(images), real)
-    return SampleScores({**quality, **memo}, pred, counts, d_train, i_train)
+    memo, d_train, i_train = score_memorization(memorization_space(images.to(real.device)), real)
+    return SampleScores({**quality, **memo}, pred, counts, d_train.cpu(), i_train.cpu())
+
+
+@dataclass(frozen=True)
+class RealSubset:
+    """The training images that stand in for samples in the real-data reference."""
+
+    index: Tensor  # (n,) their indices in the training set
+    feats: Tensor  # (n, D) their classifier features
+    logits: Tensor  # (n, 10)
+
+
+def reference_subset(
+    train_images: Tensor,
+    classifier: DigitClassifier,
+    num_samples: int,
+    seed: int,
+    batch_size: int = 1000,
+    device: str | torch.device = "cpu",
+) -> RealSubset:
+    """A fixed random subset of ``num_samples`` training images (at most all), embedded."""
+    n_train = min(num_samples, len(train_images))
+    index = torch.randperm(len(train_images), generator=_rng(seed, _SALT_REFERENCE))[:n_train]
+    feats, logits = embed(classifier, train_images[index], batch_size, device)
+    return RealSubset(index, feats, logits)
 
 
 def reference_scores(
@@ -494,23 +565,182 @@ def reference_scores(
     is_splits: int,
     seed: int,
     batch_size: int = 1000,
+    subset: RealSubset | None = None,
 ) -> dict[str, float]:
     """What real data gets on every metric, with the same sample size.
 
     A fixed random subset of ``num_samples`` training images is scored like samples; for
     memorisation, held-out test images (up to ``num_samples``) are scored against the training
-    set and the *other* test images.
+    set and the *other* test images. ``subset``: :func:`reference_subset`, when already made.
     """
-    pick = _rng(seed, _SALT_REFERENCE)
-    n_train = min(num_samples, len(train_images))
-    subset = torch.randperm(len(train_images), generator=pick)[:n_train]
-    quality, _, _ = score_quality(
-        train_images[subset], classifier, real, is_splits, _rng(seed, _SALT_REF_KID), batch_size
+    if subset is None:
+        subset = reference_subset(train_images, classifier, num_samples, seed, batch_size,
+                                  real.device)  # fmt: skip
+    quality, _, _ = score_features(
+        subset.feats, subset.logits, real, is_splits, _rng(seed, _SALT_REF_KID)
     )
+    # The test images' draw continues the stream that picked the training subset.
+    pick = _rng(seed, _SALT_REFERENCE)
+    torch.randperm(len(train_images), generator=pick)
     n_test = min(num_samples, len(test_images))
     held_out = torch.randperm(len(test_images), generator=pick)[:n_test]
-    memo, _, _ = score_memorization(real.test_space[held_out], real, exclude_test=held_out)
+    memo, _, _ = score_memorization(
+        real.test_space[held_out.to(real.device)], real, exclude_test=held_out
+    )
     return {**quality, **memo}
+
+
+# --- the cached reference (the reference stage) ----------------------------------------------
+
+REFERENCE_FORMAT = "mnist-gan-reference-v1"
+REFERENCE_WEIGHTS = "reference.safetensors"
+REFERENCE_CONFIG = "reference.json"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The real-data side of every metric, computed once and cached by the reference stage.
+
+    ``real`` is what scoring samples needs, ``metrics`` what real data gets on every metric
+    (``label_accuracy``: the classifier's test accuracy), and ``settings`` what both were
+    computed for: :func:`evaluate_samples` uses a reference only with the same settings.
+    """
+
+    real: RealData
+    subset: RealSubset
+    metrics: dict[str, float]
+    settings: dict[str, int]
+
+
+def _settings(k: int, num_samples: int, is_splits: int, seed: int, kid_subsets: int,
+              num_train: int, num_test: int) -> dict[str, int]:  # fmt: skip
+    return {"k": k, "num_samples": num_samples, "is_splits": is_splits, "seed": seed,
+            "kid_subsets": kid_subsets, "num_train": num_train, "num_test": num_test}  # fmt: skip
+
+
+def compute_reference(
+    classifier: DigitClassifier,
+    train_images: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor | None,
+    k: int,
+    num_samples: int,
+    is_splits: int,
+    seed: int,
+    batch_size: int = 1000,
+    kid_subsets: int = KID_SUBSETS,
+    device: str | torch.device = "cpu",
+) -> Reference:
+    """Everything :func:`evaluate_samples` computes from real data alone, for ``num_samples``
+    samples: test features, logits and k-NN radii, the memorisation threshold, the training
+    subset that stands in for samples, and real data's value of every metric
+    (``label_accuracy``, the classifier's test accuracy, when ``test_labels`` are given)."""
+    for images, what in ((train_images, "training images"), (test_images, "test images")):
+        _check_images(images, what)
+    if not 1 <= k < min(num_samples, len(test_images), len(train_images)):
+        raise ValueError(f"evaluate.k = {k} must be >= 1 and below the number of samples")
+    classifier.eval()
+    real = RealData.prepare(classifier, train_images, test_images, k, seed, batch_size,
+                            kid_subsets, test_labels, device)  # fmt: skip
+    subset = reference_subset(train_images, classifier, num_samples, seed, batch_size, device)
+    metrics = reference_scores(train_images, test_images, classifier, real, num_samples,
+                               is_splits, seed, batch_size, subset)  # fmt: skip
+    if real.test_accuracy is not None:
+        metrics["label_accuracy"] = real.test_accuracy
+    settings = _settings(k, num_samples, is_splits, seed, kid_subsets, len(train_images),
+                         len(test_images))  # fmt: skip
+    return Reference(real, subset, metrics, settings)
+
+
+def save_reference(folder: Path, reference: Reference) -> None:
+    """Write ``reference.safetensors`` (tensors) and ``reference.json`` (the rest) to ``folder``.
+
+    The training and test images' pixel vectors are not stored: they are recomputed from the
+    data on load (cheap, and 50 MB less in the cache).
+    """
+    from safetensors.torch import save_file
+
+    real, subset = reference.real, reference.subset
+    tensors = {
+        "test_feats": real.test_feats,
+        "test_logits": real.test_logits,
+        "test_radii": real.test_radii,
+        "test_share": real.test_share,
+        "subset_index": subset.index,
+        "subset_feats": subset.feats,
+        "subset_logits": subset.logits,
+    }
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+              str(folder / REFERENCE_WEIGHTS))  # fmt: skip
+    config = {
+        "format": REFERENCE_FORMAT,
+        "settings": reference.settings,
+        "threshold": real.threshold,
+        "test_accuracy": real.test_accuracy,
+        "metrics": reference.metrics,
+    }
+    (folder / REFERENCE_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_reference(
+    folder: Path,
+    train_images: Tensor,
+    test_images: Tensor,
+    device: str | torch.device = "cpu",
+) -> Reference:
+    """Read what :func:`save_reference` wrote, for the same training and test images.
+
+    Raises:
+        ValueError: The folder is missing, unreadable, of another format, or was made for
+            other data (one line naming the file).
+    """
+    folder = Path(folder)
+    config_file = folder / REFERENCE_CONFIG
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{config_file}: not found (run the reference stage)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_file}: unreadable ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != REFERENCE_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_file}: format {found!r}, expected {REFERENCE_FORMAT!r}")
+    try:
+        t = load_safetensors(folder / REFERENCE_WEIGHTS)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{exc} (run the reference stage)") from None
+    try:
+        settings = {key: int(v) for key, v in config["settings"].items()}
+        made_for = (settings["num_train"], settings["num_test"])
+        names = ("test_feats", "test_logits", "test_radii", "test_share", "subset_index",
+                 "subset_feats", "subset_logits")  # fmt: skip
+        missing = [n for n in names if n not in t]
+        metrics = {k: float(v) for k, v in config["metrics"].items()}
+        threshold, accuracy = float(config["threshold"]), config["test_accuracy"]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{config_file}: malformed ({type(exc).__name__}: {exc})") from None
+    if missing:
+        raise ValueError(f"{folder / REFERENCE_WEIGHTS}: lacks {', '.join(missing)}")
+    if made_for != (len(train_images), len(test_images)):
+        raise ValueError(
+            f"{folder}: made for {made_for[0]} training and {made_for[1]} test images, not "
+            f"{len(train_images)} and {len(test_images)}: run the reference stage again"
+        )
+    test_feats = t["test_feats"].to(device)
+    real = RealData(
+        test_feats=test_feats,
+        test_radii=t["test_radii"].to(device),
+        test_share=t["test_share"].to(device),
+        train_space=memorization_space(train_images.to(device)),
+        test_space=memorization_space(test_images.to(device)),
+        threshold=threshold,
+        k=settings["k"],
+        kid_subsets=settings["kid_subsets"],
+        test_accuracy=None if accuracy is None else float(accuracy),
+        test_logits=t["test_logits"],
+    )
+    subset = RealSubset(t["subset_index"], t["subset_feats"], t["subset_logits"])
+    return Reference(real, subset, metrics, settings)
 
 
 @dataclass(frozen=True)
@@ -556,6 +786,8 @@ def evaluate_samples(
     kid_subsets: int = KID_SUBSETS,
     labels: Tensor | None = None,
     test_labels: Tensor | None = None,
+    reference: Reference | None = None,
+    device: str | torch.device = "cpu",
 ) -> Evaluation:
     """Score generated digits and the real-data references of every metric.
 
@@ -573,30 +805,38 @@ def evaluate_samples(
             ``label_accuracy``, the share of samples the classifier calls the digit asked for.
             Its reference is the classifier's accuracy on the test set (``test_labels``).
         test_labels: (N',) the test set's digits; needed with ``labels``.
+        reference: The real-data side, computed once (:func:`compute_reference` with the same
+            settings, e.g. the reference stage's); None computes it here, with the same result.
+        device: Where to score when ``reference`` is None (else where the reference is).
     """
-    if labels is not None and (test_labels is None or labels.shape != samples.shape[:1]):
+    test_accuracy = test_labels is not None or (
+        reference is not None and reference.real.test_accuracy is not None
+    )
+    if labels is not None and (labels.shape != samples.shape[:1] or not test_accuracy):
         raise ValueError("label_accuracy needs one label per sample and the test labels")
-    for images, what in (
-        (samples, "samples"),
-        (train_images, "training images"),
-        (test_images, "test images"),
-    ):
-        _check_images(images, what)
-    if not 1 <= k < min(len(samples), len(test_images), len(train_images)):
-        raise ValueError(f"evaluate.k = {k} must be >= 1 and below the number of samples")
+    _check_images(samples, "samples")
+    if reference is None:
+        reference = compute_reference(classifier, train_images, test_images, test_labels, k,
+                                      len(samples), is_splits, seed, batch_size, kid_subsets,
+                                      device)  # fmt: skip
+    else:
+        want = _settings(k, len(samples), is_splits, seed, kid_subsets, len(train_images),
+                         len(test_images))  # fmt: skip
+        have = reference.settings
+        differ = [f"{key} {have.get(key)}, not {value}" for key, value in want.items()
+                  if have.get(key) != value]  # fmt: skip
+        if differ:
+            raise ValueError(f"the reference was computed for other settings ({'; '.join(differ)})"
+                             ": compute it again (dvc repro reference)")  # fmt: skip
+    real = reference.real
     classifier.eval()
-    real = RealData.prepare(
-        classifier, train_images, test_images, k, seed, batch_size, kid_subsets, test_labels
-    )
     scores = score_samples(samples, classifier, real, is_splits, seed, batch_size)
-    reference = reference_scores(
-        train_images, test_images, classifier, real, len(samples), is_splits, seed, batch_size
-    )
+    ref_metrics = {k: v for k, v in reference.metrics.items() if k != "label_accuracy"}
     if labels is not None:
         hits = scores.predictions == labels.cpu()
         scores.metrics["label_accuracy"] = hits.double().mean().item()
-        reference["label_accuracy"] = real.test_accuracy
-    return Evaluation(scores, reference, real.threshold)
+        ref_metrics["label_accuracy"] = real.test_accuracy
+    return Evaluation(scores, ref_metrics, real.threshold)
 
 
 def balanced_labels(n: int) -> Tensor:

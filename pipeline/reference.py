@@ -1,0 +1,63 @@
+"""Stage `reference`: the real-data side of every metric, computed once and cached.
+
+Embeds the test set with the classifier in CLASSIFIER (features and logits), finds each test
+image's k-th nearest neighbour (k = evaluate.k, the radii of precision, recall, density and
+coverage), sets the memorisation threshold from the training set, and scores real data on every
+metric the way evaluate scores samples: a fixed subset of evaluate.num_samples training images
+(embedded, and kept) against the test set, and held-out test images for memorisation. Writes
+OUT (reference.safetensors and reference.json) and METRICS (real data's value of every metric,
+and the classifier's test accuracy as label_accuracy).
+
+It depends on the data, the classifier, base and evaluate's params only: training a new
+generator, or a teammate's evaluation of the same data, reuses it from DVC's cache, and the
+evaluate stage scores only the samples.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
+
+from mnist_gan.classifier import load_classifier
+from mnist_gan.data import DataError, load_normalized
+from mnist_gan.metrics import compute_reference, save_reference
+from mnist_gan.utils import atomic_dir, resolve_device, set_threads, write_json
+
+
+@click.command(help=__doc__)
+@folder_option("--data", "Folder holding train/test.safetensors.")
+@folder_option("--classifier", "Classifier folder (classifier stage).")
+@folder_option("--out", "Reference folder (replaced only on success).")
+@file_option("--metrics", "JSON file for real data's metrics.")
+@PARAMS_OPTION
+def main(data: Path, classifier: Path, out: Path, metrics: Path, params_file: Path) -> None:
+    """Compute the real-data reference of every metric."""
+    params = load_or_exit(params_file)
+    cfg, seed = params.evaluate, params.base.seed
+    start = time.perf_counter()
+    try:
+        set_threads(params.base.threads)
+        device = resolve_device(params.base.device)
+        train_images, _ = load_normalized(data / "train.safetensors")
+        test_images, test_labels = load_normalized(data / "test.safetensors")
+        evaluator = load_classifier(classifier)
+        reference = compute_reference(evaluator, train_images, test_images, test_labels, cfg.k,
+                                      cfg.num_samples, cfg.is_splits, seed, cfg.batch_size,
+                                      device=device)  # fmt: skip
+    except (DataError, OSError, RuntimeError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    with atomic_dir(out) as tmp:
+        save_reference(tmp, reference)
+    write_json(metrics, {k: round(v, 6) if k != "modes" else int(v)
+                         for k, v in sorted(reference.metrics.items())})  # fmt: skip
+    seconds = time.perf_counter() - start
+    click.echo(f"computed the reference of {cfg.num_samples} real images in {seconds:.1f} s "
+               f"into {out}", err=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
