@@ -79,7 +79,8 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
          run_id_file: Path, params_file: Path) -> None:  # fmt: skip
     """Train the GAN and log the run to MLflow."""
     params = load_or_exit(params_file)
-    cfg, seed = params.train, params.base.seed
+    cfg = params.train
+    seed = params.base.seed if cfg.seed is None else cfg.seed  # the GAN's own seed, when set
     try:
         tracking.check_reachable()  # a dead tracking server fails now, not after training
         images, labels = load_normalized(data / "train.safetensors")

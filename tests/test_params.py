@@ -40,6 +40,9 @@ def test_values_are_coerced_to_field_types(tmp_path: Path) -> None:
     assert params.train.lr_g == pytest.approx(2e-4) and isinstance(params.train.lr_g, float)
     assert params.train.hidden == (64, 32)
     assert params_to_dict(params.fetch)["mirrors"] == ["a", "b"]
+    # An optional integer: null (the default, base.seed) or a number.
+    assert load_params(write(tmp_path, "train:\n  seed: null\n")).train.seed is None
+    assert load_params(write(tmp_path, "train:\n  seed: 3\n")).train.seed == 3
 
 
 def test_params_are_frozen() -> None:
@@ -59,6 +62,8 @@ def test_params_are_frozen() -> None:
         ("fetch:\n  mirrors: [1]\n", "fetch.mirrors[0]: must be a string, got 1"),
         ("base:\n  device: gpu\n", "base.device: must be one of 'auto', 'cpu', 'cuda', got 'gpu'"),
         ("base:\n  seed: -1\n", "base.seed: must be >= 0"),
+        ("train:\n  seed: -1\n", "train.seed: must be >= 0 (or null: base.seed)"),
+        ("train:\n  seed: one\n", "train.seed: must be an integer, got 'one'"),
         ("base:\n  threads: -2\n", "base.threads: must be >= 0"),
         ("fetch:\n  timeout: 0\n", "fetch.timeout: must be > 0"),
         ("fetch:\n  retries: 0\n", "fetch.retries: must be >= 1"),

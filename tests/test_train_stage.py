@@ -85,7 +85,8 @@ def reference(root: Path) -> GANTrainer:
     params = load_params(root / "params.yaml")
     set_threads(params.base.threads)  # the stage's thread count (the autouse fixture restores it)
     images = blobs(load_file(str(root / "data/normalized/train.safetensors"))["images"].shape[0])
-    trainer = GANTrainer(params.train, images, seed=params.base.seed, progress=False)
+    seed = params.base.seed if params.train.seed is None else params.train.seed
+    trainer = GANTrainer(params.train, images, seed=seed, progress=False)
     trainer.fit()
     return trainer
 
@@ -123,6 +124,25 @@ def invoke(stage: object, root: Path, store: str, **env: str) -> object:
     finally:
         signal.signal(signal.SIGTERM, handler)
         mlflow.end_run()  # in case a failure left one active
+
+
+def test_train_seed_seeds_the_gan_and_base_seed_the_rest(
+    tmp_path: Path, stage: object, store: str
+) -> None:
+    """train.seed: 3 trains the GAN that seed 3 trains, whatever base.seed is."""
+    root = make_project(tmp_path, {**SMALL, "seed": 3, "checkpoint_every": 0})
+    assert invoke(stage, root, store).exit_code == 0
+    params = load_params(root / "params.yaml")
+    assert params.base.seed == 0 and params.train.seed == 3
+    set_threads(params.base.threads)
+    images = blobs(320)
+    trainer = GANTrainer(params.train, images, seed=3, progress=False)
+    trainer.fit()
+    assert_weights_equal(root / "models/gan", trainer)
+    other = GANTrainer(params.train, images, seed=0, progress=False)
+    other.fit()
+    with pytest.raises(AssertionError):
+        assert_weights_equal(root / "models/gan", other)
 
 
 def test_stage_writes_every_output_and_logs_the_run(

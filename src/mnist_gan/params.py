@@ -128,6 +128,9 @@ class TrainParams:
     channels: int = 64  # dcgan base width
     # Class-conditional: G draws the digit it is asked for, D judges image and digit together.
     conditional: bool = False
+    # The GAN's seed (weights, noise, data order); None: base.seed. A sweep varies this one, so
+    # that every point is judged by the same evaluator (base.seed also seeds the classifier).
+    seed: int | None = None
     batch_size: int = 128
     epochs: int = 100
     lr_g: float = 2e-4
@@ -146,6 +149,7 @@ class TrainParams:
     sample_every: int = 5  # epochs between logged sample grids; 0 logs only the final one
 
     def __post_init__(self) -> None:
+        _check(self.seed is None or self.seed >= 0, "seed: must be >= 0 (or null: base.seed)")
         _check(self.latent_dim >= 1, "latent_dim: must be >= 1")
         _check(len(self.hidden) >= 1, "hidden: must list at least one width")
         _check(all(h >= 1 for h in self.hidden), "hidden: widths must be >= 1")
@@ -226,7 +230,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ParamsError(f"{where}: must be a list, got {type(value).__name__} {value!r}")
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported field type {hint}")  # pragma: no cover
+        args = typing.get_args(hint)
+        if len(args) != 2 or type(None) not in args:
+            raise TypeError(f"unsupported field type {hint}")  # pragma: no cover
+        if value is None:  # YAML's null
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _coerce(value, inner, where)
     if hint is bool:
         if not isinstance(value, bool):
             raise ParamsError(f"{where}: must be true or false, got {value!r}")
