@@ -20,8 +20,13 @@ TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 5000
+# `make sweep`: the grid queued (DVC's -S syntax: comma-separated values make a grid), and how
+# many queued experiments run at once (each uses base.threads CPU threads, or the GPU).
+SWEEP ?= -S 'train.ema=0.0,0.999' -S 'train.seed=1,2'
+JOBS ?= 1
 
-.PHONY: help setup run test test-fast lint format ui bench remote-folder remote-s3 server promote
+.PHONY: help setup run test test-fast lint format ui bench remote-folder remote-s3 server promote \
+	sweep report
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -85,3 +90,14 @@ server: setup  ## the team's MLflow tracking server (SQLite + artifacts in SERVE
 
 promote: setup  ## make models/gan's generator the champion if it passes the gate (see README)
 	$(BIN)/python pipeline/promote.py --gan models/gan
+
+sweep: setup  ## queue the grid SWEEP (2 seeds per point) as DVC experiments, run them, wait
+	$(BIN)/dvc exp run --queue $(SWEEP)
+	$(BIN)/dvc queue start --jobs $(JOBS)
+	@# The workers run in the background; wait for them, so that `make sweep report` works.
+	@while $(BIN)/dvc queue status 2>/dev/null | grep -qE 'Queued|Running'; do sleep 20; done
+	$(BIN)/dvc queue status
+	@echo "done: make report (or dvc exp show) compares them"
+
+report: setup  ## reports/experiments.html: the experiments' metrics, sample grids and curves
+	$(BIN)/python pipeline/report.py --out reports/experiments.html

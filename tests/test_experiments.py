@@ -173,3 +173,32 @@ def test_queued_sweep_lands_in_the_project_store(clean: Lab) -> None:
     # The baseline's `dvc repro` run is in the same store as the queued ones.
     assert lab.baseline_run in {r.info.run_id for r in runs}
     assert not list(lab.project.glob(".dvc/tmp/exps/**/mlflow.db"))
+
+
+def test_the_report_shows_every_experiment(clean: Lab, tmp_path: Path) -> None:
+    """`make report` over the real experiments of this project: a row, a grid and curves each."""
+    lab = clean
+    res = run(
+        ["dvc", "exp", "run", "--queue", "-S", "train.seed=1,2", "-S", "train.epochs=2"],
+        cwd=lab.project,
+        env=lab.env,
+    )
+    names = re.findall(r"Queued experiment '([\w-]+)'", res.stdout + res.stderr)
+    assert len(names) == 2, res.stdout + res.stderr
+    start_queue(lab.project, lab.env)
+    wait_for_queue(lab.project, lab.env, names, QUEUE_TIMEOUT)
+    rows = exp_rows(lab.project, lab.env)
+
+    out = tmp_path / "report.html"
+    run(["python", "pipeline/report.py", "--out", str(out)], cwd=lab.project, env=lab.env)
+    page = out.read_text()
+    for name in names:
+        assert f"<td>{name}</td>" in page
+        fid = rows[name]["metrics"]["metrics/evaluate.json"]["fid"]
+        assert f"FID {fid:.3g}" in page  # its grid's caption
+    # The two seeds of one point (epochs=2, with the other params of the baseline) are one row
+    # of the sweep table (with any other experiment of those params: the earlier tests' bce).
+    points = re.findall(r"<tr><td>([^<]*train\.epochs=2[^<]*)</td><td>([^<]*)</td>", page)
+    assert any({"1", "2"} <= set(seeds.split(", ")) for _, seeds in points), points
+    assert page.count("<img class='grid'") >= 3  # the baseline's grid too
+    assert "<h2>Training curves" in page and "<b>real data</b>" in page

@@ -1,0 +1,71 @@
+"""`make report`: the experiments' sweep table, sample grids and curves in one HTML page."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from types import ModuleType
+
+import pytest
+from conftest import load_stage
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def report() -> ModuleType:
+    return load_stage("report")
+
+
+def png(shade: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), shade).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+ROWS = [  # as dvc.api.exp_show lists them: params and metrics as columns
+    {"Experiment": f"exp-{i}", "rev": f"r{i}", "train.ema": ema, "train.seed": seed,
+     "train.epochs": 100, "fid": fid, "is_mean": 8.0 + i, "modes": 10}
+    for i, (ema, seed, fid) in enumerate([(0.0, 1, 3.0), (0.0, 2, 2.0),
+                                          (0.999, 1, 1.5), (0.999, 2, 1.0)])
+]  # fmt: skip
+
+
+def test_the_sweep_table_gives_each_points_mean_and_spread(report, monkeypatch) -> None:
+    files = {}
+    for i, row in enumerate(ROWS):
+        files[(row["rev"], "plots/evaluate/samples.png")] = png(40 * i)
+        curve = [{"epoch": e, "loss_d": 1.0 + e / 10, "loss_g": 0.9} for e in (1, 2, 3)]
+        files[(row["rev"], "plots/train/curves.json")] = json.dumps(curve).encode()
+    monkeypatch.setattr(report, "git_file", lambda rev, path: files.get((rev, path)))
+    page = report.render(ROWS, {"fid": 0.188, "is_mean": 9.66, "modes": 10})
+
+    # Only what varies is a column; the seed is not part of a point.
+    assert report.varying_params(ROWS) == ["train.ema", "train.seed"]
+    rows = re.findall(r"<tr><td>(train\.ema=[^<]*)</td><td>([^<]*)</td>(.*?)</tr>", page)
+    assert [(label, seeds) for label, seeds, _ in rows] == [
+        ("train.ema=0.0", "1, 2"),
+        ("train.ema=0.999", "1, 2"),
+    ]
+    first_fid = re.findall(r"<td>([^<]*)</td>", rows[0][2])[0]
+    assert first_fid == "2.5 [2, 3]"  # the mean over the two seeds, [min, max]
+    assert re.findall(r"<td>([^<]*)</td>", rows[1][2])[0] == "1.25 [1, 1.5]"
+    assert "<td><b>real data</b></td><td></td><td>0.188</td><td>9.66</td><td>10</td>" in page
+    # Every experiment's grid, embedded, and one picture of the curves.
+    grids = re.findall(r"<img class='grid' src='data:image/png;base64,([^']+)'>", page)
+    assert [base64.b64decode(g) for g in grids] == [png(40 * i) for i in range(4)]
+    curves = re.search(r"<h2>Training curves.*?base64,([^']+)'", page, re.S)
+    assert curves is not None
+    with Image.open(io.BytesIO(base64.b64decode(curves.group(1)))) as image:
+        assert image.format == "PNG" and image.width > 400  # one panel per point
+
+
+def test_without_experiments_it_says_so(report, monkeypatch, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    monkeypatch.setattr(report, "experiments", lambda: [])
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(report.main, ["--out", str(out)])
+    assert res.exit_code == 1 and "no finished experiments" in res.output
+    assert not out.exists()
