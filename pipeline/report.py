@@ -85,6 +85,13 @@ def varying_params(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(r.get(k), sort_keys=True) for r in rows}) > 1]
 
 
+def plain(value: Any) -> Any:
+    """A param as written in params.yaml: dvc.api.exp_show gives integers as floats (2.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -128,7 +135,7 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
     shown = [m for m in METRICS if any(metric(r, m) is not None for r in rows)]
     points: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        label = ", ".join(f"{k}={r.get(k)}" for k in point_keys) or "all"
+        label = ", ".join(f"{k}={plain(r.get(k))}" for k in point_keys) or "all"
         points[label].append(r)
 
     out = ["<!doctype html><meta charset='utf-8'><title>mnist-gan experiments</title>",
@@ -156,7 +163,9 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
             spread = f" [{fmt(min(values))}, {fmt(max(values))}]" if len(values) > 1 else ""
             cells.append(f"<td>{fmt(mean)}{spread}</td>")
         # train.seed null: the GAN took base.seed.
-        seeds = ", ".join("base" if r.get(SEED) is None else str(r[SEED]) for r in members)
+        seeds = ", ".join(
+            "base" if r.get(SEED) in (None, "", "-") else str(plain(r[SEED])) for r in members
+        )
         out.append(f"<tr><td>{html.escape(label)}</td><td>{seeds}</td>{''.join(cells)}</tr>")
     real_cells = "".join(f"<td>{fmt(real.get(m))}</td>" for m in shown)
     out.append(f"<tr><td><b>real data</b></td><td></td>{real_cells}</tr></table>")
@@ -175,7 +184,8 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
     for label, members in points.items():
         for r in members:
             png = git_file(str(r["rev"]), "plots/evaluate/samples.png")
-            caption = f"{html.escape(r['Experiment'])}: {html.escape(label)}, seed {r.get(SEED)}"
+            seed = plain(r.get(SEED))
+            caption = f"{html.escape(r['Experiment'])}: {html.escape(label)}, seed {seed}"
             fid = metric(r, "fid")
             caption += f", FID {fid:.3g}" if fid is not None else ""
             if png:
