@@ -24,6 +24,9 @@ PORT ?= 5000
 # many queued experiments run at once (each uses base.threads CPU threads, or the GPU).
 SWEEP ?= -S 'train.ema=0.0,0.999' -S 'train.seed=1,2'
 JOBS ?= 1
+# `make report`: which experiments, e.g. REPORT_ARGS="--num 3" (those of the last 3 commits) or
+# "--rev main" (default: those derived from HEAD, as `dvc exp show`).
+REPORT_ARGS ?=
 
 .PHONY: help setup run test test-fast lint format ui bench remote-folder remote-s3 server promote \
 	sweep report
@@ -100,4 +103,4 @@ sweep: setup  ## queue the grid SWEEP (2 seeds per point) as DVC experiments, ru
 	@echo "done: make report (or dvc exp show) compares them"
 
 report: setup  ## reports/experiments.html: the experiments' metrics, sample grids and curves
-	$(BIN)/python pipeline/report.py --out reports/experiments.html
+	$(BIN)/python pipeline/report.py --out reports/experiments.html $(REPORT_ARGS)

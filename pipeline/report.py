@@ -1,9 +1,9 @@
 """The experiments report (`make report`): one self-contained HTML page of the DVC experiments.
 
-Reads the experiments derived from HEAD with DVC's API (`dvc.api.exp_show`, what `dvc exp show`
-prints) and, from each experiment's commit, the files its stages wrote to git: the final sample
-grid (plots/evaluate/samples.png) and the training curves (plots/train/curves.json). Writes OUT
-(default reports/experiments.html) holding:
+Reads the experiments derived from HEAD (or from --rev, --num commits back) with DVC's API
+(`dvc.api.exp_show`, what `dvc exp show` prints) and, from each experiment's commit, the files
+its stages wrote to git: the final sample grid (plots/evaluate/samples.png) and the training
+curves (plots/train/curves.json). Writes OUT (default reports/experiments.html) holding:
 
   - the sweep: one row per point (the params that vary, train.seed aside), each metric's mean over
     the point's seeds and its spread (min-max), and real data's values (metrics/reference.json);
@@ -55,12 +55,13 @@ def git_file(rev: str, path: str) -> bytes | None:
     return res.stdout if res.returncode == 0 else None
 
 
-def experiments() -> list[dict[str, Any]]:
-    """The baseline (HEAD) and its experiments, as ``dvc exp show`` lists them; no workspace row
-    (it repeats the baseline or an unfinished run) and no queued or failed one."""
+def experiments(revs: list[str] | None = None, num: int = 1) -> list[dict[str, Any]]:
+    """The baselines and their experiments, as ``dvc exp show`` lists them (``revs``: the
+    baseline commits, default HEAD; ``num``: commits back from each); no workspace row (it
+    repeats the baseline or an unfinished run) and no queued or failed one."""
     import dvc.api
 
-    rows = dvc.api.exp_show()
+    rows = dvc.api.exp_show(revs=revs or None, num=num)
     out = []
     for row in rows:
         if row.get("rev") == "workspace" or row.get("State") in ("Queued", "Failed", "Running"):
@@ -208,12 +209,25 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
 @click.option("--reference", type=click.Path(path_type=Path),
               default=Path("metrics/reference.json"), show_default=True,
               help="Real data's metrics (the reference stage's).")  # fmt: skip
-def main(out: Path, reference: Path) -> None:
+@click.option(
+    "--rev",
+    "revs",
+    multiple=True,
+    help="A baseline commit whose experiments to show (repeatable); default HEAD.",
+)
+@click.option(
+    "--num",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Also the experiments of this many commits back from each baseline.",
+)
+def main(out: Path, reference: Path, revs: tuple[str, ...], num: int) -> None:
     """Write the experiments report."""
     from dvc.exceptions import DvcException
 
     try:
-        rows = experiments()
+        rows = experiments(list(revs), num)
         real = json.loads(reference.read_text()) if reference.is_file() else {}
     except (DvcException, OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")

@@ -64,7 +64,7 @@ def test_the_sweep_table_gives_each_points_mean_and_spread(report, monkeypatch) 
 def test_without_experiments_it_says_so(report, monkeypatch, tmp_path) -> None:
     from click.testing import CliRunner
 
-    monkeypatch.setattr(report, "experiments", lambda: [])
+    monkeypatch.setattr(report, "experiments", lambda revs, num: [])
     out = tmp_path / "r.html"
     res = CliRunner().invoke(report.main, ["--out", str(out)])
     assert res.exit_code == 1 and "no finished experiments" in res.output
