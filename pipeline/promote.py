@@ -74,11 +74,20 @@ def table(result: list[Rule], versions: tuple[str, str], extra: dict[str, tuple[
                      for row in cells)  # fmt: skip
 
 
+# What decides a version's scores: its evaluator and evaluate's settings (batch_size does not).
+SCORING = ("classifier_sha256", "base.seed", "evaluate.num_samples", "evaluate.k",
+           "evaluate.is_splits")  # fmt: skip
+
+
 def scoring_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
-    """How two versions' evaluations differ: the evaluator classifier or evaluate's settings."""
-    keys = sorted(k for k in {*old, *new} if k.startswith(("evaluate.", "base.seed")))
-    out = [f"{k} {old.get(k, '-')} vs {new.get(k, '-')}" for k in keys if old.get(k) != new.get(k)]
-    if old.get("classifier_sha256") != new.get("classifier_sha256"):
+    """How two versions' evaluations differ, from the tags evaluate put on them; a version
+    scored before those tags existed is said to be unknown."""
+    unknown = [name for name, tags in (("the champion", old), ("the challenger", new))
+               if not all(k in tags for k in SCORING)]  # fmt: skip
+    if unknown:
+        return [f"{' and '.join(unknown)} does not record how it was scored"]
+    out = [f"{k} {old[k]} vs {new[k]}" for k in SCORING[1:] if old[k] != new[k]]
+    if old["classifier_sha256"] != new["classifier_sha256"]:
         out.insert(0, "another evaluator classifier")
     return out
 
@@ -86,7 +95,7 @@ def scoring_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
 def _set_alias(alias: str, version: str) -> None:
     try:
         tracking.set_alias(alias, version)
-    except tracking.tracking_failures() as exc:
+    except (*tracking.tracking_failures(), OSError) as exc:  # OSError: a file store's disk
         sys.exit(f"error: could not point {alias} at version {version}: {tracking.short(exc)}")
 
 
@@ -116,8 +125,8 @@ def main(gan: Path, params_file: Path) -> None:
              if k in new_metrics}  # fmt: skip
     click.echo(table(result, (f"v{old.version}" if old else "-", f"v{new.version}"), extra))
     if old is not None and (differ := scoring_differences(old.tags, new.tags)):
-        click.echo(f"note: the two were scored differently ({', '.join(differ)}): the "
-                   "comparison is not like for like", err=True)  # fmt: skip
+        click.echo(f"note: {'; '.join(differ)}: the comparison may not be like for like",
+                   err=True)  # fmt: skip
     if not all(r.passed for r in result):
         click.echo(f"refused: {name} version {new.version} is the challenger; the champion "
                    f"stays {f'version {old.version}' if old else 'unset'}")  # fmt: skip

@@ -66,6 +66,8 @@ def experiments(revs: list[str] | None = None, num: int = 1) -> list[dict[str, A
     for row in rows:
         if row.get("rev") == "workspace" or row.get("State") in ("Queued", "Failed", "Running"):
             continue
+        # exp_show writes a null or missing cell as "None" (or "-", "!"): make it None again.
+        row = {k: None if v in ("None", "-", "!") else v for k, v in row.items()}
         name = row.get("Experiment") or f"baseline ({row.get('rev')})"
         out.append({**row, "Experiment": name})
     return out
@@ -81,8 +83,11 @@ def metric(row: dict[str, Any], name: str) -> float | None:
 
 
 def varying_params(rows: list[dict[str, Any]]) -> list[str]:
-    """The params (section.key columns) whose values differ between the rows."""
-    keys = sorted({k for r in rows for k in r if "." in k and ":" not in k and k not in META})
+    """The params (section.key columns) whose values differ between the rows (not the deps'
+    hash columns, which are paths)."""
+    keys = sorted(
+        {k for r in rows for k in r if "." in k and ":" not in k and "/" not in k and k not in META}
+    )
     return [k for k in keys if len({json.dumps(r.get(k), sort_keys=True) for r in rows}) > 1]
 
 
@@ -167,16 +172,18 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
         seeds = ", ".join(
             "base" if r.get(SEED) in (None, "", "-") else str(plain(r[SEED])) for r in members
         )
-        out.append(f"<tr><td>{html.escape(label)}</td><td>{seeds}</td>{''.join(cells)}</tr>")
+        out.append(
+            f"<tr><td>{html.escape(label)}</td><td>{html.escape(seeds)}</td>{''.join(cells)}</tr>"
+        )
     real_cells = "".join(f"<td>{fmt(real.get(m))}</td>" for m in shown)
     out.append(f"<tr><td><b>real data</b></td><td></td>{real_cells}</tr></table>")
 
     out.append("<h2>Every experiment</h2><table><tr><th>experiment</th><th>rev</th>"
-               + "".join(f"<th>{k}</th>" for k in varying)
+               + "".join(f"<th>{html.escape(k)}</th>" for k in varying)
                + "".join(f"<th>{m}</th>" for m in shown) + "</tr>")  # fmt: skip
     for r in rows:
         out.append(f"<tr><td>{html.escape(r['Experiment'])}</td><td>{fmt(r.get('rev'))}</td>"
-                   + "".join(f"<td>{fmt(r.get(k))}</td>" for k in varying)
+                   + "".join(f"<td>{fmt(plain(r.get(k)))}</td>" for k in varying)
                    + "".join(f"<td>{fmt(metric(r, m))}</td>" for m in shown) + "</tr>")  # fmt: skip
     out.append("</table>")
 
@@ -186,7 +193,7 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
         for r in members:
             png = git_file(str(r["rev"]), "plots/evaluate/samples.png")
             seed = plain(r.get(SEED))
-            caption = f"{html.escape(r['Experiment'])}: {html.escape(label)}, seed {seed}"
+            caption = html.escape(f"{r['Experiment']}: {label}, seed {seed}")
             fid = metric(r, "fid")
             caption += f", FID {fid:.3g}" if fid is not None else ""
             if png:

@@ -98,8 +98,9 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-# What MLflow writes into os.environ when code sets its URIs, so that subprocesses inherit them.
-_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+# What MLflow writes into os.environ when code sets its URIs or experiment, so that subprocesses
+# inherit them.
+_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
 
 
 @pytest.fixture(autouse=True)
@@ -108,18 +109,21 @@ def _mlflow_isolated() -> Iterator[None]:
 
     A test never talks to the store of the shell that runs the suite (a team server, say).
 
-    ``mlflow.set_tracking_uri`` and ``set_registry_uri`` also write ``MLFLOW_TRACKING_URI`` and
-    ``MLFLOW_REGISTRY_URI`` into ``os.environ``. A stage run in-process (CliRunner) sets them to
-    its throwaway store, and without this every later subprocess (``mlflow models serve``, dvc)
-    would inherit the store of a test that has finished.
+    ``mlflow.set_tracking_uri``, ``set_registry_uri`` and ``set_experiment`` also write
+    ``MLFLOW_TRACKING_URI``, ``MLFLOW_REGISTRY_URI`` and ``MLFLOW_EXPERIMENT_ID`` into
+    ``os.environ``. A stage run in-process (CliRunner) sets them to its throwaway store, and
+    without this every later subprocess (``mlflow models serve``, dvc) would inherit the store
+    of a test that has finished.
     """
     saved = {name: os.environ.pop(name, None) for name in _MLFLOW_URI_VARS}
     yield
     if "mlflow" in sys.modules:  # the library and most tests run without importing it
         import mlflow
 
+        mlflow.end_run()  # none should be active; a failed test may have left one
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+        mlflow.tracking.fluent._active_experiment_id = None  # set_experiment's, in-process
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)

@@ -109,7 +109,9 @@ def test_errors_are_one_line(gans: dict, tmp_path: Path, monkeypatch) -> None:
     assert res.exit_code == 2 and "0<=x<=9" in res.output
 
 
-def test_out_names_a_grid_an_array_or_a_folder_it_may_replace(gans: dict, tmp_path: Path) -> None:
+def test_out_names_a_grid_an_array_or_a_folder_it_may_replace(
+    gans: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = ["--model", str(gans["plain"]), "-n", "4"]
     # The suffix in any case.
     assert generate(*model, "--out", str(tmp_path / "GRID.PNG")).exit_code == 0
@@ -128,6 +130,18 @@ def test_out_names_a_grid_an_array_or_a_folder_it_may_replace(gans: dict, tmp_pa
     res = generate(*model, "--out", str(work))
     assert res.exit_code == 2 and "holding other files (notes.txt)" in res.output
     assert (work / "notes.txt").read_text() == "mine"
+    # A file without a suffix is not a folder to replace; nor is the current folder.
+    (tmp_path / "LICENSE").write_text("keep me")
+    res = generate(*model, "--out", str(tmp_path / "LICENSE"))
+    assert res.exit_code == 2 and "is a file, not a folder" in res.output
+    assert (tmp_path / "LICENSE").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    for here in (".", str(empty)):
+        res = generate(*model, "--out", here)
+        assert res.exit_code == 2 and "not the current one" in res.output, res.output
+    assert empty.is_dir() and not list(empty.iterdir())
     assert generate(*model, "--out", str(tmp_path / "imgs")).exit_code == 0
     res = generate("--model", str(gans["plain"]), "-n", "2", "--out", str(tmp_path / "imgs"))
     assert res.exit_code == 0, res.output

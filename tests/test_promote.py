@@ -110,13 +110,15 @@ def test_the_gate_moves_champion_only_when_it_passes(
         assert aliases(client) == {"champion": v3, "challenger": version}
 
     # Scored another way than the champion: compared all the same, with a note saying how.
+    how = {"base.seed": "0", "evaluate.num_samples": "10000", "evaluate.k": "5",
+           "evaluate.is_splits": "10"}  # fmt: skip
     other = make_gan(tmp_path / "other", seed=9)
-    register(client, other, {**GOOD, "fid": 2.6, "evaluate.num_samples": "1000"})
-    client.set_model_version_tag(NAME, v3, "evaluate.num_samples", "10000")
+    register(client, other, {**GOOD, **how, "fid": 2.6, "evaluate.num_samples": "1000"})
+    for key, value in how.items():
+        client.set_model_version_tag(NAME, v3, key, value)
     res = promote(stage, other, store, tmp_path)
-    assert res.exit_code == 3 and "scored differently (evaluate.num_samples 10000 vs 1000)" in (
-        res.output
-    )
+    assert res.exit_code == 3
+    assert "note: evaluate.num_samples 10000 vs 1000: the comparison may not be" in res.output
 
     # The champion's own weights: nothing to do.
     res = promote(stage, better, store, tmp_path)
@@ -150,3 +152,25 @@ def test_errors_exit_1_with_one_line(stage: ModuleType, store: str, tmp_path: Pa
     assert res.exit_code == 1 and "generator.safetensors" in res.output
     res = promote(stage, gan, f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}", tmp_path)
     assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_scoring_differences_name_what_changes_the_scores(stage: ModuleType) -> None:
+    tags = {
+        "classifier_sha256": "c0ffee",
+        "base.seed": "0",
+        "evaluate.num_samples": "10000",
+        "evaluate.k": "5",
+        "evaluate.is_splits": "10",
+        "evaluate.batch_size": "1000",
+    }
+    assert stage.scoring_differences(tags, {**tags, "evaluate.batch_size": "500"}) == []
+    assert stage.scoring_differences(
+        tags, {**tags, "classifier_sha256": "beef", "evaluate.k": "3"}
+    ) == [
+        "another evaluator classifier",
+        "evaluate.k 5 vs 3",
+    ]
+    older = {"classifier_sha256": "c0ffee"}  # scored before evaluate tagged its settings
+    assert stage.scoring_differences(older, tags) == [
+        "the champion does not record how it was scored"
+    ]

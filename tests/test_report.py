@@ -41,8 +41,9 @@ def test_the_sweep_table_gives_each_points_mean_and_spread(report, monkeypatch) 
     monkeypatch.setattr(report, "git_file", lambda rev, path: files.get((rev, path)))
     page = report.render(ROWS, {"fid": 0.188, "is_mean": 9.66, "modes": 10})
 
-    # Only what varies is a column; the seed is not part of a point.
-    assert report.varying_params(ROWS) == ["train.ema", "train.seed"]
+    # Only what varies is a column (not a dep's hash: a path); the seed is not part of a point.
+    with_deps = [{**r, "src/mnist_gan/models.py": f"abc{i}"} for i, r in enumerate(ROWS)]
+    assert report.varying_params(with_deps) == ["train.ema", "train.seed"]
     rows = re.findall(r"<tr><td>(train\.ema=[^<]*)</td><td>([^<]*)</td>(.*?)</tr>", page)
     assert [(label, seeds) for label, seeds, _ in rows] == [
         ("train.ema=0", "1, 2"),
@@ -69,3 +70,27 @@ def test_without_experiments_it_says_so(report, monkeypatch, tmp_path) -> None:
     res = CliRunner().invoke(report.main, ["--out", str(out)])
     assert res.exit_code == 1 and "no finished experiments" in res.output
     assert not out.exists()
+
+
+def test_rows_come_from_dvc_exp_show_with_nulls_restored(report, monkeypatch) -> None:
+    import dvc.api
+
+    shown = [
+        {"Experiment": None, "rev": "workspace", "train.seed": "None", "fid": 9.0},
+        {"Experiment": None, "rev": "abc1234", "train.seed": "None", "fid": 2.7},
+        {"Experiment": "grave-whop", "rev": "def5678", "train.seed": 1.0, "fid": "-"},
+        {"Experiment": "queued-one", "rev": "0000000", "State": "Queued"},
+    ]
+    asked = {}
+
+    def exp_show(revs=None, num=1):
+        asked.update(revs=revs, num=num)
+        return shown
+
+    monkeypatch.setattr(dvc.api, "exp_show", exp_show)
+    rows = report.experiments(["main"], 2)
+    assert asked == {"revs": ["main"], "num": 2}
+    assert [r["Experiment"] for r in rows] == ["baseline (abc1234)", "grave-whop"]
+    assert rows[0]["train.seed"] is None and rows[1]["fid"] is None
+    page = report.render(rows, {})
+    assert "<td>base, 1</td>" in page  # the baseline took base.seed

@@ -87,6 +87,15 @@ def _out_kind(out: Path) -> str:
             f"{out}: give a .png file (a grid), a .npy file (an array) or a folder",
             param_hint="--out",
         )
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(
+            f"{out} is a file, not a folder: name a .png, a .npy or a folder", param_hint="--out"
+        )
+    if out.name in ("", ".", "..") or out.resolve() == Path.cwd().resolve():
+        raise click.BadParameter(
+            f"{out}: name a folder for the images (it is replaced as a whole), not the current one",
+            param_hint="--out",
+        )
     if out.is_dir():
         foreign = [p.name for p in out.iterdir() if not _OURS.fullmatch(p.name)]
         if foreign:
