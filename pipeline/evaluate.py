@@ -35,6 +35,7 @@ from mnist_gan.metrics import (
     evaluate_samples,
     generate_samples,
     load_reference,
+    reference_sources,
 )
 from mnist_gan.models import GENERATOR_FILE, load_generator
 from mnist_gan.params import params_to_dict
@@ -70,6 +71,12 @@ def main(data: Path, gan: Path, classifier: Path, reference: Path, metrics: Path
         test_images, _ = load_normalized(data / "test.safetensors")
         evaluator = load_classifier(classifier)
         real = load_reference(reference, train_images, test_images, device)
+        found = reference_sources(classifier / WEIGHTS_FILE, data / "train.safetensors",
+                                  data / "test.safetensors")  # fmt: skip
+        stale = [name for name, sha in found.items() if real.sources.get(name) != sha]
+        if stale:
+            raise ValueError(f"{reference} was computed from another {' and '.join(stale)} "
+                             "than these: compute it again (dvc repro reference)")  # fmt: skip
         generator, gan_cfg = load_generator(gan, prefer_ema=True, device=device)
         sha = sha256_file(gan / GENERATOR_FILE)  # the weights' identity, for the MLflow run
     except (DataError, OSError, RuntimeError, ValueError) as exc:
@@ -86,7 +93,7 @@ def main(data: Path, gan: Path, classifier: Path, reference: Path, metrics: Path
         result = evaluate_samples(samples, evaluator, train_images, test_images, cfg.k,
                                   cfg.is_splits, seed, cfg.batch_size, labels=digits,
                                   reference=real)  # fmt: skip
-    except ValueError as exc:  # a reference made for other settings, NaN samples
+    except (RuntimeError, ValueError) as exc:  # a reference made for other settings, NaN samples
         sys.exit(f"error: {reference}: {exc}" if "reference" in str(exc) else f"error: {exc}")
     seconds = time.perf_counter() - start
     scores, flat = result.samples, result.flat()

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
 from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 
-from mnist_gan.classifier import load_classifier
+from mnist_gan.classifier import WEIGHTS_FILE, load_classifier
 from mnist_gan.data import DataError, load_normalized
-from mnist_gan.metrics import compute_reference, save_reference
+from mnist_gan.metrics import compute_reference, reference_sources, save_reference
 from mnist_gan.utils import atomic_dir, resolve_device, set_threads, write_json
 
 
@@ -50,8 +51,11 @@ def main(data: Path, classifier: Path, out: Path, metrics: Path, params_file: Pa
                                       device=device)  # fmt: skip
     except (DataError, OSError, RuntimeError, ValueError) as exc:
         sys.exit(f"error: {exc}")
+    # What it was computed from: evaluate refuses it for another classifier or other data.
+    found = reference_sources(classifier / WEIGHTS_FILE, data / "train.safetensors",
+                              data / "test.safetensors")  # fmt: skip
     with atomic_dir(out) as tmp:
-        save_reference(tmp, reference)
+        save_reference(tmp, replace(reference, sources=found))
     write_json(metrics, {k: round(v, 6) if k != "modes" else int(v)
                          for k, v in sorted(reference.metrics.items())})  # fmt: skip
     seconds = time.perf_counter() - start

@@ -342,6 +342,20 @@ def test_the_reference_is_real_datas_side_computed_once(
     assert "the reference was computed for other settings (k 5, not 4)" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
 
+    # A reference of another classifier (its recorded hash differs): one line, nothing written.
+    other = tmp_path / "other-reference"
+    shutil.copytree(project / "reference", other)
+    config = json.loads((other / "reference.json").read_text())
+    assert set(config["sources"]) == {"classifier", "train", "test"}
+    config["sources"]["classifier"] = "0" * 64
+    (other / "reference.json").write_text(json.dumps(config))
+    bad_args = args(project, out)
+    bad_args[bad_args.index("--reference") + 1] = str(other)
+    res = invoke(stage, bad_args, store)
+    assert res.exit_code == 1, res.output
+    assert f"{other} was computed from another classifier than these" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
     # A missing classifier: one line, and the earlier reference is kept.
     bad_args = reference_args(project, tmp_path)
     bad_args[bad_args.index("--classifier") + 1] = str(tmp_path / "nowhere")

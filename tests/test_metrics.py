@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -401,6 +403,16 @@ def test_a_saved_reference_gives_the_metrics_computed_in_place(
         M.evaluate_samples(samples[:500], evaluator, train, test, reference=loaded, **settings)
     with pytest.raises(ValueError, match="made for 10000 training and 3000 test images"):
         M.load_reference(tmp_path, train[:5000], test)
+    # Another classifier's features: refused, not a shape error deep in the distances.
+    narrow = dataclasses.replace(loaded.real, test_feats=loaded.real.test_feats[:, :7])
+    with pytest.raises(ValueError, match="the reference holds 7-d features"):
+        other = dataclasses.replace(loaded, real=narrow)
+        M.evaluate_samples(samples, evaluator, train, test, reference=other, **settings)
+    # label_accuracy needs the reference's test accuracy, whatever test_labels says.
+    blind = dataclasses.replace(loaded, real=dataclasses.replace(loaded.real, test_accuracy=None))
+    with pytest.raises(ValueError, match="label_accuracy needs"):
+        M.evaluate_samples(samples, evaluator, train, test, labels=labels,
+                           test_labels=test_labels, reference=blind, **settings)  # fmt: skip
 
 
 def test_a_broken_reference_folder_is_one_line(tmp_path: Path) -> None:
@@ -414,5 +426,20 @@ def test_a_broken_reference_folder_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reference.json: unreadable"):
         M.load_reference(tmp_path, images, images)
     (tmp_path / "reference.json").write_text('{"format": "mnist-gan-reference-v1"}')
-    with pytest.raises(ValueError, match="reference.safetensors"):
+    with pytest.raises(ValueError, match="reference.json: malformed"):
+        M.load_reference(tmp_path, images, images)
+    settings = {"k": 3, "num_samples": 10, "is_splits": 2, "seed": 0, "kid_subsets": 2,
+                "num_train": 20, "num_test": 20}  # fmt: skip
+    config = {"format": "mnist-gan-reference-v1", "settings": settings, "threshold": 1.0,
+              "test_accuracy": None, "metrics": {"fid": 0.1}}  # fmt: skip
+    (tmp_path / "reference.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="reference.json: lacks the metrics kid_mean, kid_std"):
+        M.load_reference(tmp_path, images, images)
+    config["metrics"] = dict.fromkeys(M.METRIC_NAMES, 0.5)
+    (tmp_path / "reference.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="reference.safetensors: not found"):
+        M.load_reference(tmp_path, images, images)
+    del config["settings"]["kid_subsets"]
+    (tmp_path / "reference.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="malformed \\(KeyError"):
         M.load_reference(tmp_path, images, images)

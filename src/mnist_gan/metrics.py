@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnist_gan.classifier import NUM_CLASSES, DigitClassifier, embed
-from mnist_gan.utils import load_safetensors
+from mnist_gan.utils import load_safetensors, sha256_file
 
 __all__ = [
     "METRIC_NAMES",
@@ -59,6 +59,7 @@ __all__ = [
     "nearest_neighbours",
     "prdc",
     "reference_scores",
+    "reference_sources",
     "reference_subset",
     "save_reference",
     "score_features",
@@ -610,6 +611,10 @@ class Reference:
     subset: RealSubset
     metrics: dict[str, float]
     settings: dict[str, int]
+    # What it was computed from, e.g. {"classifier": sha256, ...}: recorded by the reference
+    # stage, compared by the evaluate stage (a reference of another classifier or data is
+    # refused).
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def _settings(k: int, num_samples: int, is_splits: int, seed: int, kid_subsets: int,
@@ -678,6 +683,7 @@ def save_reference(folder: Path, reference: Reference) -> None:
         "threshold": real.threshold,
         "test_accuracy": real.test_accuracy,
         "metrics": reference.metrics,
+        "sources": reference.sources,
     }
     (folder / REFERENCE_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -705,22 +711,32 @@ def load_reference(
     if not isinstance(config, dict) or config.get("format") != REFERENCE_FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{config_file}: format {found!r}, expected {REFERENCE_FORMAT!r}")
+    names = ("test_feats", "test_logits", "test_radii", "test_share", "subset_index",
+             "subset_feats", "subset_logits")  # fmt: skip
+    try:
+        settings = {key: int(v) for key, v in config["settings"].items()}
+        made_for = (settings["num_train"], settings["num_test"])
+        k, kid_subsets = settings["k"], settings["kid_subsets"]
+        metrics = {key: float(v) for key, v in config["metrics"].items()}
+        threshold, accuracy = float(config["threshold"]), config["test_accuracy"]
+        accuracy = None if accuracy is None else float(accuracy)
+        sources = {str(key): str(v) for key, v in config.get("sources", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{config_file}: malformed ({type(exc).__name__}: {exc})") from None
+    absent = [name for name in METRIC_NAMES if name not in metrics]
+    if absent:
+        raise ValueError(f"{config_file}: lacks the metrics {', '.join(absent)}")
     try:
         t = load_safetensors(folder / REFERENCE_WEIGHTS)
     except FileNotFoundError as exc:
         raise ValueError(f"{exc} (run the reference stage)") from None
-    try:
-        settings = {key: int(v) for key, v in config["settings"].items()}
-        made_for = (settings["num_train"], settings["num_test"])
-        names = ("test_feats", "test_logits", "test_radii", "test_share", "subset_index",
-                 "subset_feats", "subset_logits")  # fmt: skip
-        missing = [n for n in names if n not in t]
-        metrics = {k: float(v) for k, v in config["metrics"].items()}
-        threshold, accuracy = float(config["threshold"]), config["test_accuracy"]
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{config_file}: malformed ({type(exc).__name__}: {exc})") from None
+    missing = [n for n in names if n not in t]
     if missing:
         raise ValueError(f"{folder / REFERENCE_WEIGHTS}: lacks {', '.join(missing)}")
+    lengths = {n: len(t[n]) for n in ("test_feats", "test_logits", "test_radii")}
+    if set(lengths.values()) != {made_for[1]}:
+        raise ValueError(f"{folder / REFERENCE_WEIGHTS}: test tensors of {lengths} rows, "
+                         f"{config_file} says {made_for[1]}")  # fmt: skip
     if made_for != (len(train_images), len(test_images)):
         raise ValueError(
             f"{folder}: made for {made_for[0]} training and {made_for[1]} test images, not "
@@ -734,13 +750,21 @@ def load_reference(
         train_space=memorization_space(train_images.to(device)),
         test_space=memorization_space(test_images.to(device)),
         threshold=threshold,
-        k=settings["k"],
-        kid_subsets=settings["kid_subsets"],
-        test_accuracy=None if accuracy is None else float(accuracy),
+        k=k,
+        kid_subsets=kid_subsets,
+        test_accuracy=accuracy,
         test_logits=t["test_logits"],
     )
     subset = RealSubset(t["subset_index"], t["subset_feats"], t["subset_logits"])
-    return Reference(real, subset, metrics, settings)
+    return Reference(real, subset, metrics, settings, sources)
+
+
+def reference_sources(
+    classifier_weights: Path, train_file: Path, test_file: Path
+) -> dict[str, str]:
+    """The SHA-256 of the files a reference is computed from (:attr:`Reference.sources`)."""
+    files = {"classifier": classifier_weights, "train": train_file, "test": test_file}
+    return {name: sha256_file(path) for name, path in files.items()}
 
 
 @dataclass(frozen=True)
@@ -809,9 +833,10 @@ def evaluate_samples(
             settings, e.g. the reference stage's); None computes it here, with the same result.
         device: Where to score when ``reference`` is None (else where the reference is).
     """
-    test_accuracy = test_labels is not None or (
-        reference is not None and reference.real.test_accuracy is not None
-    )
+    if reference is None:
+        test_accuracy = test_labels is not None
+    else:
+        test_accuracy = reference.real.test_accuracy is not None
     if labels is not None and (labels.shape != samples.shape[:1] or not test_accuracy):
         raise ValueError("label_accuracy needs one label per sample and the test labels")
     _check_images(samples, "samples")
@@ -822,6 +847,11 @@ def evaluate_samples(
     else:
         want = _settings(k, len(samples), is_splits, seed, kid_subsets, len(train_images),
                          len(test_images))  # fmt: skip
+        width = reference.real.test_feats.shape[1]
+        if width != classifier.num_features:
+            raise ValueError(f"the reference holds {width}-d features, the classifier makes "
+                             f"{classifier.num_features}-d ones: it was computed with another "
+                             "classifier (dvc repro reference)")  # fmt: skip
         have = reference.settings
         differ = [f"{key} {have.get(key)}, not {value}" for key, value in want.items()
                   if have.get(key) != value]  # fmt: skip
