@@ -5,8 +5,9 @@ image's k-th nearest neighbour (k = evaluate.k, the radii of precision, recall, 
 coverage), sets the memorisation threshold from the training set, and scores real data on every
 metric the way evaluate scores samples: a fixed subset of evaluate.num_samples training images
 (embedded, and kept) against the test set, and held-out test images for memorisation. Writes
-OUT (reference.safetensors and reference.json) and METRICS (real data's value of every metric,
-and the classifier's test accuracy as label_accuracy).
+OUT: reference.safetensors (the tensors) and reference.json (the settings, the files it was
+computed from, and real data's value of every metric, with the classifier's test accuracy as
+label_accuracy).
 
 It depends on the data, the classifier, base and evaluate's params only: training a new
 generator, or a teammate's evaluation of the same data, reuses it from DVC's cache, and the
@@ -21,21 +22,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
-from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
+from common import PARAMS_OPTION, folder_option, load_or_exit
 
 from mnist_gan.classifier import WEIGHTS_FILE, load_classifier
 from mnist_gan.data import DataError, load_normalized
 from mnist_gan.metrics import compute_reference, reference_sources, save_reference
-from mnist_gan.utils import atomic_dir, resolve_device, set_threads, write_json
+from mnist_gan.utils import atomic_dir, resolve_device, set_threads
 
 
 @click.command(help=__doc__)
 @folder_option("--data", "Folder holding train/test.safetensors.")
 @folder_option("--classifier", "Classifier folder (classifier stage).")
 @folder_option("--out", "Reference folder (replaced only on success).")
-@file_option("--metrics", "JSON file for real data's metrics.")
 @PARAMS_OPTION
-def main(data: Path, classifier: Path, out: Path, metrics: Path, params_file: Path) -> None:
+def main(data: Path, classifier: Path, out: Path, params_file: Path) -> None:
     """Compute the real-data reference of every metric."""
     params = load_or_exit(params_file)
     cfg, seed = params.evaluate, params.base.seed
@@ -56,9 +56,10 @@ def main(data: Path, classifier: Path, out: Path, metrics: Path, params_file: Pa
                               data / "test.safetensors")  # fmt: skip
     with atomic_dir(out) as tmp:
         save_reference(tmp, replace(reference, sources=found))
-    write_json(metrics, {k: round(v, 6) if k != "modes" else int(v)
-                         for k, v in sorted(reference.metrics.items())})  # fmt: skip
     seconds = time.perf_counter() - start
+    shown = ("fid", "is_mean", "precision", "recall", "coverage", "memorized_fraction")
+    click.echo("real data: " + ", ".join(f"{k} {reference.metrics[k]:.4g}" for k in shown),
+               err=True)  # fmt: skip
     click.echo(f"computed the reference of {cfg.num_samples} real images in {seconds:.1f} s "
                f"into {out}", err=True)  # fmt: skip
 

@@ -6,7 +6,7 @@ its stages wrote to git: the final sample grid (plots/evaluate/samples.png) and 
 curves (plots/train/curves.json). Writes OUT (default reports/experiments.html) holding:
 
   - the sweep: one row per point (the params that vary, train.seed aside), each metric's mean over
-    the point's seeds and its spread (min-max), and real data's values (metrics/reference.json);
+    the point's seeds and its spread (min-max), and real data's values (evaluate's real_*);
   - every experiment: its params that vary and its metrics;
   - each experiment's final sample grid, side by side;
   - the loss curves (loss_d, loss_g) of every experiment, one panel per point.
@@ -134,6 +134,17 @@ def curves_png(groups: dict[str, list[tuple[str, list[dict]]]]) -> str | None:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def real_values(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Real data's value of each metric: evaluate's real_ twins (the same for every row that
+    shares the evaluate settings; the first row that has one gives it)."""
+    out = {}
+    for name in METRICS:
+        found = [v for r in rows if (v := metric(r, f"real_{name}")) is not None]
+        if found:
+            out[name] = found[0]
+    return out
+
+
 def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
     """The report's HTML."""
     varying = varying_params(rows)
@@ -213,9 +224,6 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
 @click.command(help=__doc__)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/experiments.html"),
               show_default=True, help="The HTML file to write.")  # fmt: skip
-@click.option("--reference", type=click.Path(path_type=Path),
-              default=Path("metrics/reference.json"), show_default=True,
-              help="Real data's metrics (the reference stage's).")  # fmt: skip
 @click.option(
     "--rev",
     "revs",
@@ -229,20 +237,19 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
     show_default=True,
     help="Also the experiments of this many commits back from each baseline.",
 )
-def main(out: Path, reference: Path, revs: tuple[str, ...], num: int) -> None:
+def main(out: Path, revs: tuple[str, ...], num: int) -> None:
     """Write the experiments report."""
     from dvc.exceptions import DvcException
 
     try:
         rows = experiments(list(revs), num)
-        real = json.loads(reference.read_text()) if reference.is_file() else {}
     except (DvcException, OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     if not rows:
         sys.exit("error: no finished experiments derived from HEAD: run some first (make sweep)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render(rows, real), encoding="utf-8")
+    tmp.write_text(render(rows, real_values(rows)), encoding="utf-8")
     tmp.replace(out)
     click.echo(f"wrote {out}: {len(rows)} experiments", err=True)
 

@@ -39,7 +39,10 @@ def test_the_sweep_table_gives_each_points_mean_and_spread(report, monkeypatch) 
         curve = [{"epoch": e, "loss_d": 1.0 + e / 10, "loss_g": 0.9} for e in (1, 2, 3)]
         files[(row["rev"], "plots/train/curves.json")] = json.dumps(curve).encode()
     monkeypatch.setattr(report, "git_file", lambda rev, path: files.get((rev, path)))
-    page = report.render(ROWS, {"fid": 0.188, "is_mean": 9.66, "modes": 10})
+    real = report.real_values([{**ROWS[0], "real_fid": 0.188, "real_is_mean": 9.66,
+                                "metrics/evaluate.json:real_modes": 10.0}])  # fmt: skip
+    assert real == {"fid": 0.188, "is_mean": 9.66, "modes": 10.0}
+    page = report.render(ROWS, real)
 
     # Only what varies is a column (not a dep's hash: a path); the seed is not part of a point.
     with_deps = [{**r, "src/mnist_gan/models.py": f"abc{i}"} for i, r in enumerate(ROWS)]
