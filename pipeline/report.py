@@ -73,13 +73,23 @@ def experiments(revs: list[str] | None = None, num: int = 1) -> list[dict[str, A
     return out
 
 
-def metric(row: dict[str, Any], name: str) -> float | None:
-    """A metric of evaluate's, whatever prefix DVC gave its column."""
-    for key in (name, f"metrics/evaluate.json:{name}"):
+def _number(row: dict[str, Any], name: str) -> float | None:
+    # evaluate's column first: a bare name may be another metrics file's (DVC prefixes a name
+    # with its file only when two files share it).
+    for key in (f"metrics/evaluate.json:{name}", name):
         value = row.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
+
+
+def metric(row: dict[str, Any], name: str) -> float | None:
+    """A metric of evaluate's, whatever prefix DVC gave its column. evaluate writes each metric
+    with its real_ twin, so a value without one is another file's (an unconditional model has
+    no label_accuracy, whatever else is called so)."""
+    if not name.startswith("real_") and _number(row, f"real_{name}") is None:
+        return None
+    return _number(row, name)
 
 
 def varying_params(rows: list[dict[str, Any]]) -> list[str]:
@@ -163,7 +173,7 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
            "figcaption{font-size:12px;max-width:260px}img.grid{width:260px;"
            "image-rendering:pixelated}</style>",
            "<h1>mnist-gan experiments</h1>",
-           f"<p>{len(rows)} experiments from <code>dvc exp show</code> (those derived from HEAD); "
+           f"<p>{len(rows)} experiments from <code>dvc exp show</code>; "
            f"params that vary: {', '.join(varying) or 'none'}. Metrics: the evaluate stage's "
            "(10,000 samples unless evaluate.num_samples says otherwise).</p>",
            "<h2>The sweep: mean over seeds [min, max]</h2><table><tr><th>point</th><th>seeds</th>"
@@ -203,7 +213,7 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
     for label, members in points.items():
         for r in members:
             png = git_file(str(r["rev"]), "plots/evaluate/samples.png")
-            seed = plain(r.get(SEED))
+            seed = "base" if r.get(SEED) is None else plain(r[SEED])
             caption = html.escape(f"{r['Experiment']}: {label}, seed {seed}")
             fid = metric(r, "fid")
             caption += f", FID {fid:.3g}" if fid is not None else ""

@@ -26,7 +26,8 @@ def png(shade: int) -> bytes:
 
 ROWS = [  # as dvc.api.exp_show lists them: params and metrics as columns, integers as floats
     {"Experiment": f"exp-{i}", "rev": f"r{i}", "train.ema": ema, "train.seed": float(seed),
-     "train.epochs": 100.0, "fid": fid, "is_mean": 8.0 + i, "modes": 10.0}
+     "train.epochs": 100.0, "fid": fid, "is_mean": 8.0 + i, "modes": 10.0, "real_fid": 0.19,
+     "real_is_mean": 9.7, "real_modes": 10.0, "label_accuracy": 0.99}
     for i, (ema, seed, fid) in enumerate([(0.0, 1, 3.0), (0.0, 2, 2.0),
                                           (0.999, 1, 1.5), (0.999, 2, 1.0)])
 ]  # fmt: skip
@@ -42,7 +43,11 @@ def test_the_sweep_table_gives_each_points_mean_and_spread(report, monkeypatch) 
     real = report.real_values([{**ROWS[0], "real_fid": 0.188, "real_is_mean": 9.66,
                                 "metrics/evaluate.json:real_modes": 10.0}])  # fmt: skip
     assert real == {"fid": 0.188, "is_mean": 9.66, "modes": 10.0}
+    # Another file's label_accuracy (no real_ twin in evaluate's) is not this model's.
+    assert report.metric(ROWS[0], "label_accuracy") is None
+    assert report.metric(ROWS[0], "fid") == 3.0
     page = report.render(ROWS, real)
+    assert "label_accuracy" not in page
 
     # Only what varies is a column (not a dep's hash: a path); the seed is not part of a point.
     with_deps = [{**r, "src/mnist_gan/models.py": f"abc{i}"} for i, r in enumerate(ROWS)]
@@ -80,7 +85,7 @@ def test_rows_come_from_dvc_exp_show_with_nulls_restored(report, monkeypatch) ->
 
     shown = [
         {"Experiment": None, "rev": "workspace", "train.seed": "None", "fid": 9.0},
-        {"Experiment": None, "rev": "abc1234", "train.seed": "None", "fid": 2.7},
+        {"Experiment": None, "rev": "abc1234", "train.seed": "None", "fid": 2.7, "real_fid": 0.2},
         {"Experiment": "grave-whop", "rev": "def5678", "train.seed": 1.0, "fid": "-"},
         {"Experiment": "queued-one", "rev": "0000000", "State": "Queued"},
     ]
