@@ -165,8 +165,9 @@ def test_each_run_holds_only_its_own_generators_metrics(
 
     The baseline trains 2 epochs; experiment `one` trains 1 (the last run train wrote); `back`
     returns to 2 epochs, which DVC restores from its run cache without running train; `k4`
-    changes only evaluate's params, so evaluate scores the restored 2-epoch generator. Its FID
-    belongs in the baseline's run, which trained that generator, not in `one`'s.
+    changes only evaluate's params, so the reference and evaluate run, and evaluate scores the
+    restored 2-epoch generator. Its FID belongs in the baseline's run, which trained that
+    generator, not in `one`'s.
     """
     env = tiny_project(project_copy, shared_mirror)
     set_params(project_copy, {"train": {"epochs": 2}})
@@ -186,7 +187,7 @@ def test_each_run_holds_only_its_own_generators_metrics(
     one = sha256_file(gen)
     assert exp("back", "train.epochs=2") == []  # both restored from the run cache
     assert sha256_file(gen) == two
-    assert exp("k4", "evaluate.k=4") == ["evaluate"]
+    assert exp("k4", "evaluate.k=4") == ["reference", "evaluate"]
 
     from mlflow import MlflowClient
 

@@ -35,7 +35,7 @@ from teamkit import (
     timed,
 )
 
-OUTPUTS = ("data/raw", "data/normalized", "models")  # the cached outputs of the pipeline
+OUTPUTS = ("data/raw", "data/normalized", "data/reference", "models")  # the cached outputs
 UP_TO_DATE = "Data and pipelines are up to date"
 
 
@@ -85,7 +85,9 @@ def team(tmp_path_factory: pytest.TempPathFactory, shared_mirror: Path) -> Itera
         run(["git", "clone", "-q", str(origin), str(t.clone_a)], cwd=work)
         tracking.wait_ready()
         out, t.seconds["a_repro"] = timed(["dvc", "repro"], cwd=t.clone_a, env=env)
-        assert stages_run(out) == ["fetch", "normalize", "classifier", "train", "evaluate"]
+        assert stages_run(out) == [
+            "fetch", "normalize", "classifier", "reference", "train", "evaluate"
+        ]  # fmt: skip
         commit_all(t.clone_a, "pipeline run by A")
         run(["git", "push", "-q", "origin", "main"], cwd=t.clone_a)
         for remote in ("folder", "s3"):
