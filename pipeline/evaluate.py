@@ -32,9 +32,11 @@ from mnist_gan.data import DataError, load_normalized
 from mnist_gan.figures import class_grid, neighbour_figure, sample_grid, save_png
 from mnist_gan.metrics import (
     balanced_labels,
+    check_reference,
     evaluate_samples,
     generate_samples,
     load_reference,
+    reference_settings,
     reference_sources,
 )
 from mnist_gan.models import GENERATOR_FILE, load_generator
@@ -71,6 +73,12 @@ def main(data: Path, gan: Path, classifier: Path, reference: Path, metrics: Path
         test_images, _ = load_normalized(data / "test.safetensors")
         evaluator = load_classifier(classifier)
         real = load_reference(reference, train_images, test_images, device)
+        settings = reference_settings(cfg.k, cfg.num_samples, cfg.is_splits, seed, train_images,
+                                      test_images)  # fmt: skip
+        try:  # before any sampling: it fits these settings and this classifier
+            check_reference(real, evaluator, settings)
+        except ValueError as exc:
+            raise ValueError(f"{reference}: {exc}") from None
         found = reference_sources(classifier / WEIGHTS_FILE, data / "train.safetensors",
                                   data / "test.safetensors")  # fmt: skip
         stale = [name for name, sha in found.items() if real.sources.get(name) != sha]
@@ -93,8 +101,8 @@ def main(data: Path, gan: Path, classifier: Path, reference: Path, metrics: Path
         result = evaluate_samples(samples, evaluator, train_images, test_images, cfg.k,
                                   cfg.is_splits, seed, cfg.batch_size, labels=digits,
                                   reference=real)  # fmt: skip
-    except (RuntimeError, ValueError) as exc:  # a reference made for other settings, NaN samples
-        sys.exit(f"error: {reference}: {exc}" if "reference" in str(exc) else f"error: {exc}")
+    except (RuntimeError, ValueError) as exc:  # e.g. samples that hold NaN
+        sys.exit(f"error: {exc}")
     seconds = time.perf_counter() - start
     scores, flat = result.samples, result.flat()
 

@@ -44,6 +44,7 @@ __all__ = [
     "Reference",
     "balanced_labels",
     "SampleScores",
+    "check_reference",
     "class_kl",
     "compute_reference",
     "evaluate_samples",
@@ -59,6 +60,7 @@ __all__ = [
     "nearest_neighbours",
     "prdc",
     "reference_scores",
+    "reference_settings",
     "reference_sources",
     "reference_subset",
     "save_reference",
@@ -542,6 +544,17 @@ class RealSubset:
     logits: Tensor  # (n, 10)
 
 
+def _reference_picks(num_samples: int, num_train: int, num_test: int,
+                     seed: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The real images that stand in for samples: up to ``num_samples`` training images (the
+    quality reference) and test images (the memorisation reference), drawn from one seeded
+    stream in that order."""
+    pick = _rng(seed, _SALT_REFERENCE)
+    train = torch.randperm(num_train, generator=pick)[: min(num_samples, num_train)]
+    test = torch.randperm(num_test, generator=pick)[: min(num_samples, num_test)]
+    return train, test
+
+
 def reference_subset(
     train_images: Tensor,
     classifier: DigitClassifier,
@@ -551,8 +564,7 @@ def reference_subset(
     device: str | torch.device = "cpu",
 ) -> RealSubset:
     """A fixed random subset of ``num_samples`` training images (at most all), embedded."""
-    n_train = min(num_samples, len(train_images))
-    index = torch.randperm(len(train_images), generator=_rng(seed, _SALT_REFERENCE))[:n_train]
+    index, _ = _reference_picks(num_samples, len(train_images), 0, seed)
     feats, logits = embed(classifier, train_images[index], batch_size, device)
     return RealSubset(index, feats, logits)
 
@@ -580,11 +592,7 @@ def reference_scores(
     quality, _, _ = score_features(
         subset.feats, subset.logits, real, is_splits, _rng(seed, _SALT_REF_KID)
     )
-    # The test images' draw continues the stream that picked the training subset.
-    pick = _rng(seed, _SALT_REFERENCE)
-    torch.randperm(len(train_images), generator=pick)
-    n_test = min(num_samples, len(test_images))
-    held_out = torch.randperm(len(test_images), generator=pick)[:n_test]
+    _, held_out = _reference_picks(num_samples, len(train_images), len(test_images), seed)
     memo, _, _ = score_memorization(
         real.test_space[held_out.to(real.device)], real, exclude_test=held_out
     )
@@ -617,12 +625,6 @@ class Reference:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-def _settings(k: int, num_samples: int, is_splits: int, seed: int, kid_subsets: int,
-              num_train: int, num_test: int) -> dict[str, int]:  # fmt: skip
-    return {"k": k, "num_samples": num_samples, "is_splits": is_splits, "seed": seed,
-            "kid_subsets": kid_subsets, "num_train": num_train, "num_test": num_test}  # fmt: skip
-
-
 def compute_reference(
     classifier: DigitClassifier,
     train_images: Tensor,
@@ -652,8 +654,8 @@ def compute_reference(
                                is_splits, seed, batch_size, subset)  # fmt: skip
     if real.test_accuracy is not None:
         metrics["label_accuracy"] = real.test_accuracy
-    settings = _settings(k, num_samples, is_splits, seed, kid_subsets, len(train_images),
-                         len(test_images))  # fmt: skip
+    settings = reference_settings(k, num_samples, is_splits, seed, train_images, test_images,
+                                  kid_subsets)  # fmt: skip
     return Reference(real, subset, metrics, settings)
 
 
@@ -759,6 +761,37 @@ def load_reference(
     return Reference(real, subset, metrics, settings, sources)
 
 
+def check_reference(
+    reference: Reference, classifier: DigitClassifier, settings: dict[str, int]
+) -> None:
+    """Refuse a reference that does not fit: another feature width than ``classifier``'s, or
+    other ``settings`` (:func:`reference_settings`).
+
+    Raises:
+        ValueError: One line saying what differs, and what to run.
+    """
+    again = "compute it again (dvc repro reference)"
+    width = reference.real.test_feats.shape[1]
+    if width != classifier.num_features:
+        raise ValueError(f"the reference holds {width}-d features, the classifier makes "
+                         f"{classifier.num_features}-d ones: {again}")  # fmt: skip
+    have = reference.settings
+    differ = [f"{key} {have.get(key)}, not {value}" for key, value in settings.items()
+              if have.get(key) != value]  # fmt: skip
+    if differ:
+        raise ValueError(f"the reference was computed for other settings ({'; '.join(differ)})"
+                         f": {again}")  # fmt: skip
+
+
+def reference_settings(k: int, num_samples: int, is_splits: int, seed: int,
+                       train_images: Tensor, test_images: Tensor,
+                       kid_subsets: int = KID_SUBSETS) -> dict[str, int]:  # fmt: skip
+    """What a reference must have been computed for, to score ``num_samples`` samples."""
+    return {"k": k, "num_samples": num_samples, "is_splits": is_splits, "seed": seed,
+            "kid_subsets": kid_subsets, "num_train": len(train_images),
+            "num_test": len(test_images)}  # fmt: skip
+
+
 def reference_sources(
     classifier_weights: Path, train_file: Path, test_file: Path
 ) -> dict[str, str]:
@@ -845,19 +878,9 @@ def evaluate_samples(
                                       len(samples), is_splits, seed, batch_size, kid_subsets,
                                       device)  # fmt: skip
     else:
-        want = _settings(k, len(samples), is_splits, seed, kid_subsets, len(train_images),
-                         len(test_images))  # fmt: skip
-        width = reference.real.test_feats.shape[1]
-        if width != classifier.num_features:
-            raise ValueError(f"the reference holds {width}-d features, the classifier makes "
-                             f"{classifier.num_features}-d ones: it was computed with another "
-                             "classifier (dvc repro reference)")  # fmt: skip
-        have = reference.settings
-        differ = [f"{key} {have.get(key)}, not {value}" for key, value in want.items()
-                  if have.get(key) != value]  # fmt: skip
-        if differ:
-            raise ValueError(f"the reference was computed for other settings ({'; '.join(differ)})"
-                             ": compute it again (dvc repro reference)")  # fmt: skip
+        want = reference_settings(k, len(samples), is_splits, seed, train_images, test_images,
+                                  kid_subsets)  # fmt: skip
+        check_reference(reference, classifier, want)
     real = reference.real
     classifier.eval()
     scores = score_samples(samples, classifier, real, is_splits, seed, batch_size)
