@@ -11,10 +11,16 @@ answering, the stage saves a checkpoint of the epoch it could not log and exits 
 run it again once the store answers and the run continues, the missed epoch logged. A NaN or
 infinite loss stops with an error naming the epoch and step, marks the run FAILED and exits 1,
 keeping the last good checkpoint.
+
+With train.nproc > 1 the stage starts that many copies of itself through torchrun's launcher
+(DDP: gloo on the CPU, NCCL on GPUs) and waits for them; started by torchrun itself (several
+machines), it takes its place from torchrun's variables. Rank 0 logs and writes everything; if
+any process fails, all stop, and a rerun with the same nproc resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -27,9 +33,10 @@ import tracking
 from common import PARAMS_OPTION, code_digest, file_option, folder_option, load_or_exit
 from torchvision.utils import save_image
 
+from mnist_gan import distributed
 from mnist_gan.data import DataError, load_normalized
 from mnist_gan.models import GENERATOR_FILE, save_gan
-from mnist_gan.params import params_to_dict
+from mnist_gan.params import Params, params_to_dict
 from mnist_gan.training import (
     CheckpointStore,
     DivergenceError,
@@ -80,26 +87,73 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
     """Train the GAN and log the run to MLflow."""
     params = load_or_exit(params_file)
     cfg = params.train
+    threads = params.base.threads or os.cpu_count() or 1
+    if cfg.nproc > 1 and not distributed.launched():  # start nproc copies of this stage
+        paths = {"--data": data, "--out": out, "--metrics": metrics, "--plots": plots,
+                 "--checkpoints": checkpoints, "--run-id-file": run_id_file,
+                 "--params": params_file}  # fmt: skip
+        argv = [str(x) for pair in paths.items() for x in pair]
+        try:  # each process prints its own errors; this says which one failed first
+            distributed.launch(Path(__file__), argv, cfg.nproc, max(1, threads // cfg.nproc))
+        except distributed.LaunchError as exc:
+            sys.exit(f"error: {exc}; a checkpoint, if one was saved, is kept in {checkpoints}: "
+                     f"run again with train.nproc {cfg.nproc} to resume")  # fmt: skip
+        return
+    try:
+        world = distributed.world()
+        # The machine's threads are shared by its training processes.
+        set_threads(max(1, threads // world.local_size) if world.size > 1 else params.base.threads)
+        device = distributed.init(world, resolve_device(params.base.device))
+    except (RuntimeError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    try:
+        _train(params, world, device, data, out, metrics, plots, checkpoints, run_id_file)
+    finally:
+        distributed.shutdown()
+
+
+def _lost_ranks(exc: RuntimeError, world: distributed.World) -> NoReturn:
+    """A collective failed, most likely because another training process died: stop."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's SIGTERM ends it silently
+    if world.main:
+        mlflow.end_run("FAILED")
+    sys.exit(f"error: rank {world.rank} stopped: {tracking.short(exc)}")
+
+
+def _train(params: Params, world: distributed.World, device: torch.device, data: Path, out: Path,
+           metrics: Path, plots: Path, checkpoints: Path, run_id_file: Path) -> None:  # fmt: skip
+    cfg = params.train
     seed = params.base.seed if cfg.seed is None else cfg.seed  # the GAN's own seed, when set
     try:
-        tracking.check_reachable()  # a dead tracking server fails now, not after training
+        if world.main:
+            tracking.check_reachable()  # a dead tracking server fails now, not after training
         images, labels = load_normalized(data / "train.safetensors")
-        set_threads(params.base.threads)
-        device = resolve_device(params.base.device)
         data_sha = sha256_file(data / "train.safetensors")
         trainer = GANTrainer(cfg, images, labels=labels, seed=seed, device=device)
     except (DataError, RuntimeError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     code = code_digest(Path(__file__))  # every project file this stage runs
-    parts = fingerprint(cfg, seed, data_sha, device.type, code)
+    parts = fingerprint(cfg, seed, data_sha, device.type, code, world.size)
     store = CheckpointStore(checkpoints, parts)
-    state = store.load()
+    # Rank 0 reads the checkpoint and hands it to the others (who may be on other machines).
+    state = distributed.broadcast_object(store.load() if world.main else None)
     if state is not None:
+        failed = ""
         try:
             trainer.load_state_dict(state)
-        except ValueError as exc:  # a partial load may have changed the trainer: start afresh
-            store.note, state = f"{store.path}: not resumed from: {exc}", None
+        except ValueError as exc:
+            failed = str(exc)
+        if distributed.any_rank(bool(failed)):  # a partial load may have changed the trainer
+            store.note, state = f"{store.path}: not resumed from: {failed or 'see rank 0'}", None
             trainer = GANTrainer(cfg, images, labels=labels, seed=seed, device=device)
+    if not world.main:  # the other ranks train, and leave logging and outputs to rank 0
+        try:
+            trainer.fit()
+        except (DivergenceError, KeyboardInterrupt):
+            sys.exit(1)  # rank 0 says why
+        except RuntimeError as exc:
+            _lost_ranks(exc, world)
+        return
     click.echo(store.note, err=True)
     # The grid: 8 x 8, or 10 x 10 for a conditional GAN, row r asking for digit r.
     rows = 10 if cfg.conditional else 8
@@ -132,7 +186,9 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
             flat = tracking.flatten(
                 {"base": params_to_dict(params.base), "train": params_to_dict(cfg)}
             )
-            mlflow.log_params({**flat, "data.train_sha256": data_sha})
+            mlflow.log_params(
+                {**flat, "data.train_sha256": data_sha, "train.world_size": world.size}
+            )
             tracking.log_training_data(data, images)
         # A resumed run may lack the checkpoint's last epochs (the store stopped answering), or
         # already hold epochs after it (they run again, bit-identical on the CPU): log each once.
@@ -145,10 +201,15 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
         mlflow.end_run("FAILED")
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it silently
         mlflow.end_run("KILLED")
         sys.exit(f"interrupted in epoch {trainer.epoch + 1}; run again to resume ({store.path})")
     except tracking.tracking_failures() as exc:
         _lost_tracking(exc, trainer, store, run_id)
+    except RuntimeError as exc:
+        if world.size == 1:
+            raise
+        _lost_ranks(exc, world)
 
     with atomic_dir(out) as tmp:
         save_gan(tmp, cfg, seed, trainer.generator, trainer.discriminator, trainer.ema_generator)

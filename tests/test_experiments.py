@@ -145,6 +145,31 @@ def test_exp_run_with_set_param_is_tagged_in_mlflow(clean: Lab) -> None:
     )
 
 
+def test_exp_run_with_two_training_processes(clean: Lab) -> None:
+    """`dvc exp run -S train.nproc=2`: DDP on the CPU writes models/gan; one run, one point per
+    epoch."""
+    lab = clean
+    before = len(tracked_runs(lab))
+    res = run(
+        ["dvc", "exp", "run", "-n", "two-ranks", "-S", "train.nproc=2", "-S", "train.epochs=3"],
+        cwd=lab.project,
+        env=lab.env,
+    )
+    assert stages_run(res.stdout) == ["train", "evaluate"], res.stdout
+    config = json.loads((lab.project / "models/gan/config.json").read_text())
+    assert config["train"]["nproc"] == 2
+    rows = exp_rows(lab.project, lab.env)
+    runs = tracked_runs(lab)
+    check_linked(lab, "two-ranks", rows["two-ranks"], runs)
+    (mine,) = [r for r in runs if r.data.tags.get("dvc_exp_name") == "two-ranks"]
+    assert mine.data.params["train.nproc"] == "2" and mine.data.params["train.world_size"] == "2"
+    from mlflow import MlflowClient
+
+    history = MlflowClient(lab.store).get_metric_history(mine.info.run_id, "loss_d")
+    assert sorted(m.step for m in history) == [1, 2, 3]  # rank 0 alone logs each epoch once
+    assert len(runs) == before + 1  # rank 1 started no run
+
+
 def test_queued_sweep_lands_in_the_project_store(clean: Lab) -> None:
     """A queued sweep of three losses runs in temp copies, yet logs to the project's store."""
     lab = clean

@@ -54,7 +54,7 @@ def blobs(n: int, seed: int = 0) -> torch.Tensor:
 
 def make_project(root: Path, train: dict, n: int = 320) -> Path:
     """A folder with params.yaml and data/normalized/train.safetensors; returns it."""
-    (root / "data" / "normalized").mkdir(parents=True)
+    (root / "data" / "normalized").mkdir(parents=True)  # root too, if it is new
     save_normalized(root / "data/normalized/train.safetensors", blobs(n), torch.zeros(n).long())
     params = {"base": {"seed": 0, "device": "cpu"}, "train": train}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -427,6 +427,72 @@ def test_sigterm_and_sigkill_then_resume_give_identical_weights(tmp_path: Path) 
     curves = json.loads((root / "plots/train/curves.json").read_text())
     assert [c["epoch"] for c in curves] == list(range(1, 31))
     assert not ckpt.parent.exists()
+
+
+def _children(pid: int) -> dict[int, dict[str, str]]:
+    """The child processes of ``pid``: {pid: environment}."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                raw = (proc / "environ").read_bytes().split(b"\0")
+                found[int(proc.name)] = dict(
+                    e.decode(errors="replace").split("=", 1) for e in raw if b"=" in e
+                )
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_stage_and_a_rerun_resumes(tmp_path: Path) -> None:
+    """nproc 2: SIGKILL rank 1 mid-run; the stage fails in one line, keeps its checkpoint, and
+    a rerun resumes to the weights of an uninterrupted 2-process run."""
+    train = {**SMALL, "hidden": [64], "epochs": 120, "sample_every": 60, "checkpoint_every": 5,
+             "nproc": 2}  # fmt: skip
+    root = make_project(tmp_path / "killed", train, n=1024)
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": db, "DVC_EXP_NAME": ""}
+    ckpt = root / "checkpoints/train/checkpoint.pt"
+
+    def start(project: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(SCRIPT), *args(project)], cwd=project,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+
+    proc = start(root)
+    _wait_for(ckpt.exists, proc)
+    (rank1,) = [pid for pid, e in _children(proc.pid).items() if e.get("RANK") == "1"]
+    os.kill(rank1, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: training process 1 of 2 was killed by SIGKILL;"), last
+    assert "run again with train.nproc 2 to resume" in last
+    saved = torch.load(ckpt, weights_only=True)
+    assert 5 <= saved["epoch"] < 120 and len(saved["rng_by_rank"]) == 2
+    assert saved["fingerprint"]["world_size"] == "2"
+    assert not (root / "models/gan").exists()
+    run_id = (root / ".mlflow_run_id").read_text().strip()
+
+    proc = start(root)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert f"resuming from {ckpt} (epoch {saved['epoch']})" in err
+    assert (root / ".mlflow_run_id").read_text().strip() == run_id  # the same MLflow run
+    history = mlflow.MlflowClient(db).get_metric_history(run_id, "loss_d")
+    assert sorted(m.step for m in history) == list(range(1, 121))
+
+    whole = make_project(tmp_path / "whole", train, n=1024)
+    proc = start(whole)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    for name in ("generator", "discriminator", "generator_ema"):
+        a = load_file(str(root / f"models/gan/{name}.safetensors"))
+        b = load_file(str(whole / f"models/gan/{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.slow

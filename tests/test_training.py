@@ -230,7 +230,7 @@ def test_a_checkpoint_that_does_not_fit_is_a_value_error() -> None:
 
 def test_fingerprint_has_one_part_per_cause() -> None:
     base = fingerprint(TINY, 0, "abc", "cpu", "code")
-    assert set(base) == {"params", "data", "device", "code"}
+    assert set(base) == {"params", "data", "device", "code", "world_size"}
     assert base == fingerprint(dataclasses.replace(TINY), 0, "abc", "cpu", "code")
     changes = {
         "params": [
@@ -241,6 +241,7 @@ def test_fingerprint_has_one_part_per_cause() -> None:
         "data": [fingerprint(TINY, 0, "abd", "cpu", "code")],
         "device": [fingerprint(TINY, 0, "abc", "cuda", "code")],
         "code": [fingerprint(TINY, 0, "abc", "cpu", "other code")],
+        "world_size": [fingerprint(TINY, 0, "abc", "cpu", "code", world_size=2)],
     }
     for part, prints in changes.items():
         for other in prints:

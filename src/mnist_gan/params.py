@@ -145,6 +145,8 @@ class TrainParams:
     cuda_graph: bool = True  # on CUDA, capture the whole D+G step once and replay it
     # How lr_g and lr_d (tuned for batch 128) change with batch_size: none | sqrt | linear.
     lr_scaling: Literal["none", "sqrt", "linear"] = "none"
+    # Training processes on this machine (DDP under torchrun); batch_size is split across them.
+    nproc: int = 1
     checkpoint_every: int = 5  # epochs between resumable checkpoints; 0 disables them
     sample_every: int = 5  # epochs between logged sample grids; 0 logs only the final one
 
@@ -166,6 +168,12 @@ class TrainParams:
         _check(
             self.label_smoothing == 0.0 or self.loss != "hinge",
             "label_smoothing: applies to the bce and minimax losses only; use 0 with hinge",
+        )
+        _check(self.nproc >= 1, "nproc: must be >= 1")
+        _check(
+            self.batch_size % self.nproc == 0,
+            f"batch_size: {self.batch_size} does not split evenly across nproc {self.nproc} "
+            "processes",
         )
         _check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
         _check(self.sample_every >= 0, "sample_every: must be >= 0")

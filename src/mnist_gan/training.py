@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import json
 import random
 import sys
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mnist_gan import distributed
 from mnist_gan.losses import discriminator_loss, generator_loss
 from mnist_gan.models import IMAGE_SHAPE, NUM_CLASSES, build_discriminator, build_generator
 from mnist_gan.params import TrainParams, params_to_dict
@@ -59,6 +61,15 @@ REFERENCE_BATCH = 128
 # What each step records, in this order (one row per step of the epoch).
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_g", "grad_norm_d")
 CHECKPOINT_FORMAT = 2  # 2: the fingerprint is a dict of parts
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's option that stops it re-broadcasting rank 0's buffers before every forward."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}  # newer PyTorch; broadcast_buffers is deprecated
+    return {"broadcast_buffers": False}
 
 
 class DivergenceError(RuntimeError):
@@ -100,7 +111,7 @@ class EpochStats:
 
 
 def fingerprint(
-    cfg: TrainParams, seed: int, data_sha256: str, device: str, code: str
+    cfg: TrainParams, seed: int, data_sha256: str, device: str, code: str, world_size: int = 1
 ) -> dict[str, str]:
     """What determines training, part by part: a checkpoint resumes only when every part matches.
 
@@ -111,9 +122,12 @@ def fingerprint(
         device: The device type (``cpu`` or ``cuda``): RNG states do not carry across them.
         code: A hash of the project code that trains (the train stage's code deps), so that
             weights trained by old code are never continued by new code.
+        world_size: The number of training processes: each has its own share of the data and
+            its own RNG streams, so a checkpoint resumes only in a world of the same size.
 
     Returns:
-        ``{"params": ..., "data": ..., "device": ..., "code": ...}``, plain strings.
+        ``{"params": ..., "data": ..., "device": ..., "code": ..., "world_size": ...}``, plain
+        strings.
     """
     blob = json.dumps({"train": params_to_dict(cfg), "seed": seed}, sort_keys=True)
     return {
@@ -121,6 +135,7 @@ def fingerprint(
         "data": data_sha256,
         "device": device,
         "code": code,
+        "world_size": str(world_size),
     }
 
 
@@ -217,8 +232,21 @@ class GANTrainer:
     whole D+G step captured once as a CUDA graph and replayed (``train.cuda_graph``), so a
     step costs three kernel launches from Python instead of hundreds.
 
+    In a process group of several ranks (DDP, see :mod:`mnist_gan.distributed`), ``images`` is
+    the whole training set and each rank keeps its shard (every ``size``-th image from its
+    rank on) and trains on ``batch_size / size`` images per step; DDP averages the gradients,
+    so the ranks train one model on the global batch. Rank 0 draws the noise, data order and
+    dropout masks a single process draws; every other rank has its own streams
+    (:func:`~mnist_gan.distributed.rank_seed`), so a run is reproducible for a given number of
+    ranks. G's BatchNorm is synchronised across ranks on GPUs (``SyncBatchNorm``, which PyTorch
+    has only for GPUs); on the CPU, and in D, each rank normalises over its own images. Module
+    buffers are not broadcast (``broadcast_buffers=False``: the broadcast would change D's
+    BatchNorm buffers between its forward passes and its backward, pytorch/pytorch#175024); the
+    epoch's metrics are averaged over the ranks.
+
     Raises:
-        ValueError: The images have the wrong shape, or fewer than one batch.
+        ValueError: The images have the wrong shape, fewer than one batch per rank, or a batch
+            size the ranks do not divide.
     """
 
     def __init__(
@@ -236,7 +264,14 @@ class GANTrainer:
             raise ValueError(
                 f"training images have shape {tuple(images.shape)}, want (N, 1, 28, 28)"
             )
-        if images.shape[0] < cfg.batch_size:
+        self.rank, self.world_size = distributed.rank_and_size()
+        if cfg.batch_size % self.world_size:
+            raise ValueError(
+                f"train.batch_size: {cfg.batch_size} does not split evenly across "
+                f"{self.world_size} training processes"
+            )
+        self.batch_size = cfg.batch_size // self.world_size  # this rank's share of a batch
+        if images.shape[0] // self.world_size < self.batch_size:
             raise ValueError(
                 f"train.batch_size: {cfg.batch_size} is larger than the training set "
                 f"({images.shape[0]} images)"
@@ -251,6 +286,10 @@ class GANTrainer:
 
         self.generator = build_generator(cfg).to(self.device)
         self.discriminator = build_discriminator(cfg).to(self.device)
+        if self.rank:  # the same initial weights on every rank; from here, the rank's own RNGs
+            self.data_generator = seed_everything(distributed.rank_seed(seed, self.rank), device)
+        if self.world_size > 1 and cuda:  # G's batch statistics over the global batch
+            self.generator = nn.SyncBatchNorm.convert_sync_batchnorm(self.generator)
         self.channels_last = cfg.model == "dcgan" if channels_last is None else channels_last
         if self.channels_last:  # layout only: the same weights and results
             self.generator.to(memory_format=torch.channels_last)
@@ -263,12 +302,23 @@ class GANTrainer:
         self.ema_generator: nn.Module | None = None
         if cfg.ema > 0:
             self.ema_generator = copy.deepcopy(self.generator).eval().requires_grad_(False)
-        self.images = images.to(self.device, torch.float32).contiguous()
-        self.labels = labels.to(self.device, torch.int64) if cfg.conditional else None
-        self.steps_per_epoch = images.shape[0] // cfg.batch_size
+        # This rank's shard, equal in size on every rank (one image in ``size`` from ``rank``).
+        shard = slice(self.rank, self.world_size * (images.shape[0] // self.world_size),
+                      self.world_size)  # fmt: skip
+        self.images = images[shard].to(self.device, torch.float32).contiguous()
+        self.labels = labels[shard].to(self.device, torch.int64) if cfg.conditional else None
+        self.steps_per_epoch = self.images.shape[0] // self.batch_size
 
         # The whole step as one CUDA graph: Adam's step counters must then live on the GPU.
         self.cuda_graph = cfg.cuda_graph and cuda
+        if self.cuda_graph and self.world_size > 1:
+            warnings.warn(
+                "train.cuda_graph: not used with several training processes (DDP's gradient "
+                "all-reduce is not captured here); training without CUDA graphs",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.cuda_graph = False
         self._g_params = list(self.generator.parameters())
         self._d_params = list(self.discriminator.parameters())
         betas = (cfg.beta1, cfg.beta2)
@@ -288,14 +338,27 @@ class GANTrainer:
         self.epoch = 0  # completed epochs
         self.history: list[dict[str, float]] = []  # EpochStats.as_dict() per completed epoch
 
+        # G's forward, D's forward in D's update, and D's forward in G's update (through D's
+        # plain module under DDP: that backward reaches only G's weights, whose gradients G's
+        # DDP wrapper reduces).
         self._g_fwd: Callable[..., torch.Tensor] = self.generator
         self._d_fwd: Callable[..., torch.Tensor] = self.discriminator
+        self._d_for_g: Callable[..., torch.Tensor] = self.discriminator
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids, no_sync = [self.device.index] if cuda else None, _no_buffer_sync()
+            self._g_fwd = DDP(self.generator, device_ids=ids, **no_sync)
+            self._d_fwd = DDP(self.discriminator, device_ids=ids, **no_sync)
+        # Every rank's RNG states (a checkpoint holds them all), gathered after each epoch.
+        self._rank_rngs: list[dict[str, Any]] = []
+        self._gather_rngs()
         self.compiled = cfg.compile and self._compile()
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_warm = 0  # eager steps taken towards the capture
         self._static: dict[str, torch.Tensor] = {}
         if self.cuda_graph:  # the graph's inputs and output, at fixed addresses
-            b = cfg.batch_size
+            b = self.batch_size
             self._static = {
                 "real": torch.empty(b, *IMAGE_SHAPE, device=self.device),
                 "z": torch.empty(b, cfg.latent_dim, device=self.device),
@@ -333,8 +396,10 @@ class GANTrainer:
                 stacklevel=3,
             )
             return False
-        self._g_fwd = torch.compile(self.generator)
-        self._d_fwd = torch.compile(self.discriminator)
+        self._g_fwd = torch.compile(self._g_fwd)
+        self._d_for_g = torch.compile(self.discriminator)
+        distributed_d = self._d_fwd is not self.discriminator
+        self._d_fwd = torch.compile(self._d_fwd) if distributed_d else self._d_for_g
         return True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -385,11 +450,26 @@ class GANTrainer:
             for _ in range(n):
                 self._step()
 
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One D and one G update on a batch given by the caller, eagerly.
+
+        Args:
+            batch: ``real`` (b, 1, 28, 28) and ``z`` (b, latent_dim); when conditional, also
+                ``y_real`` and ``y_fake`` (b,). With several ranks, this rank's share.
+
+        Returns:
+            The step's METRICS (6,), on the device.
+        """
+        record = torch.zeros(len(METRICS), device=self.device)
+        with self._own_rng():
+            self._train_step({k: v.to(self.device) for k, v in batch.items()}, record)
+        return record
+
     def _step(self) -> None:
         if self._perm is None or self._cursor >= self.steps_per_epoch:
             self._new_permutation()
         assert self._perm is not None
-        b, i = self.cfg.batch_size, self._cursor
+        b, i = self.batch_size, self._cursor
         idx = self._perm[i * b : (i + 1) * b]
         if self.cuda_graph:
             self._graph_step(idx, self._record[i])
@@ -401,7 +481,7 @@ class GANTrainer:
         """A step's inputs: ``real`` images (B, 1, 28, 28) and ``z`` (B, latent_dim); when
         conditional, also ``y_real`` (B,), the real images' digits, and ``y_fake`` (B,), the
         digits asked of G, drawn uniformly. Written into ``out`` (a graph's inputs) if given."""
-        gen, b = self.data_generator, self.cfg.batch_size
+        gen, b = self.data_generator, self.batch_size
         if out is None:
             out = {
                 "real": self.images.index_select(0, idx),
@@ -491,7 +571,7 @@ class GANTrainer:
         self.opt_d.step()
 
         with self._autocast():
-            fake_logits_g = self._d_fwd(fake, y_fake)  # (B,), through the updated D
+            fake_logits_g = self._d_for_g(fake, y_fake)  # (B,), through the updated D
         loss_g = generator_loss(cfg.loss, fake_logits_g)
         self.opt_g.zero_grad(set_to_none=True)
         # inputs= limits backward to G's weights: D's weight gradients are never computed.
@@ -528,8 +608,10 @@ class GANTrainer:
                 self._step()
                 if bar is not None:
                     bar.update()
-        record = self._record.cpu()  # (steps, METRICS): the epoch's one synchronisation
+        # (steps, METRICS), averaged over the ranks: the epoch's one synchronisation.
+        record = distributed.all_reduce_mean_(self._record).cpu()
         seconds = time.perf_counter() - start
+        self._gather_rngs()
         if bar is not None:
             bar.close()
         bad = ~torch.isfinite(record[:, :2]).all(dim=1)
@@ -597,9 +679,28 @@ class GANTrainer:
 
     # --- state -------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue training exactly: weights, optimizers, RNGs, history."""
+    def _rng_state(self) -> dict[str, Any]:
         return {
+            "torch": self._rng_cpu.clone(),
+            "cuda": None if self._rng_cuda is None else self._rng_cuda.clone(),
+            "data": self.data_generator.get_state(),
+            "numpy": _numpy_state(),
+            "python": random.getstate(),
+        }
+
+    def _gather_rngs(self) -> None:
+        """Every rank's RNG states, for rank 0's checkpoint (a collective; none for one rank)."""
+        if self.world_size > 1:
+            self._rank_rngs = distributed.all_gather_objects(self._rng_state())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly: weights, optimizers, RNGs, history.
+
+        With several ranks, ``rng_by_rank`` holds every rank's RNG states as of the end of the
+        last epoch (when they are gathered), so take it between epochs, as :meth:`fit` does.
+        It involves no other rank: rank 0 can save it alone.
+        """
+        state = {
             "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch,
             "generator": self.generator.state_dict(),
@@ -609,15 +710,12 @@ class GANTrainer:
             else self.ema_generator.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
-            "rng": {
-                "torch": self._rng_cpu.clone(),
-                "cuda": None if self._rng_cuda is None else self._rng_cuda.clone(),
-                "data": self.data_generator.get_state(),
-                "numpy": _numpy_state(),
-                "python": random.getstate(),
-            },
+            "rng": self._rng_state(),
             "history": [dict(h) for h in self.history],
         }
+        if self.world_size > 1:
+            state["rng_by_rank"] = self._rank_rngs
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (e.g. from a checkpoint).
@@ -645,7 +743,13 @@ class GANTrainer:
             self.ema_generator.load_state_dict(state["ema_generator"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        rng = state["rng"]
+        if self.world_size > 1:
+            if len(state["rng_by_rank"]) != self.world_size:
+                raise ValueError(f"it holds {len(state['rng_by_rank'])} ranks' RNG states")
+            self._rank_rngs = state["rng_by_rank"]
+            rng = self._rank_rngs[self.rank]
+        else:
+            rng = state["rng"]
         self._rng_cpu = rng["torch"].clone()
         if self._rng_cuda is not None:
             self._rng_cuda = rng["cuda"].clone()

@@ -1,0 +1,172 @@
+"""Training under DDP on the CPU (gloo): 2 ranks train the model one process trains.
+
+The ranks run as spawned processes joined through a file store (tests/ddpkit.py); the launcher
+tests start real ``torchrun`` worlds on localhost.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import ddpkit
+import pytest
+import torch
+
+from mnist_gan import distributed
+from mnist_gan.params import ParamsError, TrainParams, load_params
+from mnist_gan.training import CheckpointStore, GANTrainer, fingerprint
+
+# The article's networks without BatchNorm in G (per-rank statistics on the CPU) and without
+# dropout (masks drawn per rank): what remains must match a single process to float rounding.
+EQUIVALENT = {"hidden": [64, 64], "batch_size": 32, "g_batchnorm": False, "d_dropout": 0.0}
+STEPS = 5
+# Measured on an Intel Xeon (2 ranks, 5 steps): 4.7e-7 between DDP and one process (the sums
+# differ in order), 1.8e-3 between ranks that do not reduce their gradients and one process.
+TOLERANCE = 2e-5
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def one_process(cfg: dict, steps: int) -> dict[str, torch.Tensor]:
+    """The single-process trainer on the whole of each of :func:`ddpkit.global_batches`."""
+    torch.set_num_threads(1)
+    params = TrainParams(**cfg)
+    trainer = GANTrainer(params, ddpkit.blobs(256), seed=0, progress=False)
+    for batch in ddpkit.global_batches(params, steps):
+        trainer.train_step(batch)
+    return ddpkit.weights(trainer)
+
+
+def test_two_ranks_train_the_model_one_process_trains(tmp_path: Path) -> None:
+    """Same global batch, data and noise: 2 ranks end where 1 process ends (float tolerance)."""
+    ranks = ddpkit.spawn(ddpkit.explicit_steps, 2, tmp_path, EQUIVALENT, STEPS, True)
+    single = one_process(EQUIVALENT, STEPS)
+    assert max_diff(ranks[0], ranks[1]) == 0.0  # one model: identical weights on every rank
+    assert max_diff(ranks[0], single) < TOLERANCE
+    # The control: ranks that do not all-reduce their gradients (each trains on its half of
+    # every batch) end far from the single process, so the bound above can fail.
+    apart = ddpkit.spawn(ddpkit.explicit_steps, 2, tmp_path, EQUIVALENT, STEPS, False)
+    assert max_diff(apart[0], single) > 50 * TOLERANCE
+    assert max_diff(apart[0], apart[1]) > 50 * TOLERANCE
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in ("images_per_sec", "epoch_seconds")}
+            for h in history]  # fmt: skip
+
+
+def params_only(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Without BatchNorm's running statistics (per rank on the CPU; training never reads them)."""
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    return {k: v for k, v in w.items() if not k.endswith(stats)}
+
+
+def test_ranks_hold_shards_and_a_two_rank_run_resumes_exactly(tmp_path: Path) -> None:
+    """The default recipe (BatchNorm, dropout, EMA) on 2 ranks: shards, one model, exact resume."""
+    cfg = {"hidden": [32], "batch_size": 32, "epochs": 2, "ema": 0.9}
+    whole = ddpkit.spawn(ddpkit.fit_epochs, 2, tmp_path, cfg, None)
+    images = ddpkit.blobs(240)
+    for rank, r in enumerate(whole):
+        assert torch.equal(r["images"], images[rank::2])  # its own shard, 120 images
+        assert r["batch_size"] == 16 and r["steps_per_epoch"] == 7
+    assert max_diff(params_only(whole[0]["weights"]), params_only(whole[1]["weights"])) == 0.0
+    assert untimed(whole[0]["history"]) == untimed(whole[1]["history"])  # averaged over ranks
+    assert len(whole[0]["state"]["rng_by_rank"]) == 2
+
+    first = ddpkit.spawn(ddpkit.fit_epochs, 2, tmp_path, {**cfg, "epochs": 1}, None)
+    checkpoint = tmp_path / "epoch1.pt"
+    torch.save(first[0]["state"], checkpoint)  # what rank 0 saves, every rank's RNGs included
+    resumed = ddpkit.spawn(ddpkit.fit_epochs, 2, tmp_path, cfg, str(checkpoint))
+    # Bit-identical to the uninterrupted run: all of rank 0 (what is saved), and rank 1's weights
+    # (its G BatchNorm statistics restart from rank 0's; no step reads them).
+    assert max_diff(resumed[0]["weights"], whole[0]["weights"]) == 0.0
+    assert max_diff(params_only(resumed[1]["weights"]), params_only(whole[1]["weights"])) == 0.0
+    assert untimed(resumed[0]["history"]) == untimed(whole[0]["history"])
+
+
+def test_a_batchnorm_discriminator_trains_on_two_ranks(tmp_path: Path) -> None:
+    """dcgan's D (BatchNorm) runs twice before one backward: DDP must not touch its buffers."""
+    cfg = {"model": "dcgan", "channels": 4, "batch_size": 16, "epochs": 1}
+    ranks = ddpkit.spawn(ddpkit.fit_epochs, 2, tmp_path, cfg, None)
+    assert max_diff(params_only(ranks[0]["weights"]), params_only(ranks[1]["weights"])) == 0.0
+    loss = ranks[0]["history"][0]["loss_d"]
+    assert loss == loss and ranks[0]["steps_per_epoch"] == 15  # finite; 120 images / 8 a step
+    # Each rank's D normalised its own images: their BatchNorm statistics differ.
+    stats = [{k: v for k, v in r["weights"].items() if k.endswith("running_mean")} for r in ranks]
+    assert stats[0].keys() and max_diff(stats[0], stats[1]) > 0
+
+
+def test_a_batch_the_ranks_do_not_divide_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("train:\n  batch_size: 130\n  nproc: 4\n")
+    with pytest.raises(ParamsError, match=r"train\.batch_size: 130 does not split evenly"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train:\n  nproc: 0\n")
+    with pytest.raises(ParamsError, match=r"train\.nproc: must be >= 1"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_a_checkpoint_of_another_world_size_is_not_resumed(tmp_path: Path) -> None:
+    cfg = TrainParams(hidden=(16,), batch_size=32, epochs=1)
+    trainer = GANTrainer(cfg, ddpkit.blobs(64), seed=0, progress=False)
+    CheckpointStore(tmp_path, fingerprint(cfg, 0, "d", "cpu", "c", world_size=2)).save(
+        trainer.state_dict()
+    )
+    store = CheckpointStore(tmp_path, fingerprint(cfg, 0, "d", "cpu", "c", world_size=1))
+    assert store.load() is None
+    assert "made with other world_size; not resumed from" in store.note
+
+
+def test_world_reads_torchruns_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.world() == distributed.World() and not distributed.launched()
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.world() == distributed.World(3, 4, 1, 2) and distributed.launched()
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="inconsistent torchrun variables: RANK=4 WORLD_SIZE=4"):
+        distributed.world()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValueError, match="RANK='x' is not an integer"):
+        distributed.world()
+
+
+def test_rank_seeds() -> None:
+    assert distributed.rank_seed(5, 0) == 5  # rank 0 draws what one process draws
+    seeds = {distributed.rank_seed(s, r) for s in range(4) for r in range(1, 4)}
+    assert len(seeds) == 12 and not seeds & set(range(8))
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_the_ranks_split_the_batch_or_refuse(tmp_path: Path) -> None:
+    """Without a process group the trainer is one rank with the whole batch."""
+    cfg = TrainParams(hidden=(16,), batch_size=32, nproc=2)
+    t = GANTrainer(cfg, ddpkit.blobs(64), seed=0, progress=False)
+    assert (t.rank, t.world_size, t.batch_size) == (0, 1, 32)
+    assert torch.equal(t.images, ddpkit.blobs(64))
+
+
+SCRIPT = Path(__file__).with_name("failing_rank.py")
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("exit", "training process 1 of 2 exited with code 3"),
+        ("kill", "training process 1 of 2 was killed by SIGKILL"),
+    ],
+)
+def test_launch_names_the_process_that_failed(how: str, message: str) -> None:
+    with pytest.raises(distributed.LaunchError, match=f"^{re.escape(message)}$"):
+        distributed.launch(SCRIPT, [how], nproc=2, threads=1)
+
+
+def test_launch_runs_every_rank(capfd: pytest.CaptureFixture[str]) -> None:
+    distributed.launch(SCRIPT, ["ok"], nproc=2, threads=1)
+    out = capfd.readouterr().out
+    assert "rank 0 of 2 done" in out and "rank 1 of 2 done" in out
