@@ -28,7 +28,7 @@ JOBS ?= 1
 # "--rev main" (default: those derived from HEAD, as `dvc exp show`).
 REPORT_ARGS ?=
 
-.PHONY: help setup run test test-fast lint format ui bench remote-folder remote-s3 server promote \
+.PHONY: help setup run test test-fast lint format ui bench bench-ddp remote-folder remote-s3 server promote \
 	sweep report
 
 help:  ## list the targets
@@ -72,6 +72,9 @@ ui: setup  ## open the MLflow UI on the tracking store, on $(HOST):$(PORT)
 
 bench: setup  ## training throughput against the common tutorial baseline
 	$(BIN)/python benchmarks/train_throughput.py
+
+bench-ddp: setup  ## images per second with 1 and 2 training processes (DDP, gloo) on this CPU
+	$(BIN)/python benchmarks/ddp_scaling.py
 
 remote-folder: setup  ## add a folder (local disk or NFS) as the default DVC remote: DIR=/path
 	@test -n "$(DIR)" || { echo "usage: make remote-folder DIR=/shared/path [REMOTE=name]" >&2; exit 2; }

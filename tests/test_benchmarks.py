@@ -90,6 +90,26 @@ def test_benchmark_script_writes_table_and_json(tmp_path: Path) -> None:
         assert base["item_calls"] == 14
 
 
+@pytest.mark.slow  # four worlds of spawned processes
+def test_ddp_scaling_benchmark_times_both_worlds(tmp_path: Path) -> None:
+    raw = write_idx(tmp_path / "raw", n_train=128)
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, str(BENCH / "ddp_scaling.py"), "--steps", "3", "--warmup", "1",
+           "--repeats", "2", "--data", str(raw), "--out", str(out), "--set", "batch_size=16",
+           *TINY]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "ratio 2 processes / 1:" in res.stdout
+    report = json.loads(out.read_text())
+    assert [(r["processes"], r["threads_each"]) for r in report["rows"]] == [(1, 2), (2, 1)]
+    assert all(len(r["runs"]) == 2 and r["images_per_sec"] > 0 for r in report["rows"])
+    assert report["ratio"] == pytest.approx(sorted(report["ratios"])[0] / 2
+                                            + sorted(report["ratios"])[1] / 2)  # fmt: skip
+    bad = subprocess.run([*cmd[:-2], "--set", "batch_size=15"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "batch_size 15 does not split across 2" in bad.stderr
+
+
 def test_baseline_is_the_tutorial_loop(
     bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
