@@ -248,6 +248,31 @@ def test_fingerprint_has_one_part_per_cause() -> None:
             assert [k for k in base if base[k] != other[k]] == [part]
 
 
+def test_linear_lr_decay_per_epoch_and_exact_resume(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(TINY, lr_decay="linear", lr_g=3e-4, lr_d=6e-4, epochs=4)
+    t = GANTrainer(cfg, images(), seed=0, progress=False)
+    rates = []
+    for _ in range(4):
+        t.run_epoch()
+        rates += [t.opt_g.param_groups[0]["lr"], t.opt_d.param_groups[0]["lr"]]
+    assert rates == pytest.approx([r * f for f in (1.0, 0.75, 0.5, 0.25) for r in (3e-4, 6e-4)])
+    constant = GANTrainer(dataclasses.replace(cfg, lr_decay="none"), images(), seed=0)
+    constant.fit()
+    assert constant.opt_g.param_groups[0]["lr"] == 3e-4
+    with pytest.raises(AssertionError):
+        assert_same_weights(t, constant)  # the decay changed training
+
+    store = CheckpointStore(tmp_path, FP)
+    half = GANTrainer(dataclasses.replace(cfg, epochs=4), images(), seed=0, progress=False)
+    for _ in range(2):
+        half.run_epoch()
+    store.save(half.state_dict())
+    resumed = GANTrainer(cfg, images(), seed=0, progress=False)
+    resumed.load_state_dict(store.load())
+    resumed.fit()
+    assert_same_weights(resumed, t)
+
+
 def test_clear_removes_checkpoint_and_leftovers_only(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     store = CheckpointStore(folder, FP)

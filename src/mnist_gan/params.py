@@ -145,6 +145,9 @@ class TrainParams:
     cuda_graph: bool = True  # on CUDA, capture the whole D+G step once and replay it
     # How lr_g and lr_d (tuned for batch 128) change with batch_size: none | sqrt | linear.
     lr_scaling: Literal["none", "sqrt", "linear"] = "none"
+    # none: constant learning rates; linear: both decay linearly over the epochs, epoch e
+    # (1-based) training at (1 - (e - 1) / epochs) of lr_g and lr_d.
+    lr_decay: Literal["none", "linear"] = "none"
     # Training processes on this machine (DDP under torchrun); batch_size is split across them.
     nproc: int = 1
     checkpoint_every: int = 5  # epochs between resumable checkpoints; 0 disables them

@@ -156,7 +156,12 @@ def scaled_lr(lr: float, batch_size: int, rule: str) -> float:
     return lr
 
 
-def _adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float], capturable: bool):
+def _adam(
+    params: list[nn.Parameter],
+    lr: float | torch.Tensor,
+    betas: tuple[float, float],
+    capturable: bool,
+):
     """Fused Adam (one kernel per step, also on the CPU) where this PyTorch has it."""
     try:
         return torch.optim.Adam(params, lr, betas, fused=True, capturable=capturable)
@@ -324,8 +329,10 @@ class GANTrainer:
         betas = (cfg.beta1, cfg.beta2)
         self.lr_g = scaled_lr(cfg.lr_g, cfg.batch_size, cfg.lr_scaling)
         self.lr_d = scaled_lr(cfg.lr_d, cfg.batch_size, cfg.lr_scaling)
-        self.opt_g = _adam(self._g_params, self.lr_g, betas, self.cuda_graph)
-        self.opt_d = _adam(self._d_params, self.lr_d, betas, self.cuda_graph)
+        # A decaying rate must be a tensor under a CUDA graph (a float would be captured as is).
+        as_tensor = self.cuda_graph and cfg.lr_decay != "none"
+        self.opt_g = _adam(self._g_params, self._lr(self.lr_g, as_tensor), betas, self.cuda_graph)
+        self.opt_d = _adam(self._d_params, self._lr(self.lr_d, as_tensor), betas, self.cuda_graph)
         if self.ema_generator is not None:
             self._ema_pairs = self._ema_tensors()
         # bf16 needs no loss scaling; GPUs before Ampere lack it and train in float32.
@@ -369,6 +376,21 @@ class GANTrainer:
                 self._static["y_fake"] = torch.empty(b, dtype=torch.int64, device=self.device)
 
     # --- construction helpers -------------------------------------------------------------
+
+    def _lr(self, lr: float, as_tensor: bool) -> float | torch.Tensor:
+        return torch.tensor(lr, device=self.device) if as_tensor else lr
+
+    def _set_lr(self, epoch: int) -> None:
+        """The learning rates of ``epoch`` (1-based) under ``train.lr_decay``."""
+        if self.cfg.lr_decay == "none":
+            return
+        factor = 1.0 - (epoch - 1) / self.cfg.epochs
+        for opt, lr in ((self.opt_g, self.lr_g), (self.opt_d, self.lr_d)):
+            for group in opt.param_groups:
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr * factor)  # in place: a captured graph reads it
+                else:
+                    group["lr"] = lr * factor
 
     def _ema_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list, list]:
         assert self.ema_generator is not None
@@ -602,6 +624,7 @@ class GANTrainer:
         epoch = self.epoch + 1
         bar = _progress(self.steps_per_epoch, f"epoch {epoch}/{self.cfg.epochs}", self.progress)
         start = time.perf_counter()
+        self._set_lr(epoch)
         self._new_permutation()
         with self._own_rng():
             for _ in range(self.steps_per_epoch):
@@ -743,6 +766,10 @@ class GANTrainer:
             self.ema_generator.load_state_dict(state["ema_generator"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        as_tensor = self.cuda_graph and self.cfg.lr_decay != "none"
+        for opt in (self.opt_g, self.opt_d):  # the saved rate, as this trainer keeps it
+            for group in opt.param_groups:
+                group["lr"] = self._lr(float(group["lr"]), as_tensor)
         if self.world_size > 1:
             if len(state["rng_by_rank"]) != self.world_size:
                 raise ValueError(f"it holds {len(state['rng_by_rank'])} ranks' RNG states")
