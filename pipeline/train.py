@@ -20,9 +20,11 @@ any process fails, all stop, and a rerun with the same nproc resumes from the la
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -93,12 +95,16 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
                  "--checkpoints": checkpoints, "--run-id-file": run_id_file,
                  "--params": params_file}  # fmt: skip
         argv = [str(x) for pair in paths.items() for x in pair]
-        try:  # each process prints its own errors; this says which one failed first
+        try:  # each process prints its own errors; this names the one that caused the stop
             distributed.launch(Path(__file__), argv, cfg.nproc, max(1, threads // cfg.nproc))
         except distributed.LaunchError as exc:
+            if not exc.resumable:
+                sys.exit(f"error: {exc}; its error is above")
             sys.exit(f"error: {exc}; a checkpoint, if one was saved, is kept in {checkpoints}: "
                      f"run again with train.nproc {cfg.nproc} to resume")  # fmt: skip
         return
+    if distributed.launched():
+        distributed.die_with_parent()  # never train on without the launcher
     try:
         world = distributed.world()
         # The machine's threads are shared by its training processes.
@@ -117,7 +123,9 @@ def _lost_ranks(exc: RuntimeError, world: distributed.World) -> NoReturn:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's SIGTERM ends it silently
     if world.main:
         mlflow.end_run("FAILED")
-    sys.exit(f"error: rank {world.rank} stopped: {tracking.short(exc)}")
+    click.echo(f"error: rank {world.rank} lost the other training processes: "
+               f"{tracking.short(exc)}", err=True)  # fmt: skip
+    sys.exit(distributed.STOPPED_WITH_OTHERS)
 
 
 def _train(params: Params, world: distributed.World, device: torch.device, data: Path, out: Path,
@@ -129,8 +137,13 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
             tracking.check_reachable()  # a dead tracking server fails now, not after training
         images, labels = load_normalized(data / "train.safetensors")
         data_sha = sha256_file(data / "train.safetensors")
-        trainer = GANTrainer(cfg, images, labels=labels, seed=seed, device=device)
+        progress = None if world.main else False  # one progress bar, rank 0's
+        trainer = GANTrainer(
+            cfg, images, labels=labels, seed=seed, device=device, progress=progress
+        )
     except (DataError, RuntimeError, ValueError) as exc:
+        if distributed.is_lost_peer(exc):
+            _lost_ranks(exc, world)
         sys.exit(f"error: {exc}")
     code = code_digest(Path(__file__))  # every project file this stage runs
     parts = fingerprint(cfg, seed, data_sha, device.type, code, world.size)
@@ -144,14 +157,25 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
         except ValueError as exc:
             failed = str(exc)
         if distributed.any_rank(bool(failed)):  # a partial load may have changed the trainer
-            store.note, state = f"{store.path}: not resumed from: {failed or 'see rank 0'}", None
-            trainer = GANTrainer(cfg, images, labels=labels, seed=seed, device=device)
+            why = failed or "another training process could not load it"
+            store.note, state = f"{store.path}: not resumed from: {why}", None
+            trainer = GANTrainer(cfg, images, labels=labels, seed=seed, device=device,
+                                 progress=progress)  # fmt: skip
     if not world.main:  # the other ranks train, and leave logging and outputs to rank 0
         try:
             trainer.fit()
-        except (DivergenceError, KeyboardInterrupt):
-            sys.exit(1)  # rank 0 says why
+        except DivergenceError:
+            # Rank 0 says why and exits (it never joins this barrier, which then fails); this
+            # process waits for the launcher to stop it, so that the launcher names rank 0.
+            with contextlib.suppress(RuntimeError):
+                distributed.barrier()
+            time.sleep(60)
+            sys.exit(distributed.STOPPED_WITH_OTHERS)
+        except KeyboardInterrupt:
+            sys.exit(distributed.STOPPED_WITH_OTHERS)
         except RuntimeError as exc:
+            if not distributed.is_lost_peer(exc):
+                raise
             _lost_ranks(exc, world)
         return
     click.echo(store.note, err=True)
@@ -203,11 +227,14 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
     except KeyboardInterrupt:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it silently
         mlflow.end_run("KILLED")
-        sys.exit(f"interrupted in epoch {trainer.epoch + 1}; run again to resume ({store.path})")
+        click.echo(f"interrupted in epoch {trainer.epoch + 1}; run again to resume "
+                   f"({store.path})", err=True)  # fmt: skip
+        # Under a launcher, SIGTERM means another process failed: that one is the cause.
+        sys.exit(distributed.STOPPED_WITH_OTHERS if world.size > 1 else 1)
     except tracking.tracking_failures() as exc:
         _lost_tracking(exc, trainer, store, run_id)
     except RuntimeError as exc:
-        if world.size == 1:
+        if not distributed.is_lost_peer(exc):
             raise
         _lost_ranks(exc, world)
 

@@ -6,6 +6,7 @@ tests start real ``torchrun`` worlds on localhost.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -155,18 +156,27 @@ SCRIPT = Path(__file__).with_name("failing_rank.py")
 
 
 @pytest.mark.parametrize(
-    ("how", "message"),
+    ("how", "message", "resumable"),
     [
-        ("exit", "training process 1 of 2 exited with code 3"),
-        ("kill", "training process 1 of 2 was killed by SIGKILL"),
+        ("exit", "training process 1 of 2 failed (exit code 3)", False),
+        ("kill", "training process 1 of 2 was killed by SIGKILL", True),
+        ("together", "the 2 training processes stopped together", True),
     ],
 )
-def test_launch_names_the_process_that_failed(how: str, message: str) -> None:
-    with pytest.raises(distributed.LaunchError, match=f"^{re.escape(message)}$"):
+def test_launch_names_the_process_that_failed(how: str, message: str, resumable: bool) -> None:
+    """The cause, not a process that stopped because of it (exit code 75)."""
+    assert distributed.STOPPED_WITH_OTHERS == 75  # what failing_rank.py uses
+    with pytest.raises(distributed.LaunchError, match=f"^{re.escape(message)}$") as info:
         distributed.launch(SCRIPT, [how], nproc=2, threads=1)
+    assert info.value.resumable is resumable
 
 
-def test_launch_runs_every_rank(capfd: pytest.CaptureFixture[str]) -> None:
+def test_launch_runs_every_rank(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     distributed.launch(SCRIPT, ["ok"], nproc=2, threads=1)
-    out = capfd.readouterr().out
-    assert "rank 0 of 2 done" in out and "rank 1 of 2 done" in out
+    captured = capfd.readouterr()
+    assert "rank 0 of 2 done" in captured.out and "rank 1 of 2 done" in captured.out
+    assert "OMP_NUM_THREADS" not in os.environ  # set for the processes only
+    assert captured.err == ""  # the launcher's own log stays quiet

@@ -496,6 +496,45 @@ def test_a_killed_rank_stops_the_stage_and_a_rerun_resumes(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+def test_a_killed_launcher_takes_its_ranks_along(tmp_path: Path) -> None:
+    """kill -9 of the stage (the launcher): its training processes stop too, writing nothing."""
+    train = {**SMALL, "hidden": [64], "epochs": 500, "checkpoint_every": 5, "nproc": 2}
+    root = make_project(tmp_path, train, n=1024)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args(root)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    _wait_for((root / "checkpoints/train/checkpoint.pt").exists, proc)
+    ranks = list(_children(proc.pid))
+    assert len(ranks) == 2
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    def running(pid: int) -> bool:  # a zombie has exited
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+    assert [pid for pid in ranks if running(pid)] == []
+    assert not (root / "models/gan").exists()
+
+
+@pytest.mark.slow
+def test_divergence_on_two_ranks_is_reported_by_rank_0(tmp_path: Path) -> None:
+    root = make_project(tmp_path, {**SMALL, "lr_g": 1e30, "lr_d": 1e30, "nproc": 2})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    res = subprocess.run([sys.executable, str(SCRIPT), *args(root)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert "error: training diverged: non-finite loss at epoch 1, step 1" in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == "error: training process 0 of 2 failed (exit code 1); its error is above"
+    assert not (root / "models/gan").exists()
+
+
+@pytest.mark.slow
 def test_a_lost_tracking_server_costs_no_work_and_the_run_continues(tmp_path: Path) -> None:
     """A real ``mlflow server`` dies mid-training: the stage saves the epoch it could not log
     and stops with one line; once the server is back, a rerun continues the same run, one

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,17 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "STOPPED_WITH_OTHERS",
     "LaunchError",
     "World",
     "all_gather_objects",
     "all_reduce_mean_",
     "any_rank",
+    "barrier",
     "broadcast_object",
+    "die_with_parent",
     "init",
+    "is_lost_peer",
     "launch",
     "launched",
     "rank_and_size",
@@ -76,8 +81,12 @@ def _env_int(name: str, default: int) -> int:
 
 
 def launched() -> bool:
-    """Whether this process was started by ``torchrun`` (or anything that sets ``WORLD_SIZE``)."""
-    return "WORLD_SIZE" in os.environ
+    """Whether ``torchrun`` (or ``torch.distributed.launch``) started this process.
+
+    ``LOCAL_RANK`` is the test: some job systems set ``WORLD_SIZE`` and ``RANK`` for a pod
+    that then runs torchrun itself.
+    """
+    return "LOCAL_RANK" in os.environ
 
 
 def world() -> World:
@@ -112,8 +121,8 @@ def init(w: World, device: torch.device) -> torch.device:
     Returns:
         This process's device.
     """
-    if device.type == "cuda":
-        device = torch.device("cuda", w.local_rank)
+    if device.type == "cuda":  # one GPU each (a scheduler may show each process only its own)
+        device = torch.device("cuda", w.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if w.size > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -187,14 +196,60 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if rank_and_size()[1] > 1:
+        dist.barrier()
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another process is gone."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)  # gloo raises plain RuntimeErrors from its transport
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "NCCL" in text)
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
+# The exit code of a process that stops because another one failed or reported the error: the
+# launcher then names the process whose failure is the cause.
+STOPPED_WITH_OTHERS = 75
+
+
 class LaunchError(RuntimeError):
-    """A training process failed or was stopped; the message says which and how."""
+    """A training process failed or was stopped; the message says which and how.
+
+    Attributes:
+        resumable: The processes were killed or lost each other (a rerun resumes from the last
+            checkpoint), rather than stopped by an error a process printed.
+    """
+
+    def __init__(self, message: str, resumable: bool) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
+def die_with_parent() -> None:
+    """Have the kernel send this process SIGTERM when its parent (the launcher) dies (Linux).
+
+    Without it, the training processes of a launcher that was killed (``kill -9``, the OOM
+    killer, a CI timeout) would train on, log and write outputs unsupervised.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def launch(script: Path, args: list[str], nproc: int, threads: int) -> None:
@@ -219,24 +274,48 @@ def launch(script: Path, args: list[str], nproc: int, threads: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # the launcher's own chatter
     cli = ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", str(script), *args]
     # The launcher installs its own signal handlers (to stop the processes); put ours back.
     names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
     handlers = {n: signal.getsignal(getattr(signal, n)) for n in names if hasattr(signal, n)}
+    threads_before = os.environ.get("OMP_NUM_THREADS")
+    if threads_before is None:  # the processes inherit it; this process keeps its own
+        os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
     try:
         run(get_args_parser().parse_args(cli))
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        if failure.exitcode < 0:
-            how = f"was killed by {failure.signal_name()}"
-        else:
-            how = f"exited with code {failure.exitcode}"
-        raise LaunchError(f"training process {rank} of {nproc} {how}") from None
+        raise _failure(exc.failures, nproc) from None
     except SignalException as exc:
         why = f"interrupted ({exc.sigval.name}); the training processes were stopped"
-        raise LaunchError(why) from None
+        raise LaunchError(why, resumable=True) from None
     finally:
         for n, handler in handlers.items():
             signal.signal(getattr(signal, n), handler)
+        if threads_before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def _failure(failures: dict[int, Any], nproc: int) -> LaunchError:
+    """The cause among the failed processes.
+
+    In order: a process killed by a signal other than SIGTERM (SIGKILL, SIGSEGV, ...); one that
+    exited with an error of its own; one killed by SIGTERM (what the launcher sends the others
+    when one fails, so that is rarely the cause). A process that stopped because of the others
+    exits with :data:`STOPPED_WITH_OTHERS` and is never named.
+    """
+    term = -int(signal.SIGTERM)
+    order = [
+        (lambda f: f.exitcode < 0 and f.exitcode != term, True),
+        (lambda f: f.exitcode > 0 and f.exitcode != STOPPED_WITH_OTHERS, False),
+        (lambda f: f.exitcode == term, True),
+    ]
+    for matches, resumable in order:
+        ranks = sorted(r for r, f in failures.items() if matches(f))
+        if ranks:
+            f = failures[ranks[0]]
+            how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else (
+                f"failed (exit code {f.exitcode})")  # fmt: skip
+            return LaunchError(f"training process {ranks[0]} of {nproc} {how}", resumable)
+    return LaunchError(f"the {nproc} training processes stopped together", True)

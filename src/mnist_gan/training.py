@@ -240,10 +240,10 @@ class GANTrainer:
     In a process group of several ranks (DDP, see :mod:`mnist_gan.distributed`), ``images`` is
     the whole training set and each rank keeps its shard (every ``size``-th image from its
     rank on) and trains on ``batch_size / size`` images per step; DDP averages the gradients,
-    so the ranks train one model on the global batch. Rank 0 draws the noise, data order and
-    dropout masks a single process draws; every other rank has its own streams
-    (:func:`~mnist_gan.distributed.rank_seed`), so a run is reproducible for a given number of
-    ranks. G's BatchNorm is synchronised across ranks on GPUs (``SyncBatchNorm``, which PyTorch
+    so the ranks train one model on the global batch. Rank 0 seeds its noise, data order and
+    dropout with the seed a single process uses (it draws less of each: its share); every other
+    rank has its own seed (:func:`~mnist_gan.distributed.rank_seed`), so a run is reproducible
+    for a given number of ranks. G's BatchNorm is synchronised across ranks on GPUs (``SyncBatchNorm``, which PyTorch
     has only for GPUs); on the CPU, and in D, each rank normalises over its own images. Module
     buffers are not broadcast (``broadcast_buffers=False``: the broadcast would change D's
     BatchNorm buffers between its forward passes and its backward, pytorch/pytorch#175024); the
