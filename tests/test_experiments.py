@@ -177,6 +177,7 @@ def test_queued_sweep_lands_in_the_project_store(clean: Lab) -> None:
         [
             "dvc", "exp", "run", "--queue",
             "-S", "train.loss=bce,minimax,hinge",
+            "-S", "train.label_smoothing=0.0",  # hinge has no targets to smooth
             "-S", "train.epochs=2",  # so that no experiment equals the baseline
         ],
         cwd=lab.project,

@@ -21,7 +21,9 @@ from mnist_gan.training import (
     fixed_noise,
 )
 
-TINY = TrainParams(hidden=(32,), batch_size=64, epochs=3, ema=0.9, checkpoint_every=1)
+TINY = TrainParams(
+    hidden=(32,), batch_size=64, epochs=3, ema=0.9, label_smoothing=0.0, checkpoint_every=1
+)
 FP = fingerprint(TINY, 0, "data", "cpu", "code")
 TIMING = ("images_per_sec", "epoch_seconds")
 

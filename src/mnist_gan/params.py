@@ -116,7 +116,13 @@ class ClassifierParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    """The GAN and how it is trained. Defaults: the article's sizes, loss and optimiser."""
+    """The GAN and how it is trained.
+
+    Defaults: the article's sizes, loss, optimiser, batch and epochs, with the fixes that
+    measurement chose (BatchNorm in G, LeakyReLU and dropout in D, an EMA of G, one-sided label
+    smoothing). The article literally: ``g_batchnorm=False, d_activation="relu",
+    d_dropout=0.0, ema=0.0, label_smoothing=0.0``.
+    """
 
     model: Literal["mlp", "dcgan"] = "mlp"
     loss: Literal["bce", "minimax", "hinge"] = "bce"
@@ -137,9 +143,9 @@ class TrainParams:
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    ema: float = 0.0  # decay of the generator's weight EMA; 0 disables it
+    ema: float = 0.999  # decay of the generator's weight EMA; 0 disables it
     spectral_norm: bool = False  # spectral norm on D's layers
-    label_smoothing: float = 0.0  # one-sided: real targets become 1 - label_smoothing
+    label_smoothing: float = 0.1  # one-sided: real targets become 1 - label_smoothing
     amp: bool = True  # bf16 autocast, CUDA only
     compile: bool = False  # torch.compile the networks (fuses their kernels)
     cuda_graph: bool = True  # on CUDA, capture the whole D+G step once and replay it
