@@ -62,14 +62,42 @@ def experiments(revs: list[str] | None = None, num: int = 1) -> list[dict[str, A
     import dvc.api
 
     rows = dvc.api.exp_show(revs=revs or None, num=num)
-    out = []
+    out, seen = [], set()
     for row in rows:
         if row.get("rev") == "workspace" or row.get("State") in ("Queued", "Failed", "Running"):
             continue
         # exp_show writes a null or missing cell as "None" (or "-", "!"): make it None again.
         row = {k: None if v in ("None", "-", "!") else v for k, v in row.items()}
+        row = _with_new_params(row)
         name = row.get("Experiment") or f"baseline ({row.get('rev')})"
+        # A baseline commit that only changed code repeats the last run: count it once.
+        params = {k: v for k, v in row.items() if "." in k and "/" not in k and ":" not in k}
+        same = json.dumps([params, [metric(row, m) for m in METRICS]], sort_keys=True)
+        if not row.get("Experiment") and same in seen:
+            continue
+        seen.add(same)
         out.append({**row, "Experiment": name})
+    return out
+
+
+def _with_new_params(row: dict[str, Any]) -> dict[str, Any]:
+    """Train params added after an experiment ran get their default: a new param's default is
+    what the code did before it existed (train.seed stays None: that means base.seed)."""
+    import dataclasses
+
+    from mnist_gan.params import TrainParams, params_to_dict
+
+    if not any(k.startswith("train.") for k in row):
+        return row
+    defaults = params_to_dict(TrainParams())
+    out = dict(row)
+    for f in dataclasses.fields(TrainParams):
+        key = f"train.{f.name}"
+        if f.name != "seed" and out.get(key) is None:
+            value = defaults[f.name]
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # as exp_show gives integers
+            out[key] = list(value) if isinstance(value, tuple) else value
     return out
 
 

@@ -102,3 +102,17 @@ def test_rows_come_from_dvc_exp_show_with_nulls_restored(report, monkeypatch) ->
     assert rows[0]["train.seed"] is None and rows[1]["fid"] is None
     page = report.render(rows, {})
     assert "<td>base, 1</td>" in page  # the baseline took base.seed
+
+
+def test_params_added_after_an_experiment_take_their_default(report: ModuleType) -> None:
+    """An experiment older than train.lr_decay and train.nproc is the point those defaults give."""
+    old = {"Experiment": "old", "train.ema": 0.999, "train.seed": 1.0, "train.lr_decay": None}
+    new = {**old, "Experiment": "new", "train.lr_decay": "none", "train.nproc": 1.0}
+    filled = report._with_new_params(old)
+    assert filled["train.lr_decay"] == "none" and filled["train.nproc"] == 1.0
+    assert filled["train.ema"] == 0.999 and filled["train.seed"] == 1.0  # kept as they ran
+    assert report.varying_params([filled, report._with_new_params(new)]) == []
+    assert report._with_new_params({"Experiment": "x", "fid": 1.0}) == {
+        "Experiment": "x",
+        "fid": 1.0,
+    }
