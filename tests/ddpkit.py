@@ -109,4 +109,4 @@ def spawn(fn: Any, size: int, tmp: Path, *args: Any) -> list[Any]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(size)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(size)]
