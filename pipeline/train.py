@@ -138,9 +138,12 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
         images, labels = load_normalized(data / "train.safetensors")
         data_sha = sha256_file(data / "train.safetensors")
         progress = None if world.main else False  # one progress bar, rank 0's
-        trainer = GANTrainer(
-            cfg, images, labels=labels, seed=seed, device=device, progress=progress
-        )
+
+        def new_trainer() -> GANTrainer:
+            return GANTrainer(cfg, images, labels=labels, seed=seed, device=device,
+                              progress=progress)  # fmt: skip
+
+        trainer = new_trainer()
     except (DataError, RuntimeError, ValueError) as exc:
         if distributed.is_lost_peer(exc):
             _lost_ranks(exc, world)
@@ -159,8 +162,7 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
         if distributed.any_rank(bool(failed)):  # a partial load may have changed the trainer
             why = failed or "another training process could not load it"
             store.note, state = f"{store.path}: not resumed from: {why}", None
-            trainer = GANTrainer(cfg, images, labels=labels, seed=seed, device=device,
-                                 progress=progress)  # fmt: skip
+            trainer = new_trainer()
     if not world.main:  # the other ranks train, and leave logging and outputs to rank 0
         try:
             trainer.fit()

@@ -21,6 +21,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from conftest import ROOT, load_stage, run
+from ddpkit import blobs
 from packaging.version import Version
 from PIL import Image
 from safetensors.torch import load_file
@@ -42,14 +43,6 @@ SMALL = {
     "checkpoint_every": 1,
     "sample_every": 1,
 }
-
-
-def blobs(n: int, seed: int = 0) -> torch.Tensor:
-    """Synthetic images (n, 1, 28, 28) in [-1, 1]: a bright blob at a random place."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    c = torch.rand(n, 2, 1, 1, generator=g) * 16 + 6
-    return (torch.exp(-((yy - c[:, 0]) ** 2 + (xx - c[:, 1]) ** 2) / 18) * 2 - 1).unsqueeze(1)
 
 
 def make_project(root: Path, train: dict, n: int = 320) -> Path:

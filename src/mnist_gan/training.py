@@ -243,11 +243,12 @@ class GANTrainer:
     so the ranks train one model on the global batch. Rank 0 seeds its noise, data order and
     dropout with the seed a single process uses (it draws less of each: its share); every other
     rank has its own seed (:func:`~mnist_gan.distributed.rank_seed`), so a run is reproducible
-    for a given number of ranks. G's BatchNorm is synchronised across ranks on GPUs (``SyncBatchNorm``, which PyTorch
-    has only for GPUs); on the CPU, and in D, each rank normalises over its own images. Module
-    buffers are not broadcast (``broadcast_buffers=False``: the broadcast would change D's
-    BatchNorm buffers between its forward passes and its backward, pytorch/pytorch#175024); the
-    epoch's metrics are averaged over the ranks.
+    for a given number of ranks. G's BatchNorm is synchronised across ranks on GPUs
+    (``SyncBatchNorm``, which PyTorch has only for GPUs); on the CPU, and in D, each rank
+    normalises over its own images. DDP does not re-broadcast buffers before each forward pass
+    (:func:`_no_buffer_sync`: the broadcast would change D's BatchNorm buffers between its
+    forward passes and its backward, pytorch/pytorch#175024); the epoch's metrics are averaged
+    over the ranks.
 
     Raises:
         ValueError: The images have the wrong shape, fewer than one batch per rank, or a batch
@@ -330,9 +331,9 @@ class GANTrainer:
         self.lr_g = scaled_lr(cfg.lr_g, cfg.batch_size, cfg.lr_scaling)
         self.lr_d = scaled_lr(cfg.lr_d, cfg.batch_size, cfg.lr_scaling)
         # A decaying rate must be a tensor under a CUDA graph (a float would be captured as is).
-        as_tensor = self.cuda_graph and cfg.lr_decay != "none"
-        self.opt_g = _adam(self._g_params, self._lr(self.lr_g, as_tensor), betas, self.cuda_graph)
-        self.opt_d = _adam(self._d_params, self._lr(self.lr_d, as_tensor), betas, self.cuda_graph)
+        self._lr_as_tensor = self.cuda_graph and cfg.lr_decay != "none"
+        self.opt_g = _adam(self._g_params, self._lr(self.lr_g), betas, self.cuda_graph)
+        self.opt_d = _adam(self._d_params, self._lr(self.lr_d), betas, self.cuda_graph)
         if self.ema_generator is not None:
             self._ema_pairs = self._ema_tensors()
         # bf16 needs no loss scaling; GPUs before Ampere lack it and train in float32.
@@ -377,8 +378,9 @@ class GANTrainer:
 
     # --- construction helpers -------------------------------------------------------------
 
-    def _lr(self, lr: float, as_tensor: bool) -> float | torch.Tensor:
-        return torch.tensor(lr, device=self.device) if as_tensor else lr
+    def _lr(self, lr: float) -> float | torch.Tensor:
+        """A learning rate as the optimizers hold it here: a device tensor or a float."""
+        return torch.tensor(lr, device=self.device) if self._lr_as_tensor else lr
 
     def _set_lr(self, epoch: int) -> None:
         """The learning rates of ``epoch`` (1-based) under ``train.lr_decay``."""
@@ -766,10 +768,9 @@ class GANTrainer:
             self.ema_generator.load_state_dict(state["ema_generator"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        as_tensor = self.cuda_graph and self.cfg.lr_decay != "none"
         for opt in (self.opt_g, self.opt_d):  # the saved rate, as this trainer keeps it
             for group in opt.param_groups:
-                group["lr"] = self._lr(float(group["lr"]), as_tensor)
+                group["lr"] = self._lr(float(group["lr"]))
         if self.world_size > 1:
             if len(state["rng_by_rank"]) != self.world_size:
                 raise ValueError(f"it holds {len(state['rng_by_rank'])} ranks' RNG states")
