@@ -3,23 +3,27 @@
 # install, no MLflow, no DVC, within about 8 minutes:
 #   1. print the GPU (nvidia-smi and torch);
 #   2. benchmark the trainer against the tutorial baseline on CUDA (mlp and dcgan, batch 128);
-#   3. train the article's configuration (params.yaml) for 100 epochs on the full MNIST,
-#      report the training seconds and write the final sample grid;
-#   4. the reference and evaluate stages' scoring on the CPU and on the GPU: seconds, and how far
+#   3. train the configuration of params.yaml for 100 epochs on the full MNIST, once per model in
+#      GPU_CHECK_MODELS (default mlp): the training seconds, the final sample grid and the
+#      trained networks (models/gan form, for the evaluate stage to score elsewhere);
+#   4. where a step's time goes (benchmarks/step_profile.py): FLOPs, achieved GFLOP/s against a
+#      large GEMM, kernels per eager step and their GPU time;
+#   5. the reference and evaluate stages' scoring on the CPU and on the GPU: seconds, and how far
 #      the GPU's metrics are from the CPU's;
-#   5. optionally (GPU_CHECK_FID=1): FID of the fast path against the plain eager path, 2 seeds;
-#   6. while the budget lasts (GPU_CHECK_EXTRAS=0 skips them): the variants the fast path was
-#      chosen from: dcgan without channels_last, mlp with torch.compile, mlp at batch 1024.
+#   6. optionally (GPU_CHECK_FID=1): FID of the fast path against the plain eager path, 2 seeds;
+#   7. while the budget lasts (GPU_CHECK_EXTRAS=0 skips them): the variants the fast path was
+#      chosen from: mlp with torch.compile, dcgan without channels_last, mlp at batch 1024.
 # Every part runs under its own time bound, and a failing part does not stop the next one.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR] [MNIST_DIR]
-#   OUT_DIR    results (default: $OUT, else bench/gpu_check): throughput.json, train_full.json,
-#              samples.png, evaluate_device.json, fid_check.json, one .log per part, summary.txt
+#   OUT_DIR    results (default: $OUT, else bench/gpu_check): throughput.json, full_MODEL/
+#              (train_full.json, samples.png, gan/), step_profile.json, evaluate_device.json,
+#              fid_check.json, one .log per part, summary.txt
 #   MNIST_DIR  the four MNIST IDX files, decompressed or .gz (default: $MNIST_DATA, else
 #              .gpucheck/mnist, else data/raw); relative paths start at the repository root
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for all parts, default 450),
-#   GPU_CHECK_FID=1 to run part 5, BENCH_ARGS / TRAIN_ARGS / EVAL_ARGS / FID_ARGS extra arguments
-#   per part,
+#   GPU_CHECK_MODELS (the models part 3 trains, default mlp), GPU_CHECK_FID=1 to run part 6,
+#   BENCH_ARGS / TRAIN_ARGS / PROFILE_ARGS / EVAL_ARGS / FID_ARGS extra arguments per part,
 #   GPU_CHECK_DEVICE (default cuda; cpu only to try the script's plumbing on a CPU machine).
 set -uo pipefail
 
@@ -84,8 +88,13 @@ EOF
 {
   part bench 200 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" --models mlp,dcgan \
     --data "$DATA" --out "$OUT_DIR/throughput.json" ${BENCH_ARGS:-}
-  part train_full 200 "$PY" benchmarks/train_full.py --data "$DATA" --out "$OUT_DIR" \
-    --device "$DEVICE" --time-limit 150 ${TRAIN_ARGS:-}
+  for model in ${GPU_CHECK_MODELS:-mlp}; do
+    part "train_full_$model" 200 "$PY" benchmarks/train_full.py --data "$DATA" \
+      --out "$OUT_DIR/full_$model" --save-gan "$OUT_DIR/full_$model/gan" --set "model=$model" \
+      --device "$DEVICE" --time-limit 150 ${TRAIN_ARGS:-}
+  done
+  part step_profile 90 "$PY" benchmarks/step_profile.py --device "$DEVICE" \
+    --out "$OUT_DIR/step_profile.json" ${PROFILE_ARGS:-}
   part evaluate_device 120 "$PY" benchmarks/evaluate_device.py --data "$DATA" \
     --devices "cpu,$DEVICE" --out "$OUT_DIR" ${EVAL_ARGS:-}
   if [[ ${GPU_CHECK_FID:-0} == 1 ]]; then
@@ -95,12 +104,12 @@ EOF
     note "fid_check: not asked for (GPU_CHECK_FID=1 runs it)"
   fi
   if [[ ${GPU_CHECK_EXTRAS:-1} == 1 ]]; then
-    part bench_dcgan_nchw 90 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
-      --models dcgan --trainer-option channels_last=false --data "$DATA" \
-      --out "$OUT_DIR/throughput_dcgan_nchw.json" ${BENCH_ARGS:-}
     part bench_mlp_compile 120 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
       --models mlp --set compile=true --data "$DATA" \
       --out "$OUT_DIR/throughput_mlp_compile.json" ${BENCH_ARGS:-}
+    part bench_dcgan_nchw 90 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
+      --models dcgan --trainer-option channels_last=false --data "$DATA" \
+      --out "$OUT_DIR/throughput_dcgan_nchw.json" ${BENCH_ARGS:-}
     part bench_mlp_b1024 90 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
       --models mlp --batch-size 1024 --steps 100 --warmup 20 --data "$DATA" \
       --out "$OUT_DIR/throughput_mlp_b1024.json" ${BENCH_ARGS:-}
@@ -127,12 +136,18 @@ for name in ("throughput", "throughput_dcgan_nchw", "throughput_mlp_compile",
               f"{r['trainer']['images_per_sec']:,.0f} img/s, ratio {r['ratio']}, GPU peak MiB "
               f"{r['baseline']['gpu_peak_mib']} / {r['trainer']['gpu_peak_mib']}, "
               f"compiled {r['trainer']['compiled']}")
-full = load("train_full.json")
-if full:
-    print(f"train_full: {full['epochs_done']}/{full['epochs_asked']} epochs in "
+for path in sorted(out.glob("full_*/train_full.json")):
+    full = json.loads(path.read_text())
+    print(f"train_full {full['train_params']['model']}: {full['epochs_done']}/"
+          f"{full['epochs_asked']} epochs in "
           f"{full['train_seconds']} s ({full['images_per_sec']:,.0f} img/s; first epoch "
           f"{full['first_epoch_seconds']} s, median epoch {full['median_epoch_seconds']} s) "
           f"on {full['device']}")
+profile = load("step_profile.json")
+for r in (profile or {}).get("results", []):
+    print(f"step_profile {r['model']}: {r['ms_per_step']} ms/step, {r['achieved_gflops']} GFLOP/s "
+          f"(fp32 GEMM {profile['ceiling']['fp32_gflops']}, bf16 {profile['ceiling']['bf16_gflops']}); "
+          f"eager {r.get('kernels_per_step')} kernels/step, {r.get('kernel_us_per_step')} us")
 scoring = load("evaluate_device.json")
 for r in (scoring or {}).get("results", []):
     diff = r.get("max_abs_diff_from_first")

@@ -4,7 +4,9 @@ What ``benchmarks/gpu_check.sh`` runs on a bare GPU machine (PyTorch, torchvisio
 MLflow, no DVC): the train params of ``params.yaml`` (the article's mlp, batch 128, 100 epochs)
 on the full MNIST training set, through :meth:`mnist_gan.training.GANTrainer.run_epoch`. It
 writes ``samples.png`` (an 8x8 grid from a fixed noise batch) and ``train_full.json`` (training
-seconds, images per second, per-epoch stats) into ``--out``.
+seconds, images per second, per-epoch stats) into ``--out``; with ``--save-gan DIR`` also the
+trained networks, as the train stage writes ``models/gan`` (so the evaluate stage can score
+weights trained on another machine).
 
 ``--time-limit`` bounds the run: training stops after the epoch that crosses it and the JSON
 says how many epochs were done, so a slow machine still reports what it measured.
@@ -28,6 +30,7 @@ from torchvision.utils import save_image
 from train_throughput import BenchError, parse_set, resolve_raw_dir, train_config
 
 from mnist_gan.data import DataError, normalize, read_raw_split
+from mnist_gan.models import save_gan
 from mnist_gan.training import GANTrainer, fixed_noise
 from mnist_gan.utils import resolve_device, write_json
 
@@ -46,6 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=0, help="seconds; 0 = no limit")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")
+    p.add_argument("--save-gan", default=None, help="folder for the trained GAN (models/gan form)")
     return p.parse_args(argv)
 
 
@@ -114,6 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train_params": json.loads(json.dumps(dataclasses.asdict(cfg))),
     }
     write_json(out / "train_full.json", report)
+    if args.save_gan:
+        gan_dir = Path(args.save_gan)
+        gan_dir.mkdir(parents=True, exist_ok=True)
+        save_gan(gan_dir, cfg, args.seed, trainer.generator, trainer.discriminator,
+                 trainer.ema_generator)  # fmt: skip
     print(
         f"{trainer.epoch} epochs of {cfg.model} in {seconds:.1f} s "
         f"({report['images_per_sec']:,.0f} img/s) on {report['device']}; "

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from mnist_gan.data import RAW_FILES, normalize, read_raw_split
+from mnist_gan.models import load_generator, read_config
 from mnist_gan.params import TrainParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +207,8 @@ def test_train_full_writes_grid_and_stops_at_time_limit(bench, tmp_path: Path) -
     raw = write_idx(tmp_path / "raw")
     out = tmp_path / "out"
     args = ["--data", str(raw), "--out", str(out), "--device", "cpu", "--params", "",
-            "--set", "batch_size=32", "--epochs", "3", "--time-limit", "1e-9", *TINY]  # fmt: skip
+            "--set", "batch_size=32", "--epochs", "3", "--time-limit", "1e-9", *TINY,
+            "--save-gan", str(tmp_path / "gan")]  # fmt: skip
     assert train_full.main(args) == 0
     report = json.loads((out / "train_full.json").read_text())
     assert report["epochs_done"] == 1 and report["epochs_asked"] == 3
@@ -215,6 +217,33 @@ def test_train_full_writes_grid_and_stops_at_time_limit(bench, tmp_path: Path) -
     assert np.isfinite(report["final"]["loss_d"])
     with Image.open(out / "samples.png") as grid:
         assert grid.size == (8 * 28 + 9 * 2, 8 * 28 + 9 * 2)  # save_image's 2-pixel padding
+    # The trained networks, in the form the evaluate stage loads.
+    generator, cfg = load_generator(tmp_path / "gan", prefer_ema=True)
+    assert cfg.hidden == (32, 32) and cfg.batch_size == 32
+    with torch.no_grad():
+        assert generator(torch.zeros(2, cfg.latent_dim)).shape == (2, 1, 28, 28)
+
+
+def test_step_profile_counts_flops_and_times_the_step(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCH))
+    import step_profile
+
+    out = tmp_path / "profile.json"
+    args = ["--device", "cpu", "--params", "", "--models", "mlp", "--steps", "2",
+            "--repeats", "1", "--gemm-size", "64", "--out", str(out), *TINY]  # fmt: skip
+    assert step_profile.main(args) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    # G 8-32-32-784 and D 784-32-32-1 at batch 128: forward 2*b*sum(k*n), backward twice that
+    # except for G's first layer's input gradient (z needs none) and D's first for the real
+    # batch; so the count lies strictly between 2x and 3x of one forward of G and two of D.
+    g = 8 * 32 + 32 * 32 + 32 * 784
+    d = 784 * 32 + 32 * 32 + 32 * 1
+    fwd = 2 * 128 * (g + 3 * d)  # G once; D on real, fake, and fake again for G's update
+    assert 2 * fwd < row["flops_per_step"] < 3 * fwd
+    assert row["ms_per_step"] > 0 and row["achieved_gflops"] > 0
+    assert row["model_gemms_alone_gflops"] > 0 and report["ceiling"]["fp32_gflops"] > 0
+    assert step_profile.main([*args[: -len(TINY)], "--models", "bogus"]) == 2
 
 
 def test_eager_variant_turns_every_fast_switch_off(bench) -> None:
@@ -264,7 +293,9 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
         "GPU_CHECK_EXTRAS": "0",
         "PYTHON": sys.executable,
         "BENCH_ARGS": f"--steps 2 --warmup 1 --repeats 1 --batch-size 16 {tiny}",
+        "GPU_CHECK_MODELS": "mlp dcgan",
         "TRAIN_ARGS": f"--epochs 1 --set batch_size=16 {tiny}",
+        "PROFILE_ARGS": "--models mlp --steps 2 --repeats 1 --gemm-size 64",
         "EVAL_ARGS": "--samples 40 --k 3 --is-splits 2 --kid-subsets 2",
         "FID_ARGS": f"--epochs 1 --seeds 0,1 --samples 50 --classifier-epochs 1 "
         f"--set batch_size=16 {tiny}",
@@ -275,14 +306,18 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     summary = (out / "summary.txt").read_text()
-    for part in ("bench", "train_full", "evaluate_device", "fid_check"):
+    for part in ("bench", "train_full_mlp", "train_full_dcgan", "step_profile",
+                 "evaluate_device", "fid_check"):  # fmt: skip
         assert f"{part}: exit 0" in summary, summary
-    assert "throughput cpu mlp" in summary and "train_full: 1/1 epochs" in summary
+    assert "throughput cpu mlp" in summary and "train_full mlp: 1/1 epochs" in summary
+    assert "train_full dcgan: 1/1 epochs" in summary and "step_profile mlp: " in summary
     # The same computation on the same device twice: the same numbers.
     scoring = [line for line in summary.splitlines() if line.startswith("evaluate_device cpu:")]
     assert len(scoring) == 2 and scoring[0].endswith("the base"), summary
     assert "largest difference from the CPU: " in scoring[1] and scoring[1].endswith(" 0.00e+00")
-    assert (out / "samples.png").is_file()
+    for model in ("mlp", "dcgan"):
+        assert (out / f"full_{model}" / "samples.png").is_file()
+        assert read_config(out / f"full_{model}" / "gan")[0].model == model
     fid = json.loads((out / "fid_check.json").read_text())
     assert [(r["variant"], r["seed"]) for r in fid["runs"]] == [
         ("eager", 0),

@@ -1,0 +1,216 @@
+"""Where a training step's time goes: FLOPs, achieved GFLOP/s against a large GEMM, kernels.
+
+For each model (the train params of ``params.yaml``, batch 128 unless ``--batch-size``):
+
+- ``flops_per_step``: the matmul and convolution FLOPs of one D+G step (forward and backward),
+  counted by ``torch.utils.flop_counter.FlopCounterMode`` on one eager step; elementwise work
+  (activations, Adam, EMA) is not in it, so this is the compute a roofline charges;
+- ``ms_per_step``: the trainer's own path (``GANTrainer.run_steps``: on CUDA the CUDA graph and
+  bf16 autocast as configured), median of ``--repeats`` timed runs after a warm-up;
+- ``achieved_gflops``: flops_per_step / step time;
+- the roofline's ceiling, measured in the same process with the same threads: a large square
+  matmul (``--gemm-size``) in float32 and in bfloat16 (AMX or AVX512-BF16 on CPUs that have
+  them, tensor cores on GPUs), and the GEMMs of the model's own shapes alone (batch x 784 x 256
+  and so on), which is what the step could reach if it did nothing but its matmuls;
+- on CUDA: kernels launched per eager step and their summed GPU time (``torch.profiler``), to
+  tell launch-bound steps (GPU idle between kernels) from compute-bound ones.
+
+Writes one JSON file (``--out``) and prints a table. Needs only PyTorch (no MLflow, no DVC).
+Run ``python benchmarks/step_profile.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from train_throughput import BenchError, device_name, parse_set, train_config
+
+from mnist_gan.params import TrainParams
+from mnist_gan.training import GANTrainer
+from mnist_gan.utils import resolve_device, write_json
+
+# Steps per timed run, per device type and model (a run lasts about a second or two).
+STEPS = {("cpu", "mlp"): 40, ("cpu", "dcgan"): 4, ("cuda", "mlp"): 1000, ("cuda", "dcgan"): 500}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` (after one untimed call)."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device,
+                repeats: int) -> float:  # fmt: skip
+    """GFLOP/s of (m x k) @ (k x n) in ``dtype``, repeated to last at least ~0.2 s per run."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    flops = 2.0 * m * k * n
+    one = timed(lambda: torch.mm(a, b), device, 3)
+    inner = max(1, int(0.2 / max(one, 1e-7)))
+
+    def run() -> None:
+        for _ in range(inner):
+            torch.mm(a, b)
+
+    return flops * inner / timed(run, device, repeats) / 1e9
+
+
+def model_gemms(cfg: TrainParams, batch: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the mlp's forward GEMMs (G then D), for the shapes-alone ceiling."""
+    g_dims = [cfg.latent_dim, *cfg.hidden, 784]
+    d_dims = [784, *cfg.hidden, 1]
+    pairs = [*zip(g_dims, g_dims[1:], strict=False), *zip(d_dims, d_dims[1:], strict=False)]
+    return [(batch, k, n) for k, n in pairs]
+
+
+def step_flops(trainer: GANTrainer) -> int:
+    """Matmul/convolution FLOPs of one eager D+G step (forward and backward)."""
+    b, cfg = trainer.batch_size, trainer.cfg
+    batch = {"real": trainer.images[:b], "z": torch.randn(b, cfg.latent_dim)}
+    if trainer.labels is not None:
+        batch["y_real"] = trainer.labels[:b]
+        batch["y_fake"] = trainer.labels[:b]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.train_step(batch)
+    return int(counter.get_total_flops())
+
+
+def cuda_kernels(cfg: TrainParams, images: torch.Tensor, device: torch.device,
+                 steps: int = 20) -> dict[str, float]:  # fmt: skip
+    """Kernels per eager step and their summed GPU time (microseconds), by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eager = dataclasses.replace(cfg, cuda_graph=False, compile=False)
+    trainer = GANTrainer(eager, images, seed=0, device=device, progress=False)
+    trainer.run_steps(10)
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        trainer.run_steps(steps)
+        _sync(device)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.device_time for e in kernels)  # microseconds
+    return {"kernels_per_step": len(kernels) / steps, "kernel_us_per_step": busy / steps}
+
+
+def profile_model(args: argparse.Namespace, model: str, device: torch.device,
+                  images: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+    overrides = {**parse_set(args.overrides), "model": model, "batch_size": args.batch_size}
+    cfg = train_config(args.params or None, overrides)
+    trainer = GANTrainer(cfg, images, seed=0, device=device, progress=False)
+    flops = step_flops(trainer)
+    steps = args.steps or STEPS.get((device.type, model), 20)
+    trainer.run_steps(max(5, steps // 5))  # warm-up (and the CUDA graph's capture)
+    seconds = timed(lambda: trainer.run_steps(steps), device, args.repeats) / steps
+    row: dict[str, Any] = {
+        "model": model,
+        "batch_size": cfg.batch_size,
+        "flops_per_step": flops,
+        "ms_per_step": round(seconds * 1e3, 4),
+        "images_per_sec": round(cfg.batch_size / seconds, 1),
+        "achieved_gflops": round(flops / seconds / 1e9, 2),
+        "amp": trainer.amp,
+        "cuda_graph": trainer.cuda_graph,
+    }
+    if model == "mlp":
+        shapes = model_gemms(cfg, trainer.batch_size)
+        # Forward, and backward's two GEMMs per layer of the same sizes: 3 x the forward time.
+        fwd = sum(2.0 * m * k * n for m, k, n in shapes)
+        per = [2.0 * m * k * n / gemm_gflops(m, k, n, torch.float32, device, args.repeats)
+               for m, k, n in shapes]  # fmt: skip
+        row["model_gemms_alone_gflops"] = round(fwd / sum(per), 2)
+    if device.type == "cuda":
+        row.update(cuda_kernels(cfg, images, device))
+    return row
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--models", default="mlp,dcgan", help="comma-separated")
+    p.add_argument("--params", default="params.yaml", help="train params ('' for defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--steps", type=int, default=0, help="steps per timed run (0: per model)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gemm-size", type=int, default=0, help="square GEMM side (0: per device)")
+    p.add_argument("--out", default="bench/step_profile.json")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        models = [m for m in args.models.split(",") if m]
+        if unknown := set(models) - {"mlp", "dcgan"}:
+            raise BenchError(f"--models: unknown {sorted(unknown)}")
+    except (BenchError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    # Random images in [-1, 1]: the step's cost does not depend on the pixels.
+    images = torch.rand(2048, 1, 28, 28) * 2 - 1
+    side = args.gemm_size or (8192 if device.type == "cuda" else 2048)
+    ceiling: dict[str, Any] = {"gemm_size": side}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        gflops = gemm_gflops(side, side, side, dtype, device, args.repeats)
+        ceiling[f"{name}_gflops"] = round(gflops, 1)
+    try:
+        rows = [profile_model(args, m, device, images) for m in models]
+    except (BenchError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(device),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads if device.type == "cpu" else None,
+        "ceiling": ceiling,
+        "results": rows,
+    }
+    write_json(args.out, report)
+    print(f"{report['device']}, {args.threads if device.type == 'cpu' else 'GPU'} thread(s): "
+          f"{side}^3 GEMM fp32 {ceiling['fp32_gflops']:,} GFLOP/s, "
+          f"bf16 {ceiling['bf16_gflops']:,} GFLOP/s")  # fmt: skip
+    for r in rows:
+        extra = ""
+        if "model_gemms_alone_gflops" in r:
+            extra += f", its GEMMs alone {r['model_gemms_alone_gflops']:,} GFLOP/s"
+        if "kernels_per_step" in r:
+            extra += (f", eager: {r['kernels_per_step']:.0f} kernels/step, "
+                      f"{r['kernel_us_per_step']:.0f} us GPU time/step")  # fmt: skip
+        print(f"{r['model']} batch {r['batch_size']}: {r['flops_per_step'] / 1e6:,.1f} MFLOP/step, "
+              f"{r['ms_per_step']:.3f} ms/step, {r['achieved_gflops']:,} GFLOP/s achieved "
+              f"({100 * r['achieved_gflops'] / ceiling['fp32_gflops']:.1f}% of fp32 GEMM)"
+              + extra)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
