@@ -10,6 +10,7 @@ import torch
 
 from mnist_gan.models import (
     DCGANDiscriminator,
+    Dropout,
     MLPDiscriminator,
     build_discriminator,
     build_generator,
@@ -120,6 +121,27 @@ def test_stabiliser_options_change_the_networks() -> None:
     dc = DCGANDiscriminator(8, spectral_norm=True)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dc.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in DCGANDiscriminator(8, False).modules())
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p() -> None:
+    drop = Dropout(0.3)
+    x = torch.ones(400, 500)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    # 200,000 draws: the kept share's standard deviation is 0.001.
+    assert abs(kept.double().mean().item() - 0.7) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # drawn from torch's global RNG: seeded, repeatable
+    assert not torch.equal(drop(x), y)
+    x.requires_grad_(True)  # gradients flow through the kept elements only, scaled alike
+    out = drop(x)
+    out.sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, out.detach())
+    drop.eval()
+    assert drop(x) is x
+    assert Dropout(0.0)(x) is x
 
 
 def test_spectral_norm_bounds_the_discriminator_weights() -> None:

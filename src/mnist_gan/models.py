@@ -42,6 +42,7 @@ __all__ = [
     "IMAGE_SHAPE",
     "DCGANDiscriminator",
     "DCGANGenerator",
+    "Dropout",
     "MLPDiscriminator",
     "MLPGenerator",
     "build_discriminator",
@@ -60,6 +61,25 @@ GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 EMA_FILE = "generator_ema.safetensors"
 CONFIG_FILE = "config.json"
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU mask comes from one uniform draw per element.
+
+    The same distribution as ``nn.Dropout`` (each element kept with probability 1 - p, kept ones
+    scaled by 1 / (1 - p)), from a different use of the global RNG. Measured for a 128 x 256
+    mask on one thread of this project's 2-core Xeon: ``bernoulli_`` 252 us, ``rand_like`` 78 us;
+    D's three dropout layers ran three times a step, a fifth of an mlp step's time. On CUDA
+    this is ``nn.Dropout`` (one fused kernel).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1 / (1 - p)
+        return x * keep
 
 
 def _sn(layer: nn.Module, enabled: bool) -> nn.Module:
@@ -127,7 +147,7 @@ class MLPDiscriminator(nn.Module):
             layers.append(_sn(nn.Linear(width, h), spectral_norm))
             layers.append(nn.LeakyReLU(LEAKY_SLOPE) if activation == "leaky_relu" else nn.ReLU())
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
             width = h
         layers.append(_sn(nn.Linear(width, 1), spectral_norm))
         self.net = nn.Sequential(*layers)
