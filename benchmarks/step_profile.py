@@ -10,8 +10,9 @@ For each model (the train params of ``params.yaml``, batch 128 unless ``--batch-
 - ``achieved_gflops``: flops_per_step / step time;
 - the roofline's ceiling, measured in the same process with the same threads: a large square
   matmul (``--gemm-size``) in float32 and in bfloat16 (AMX or AVX512-BF16 on CPUs that have
-  them, tensor cores on GPUs), and the GEMMs of the model's own shapes alone (batch x 784 x 256
-  and so on), which is what the step could reach if it did nothing but its matmuls;
+  them, tensor cores on GPUs), and the mlp's GEMMs of its own shapes alone (batch x 784 x 256
+  and so on) in the math the trainer uses (bf16 where ``amp`` is on), which is what the step
+  could reach if it did nothing but its matmuls;
 - on CUDA: kernels launched per eager step and their summed GPU time (``torch.profiler``), to
   tell launch-bound steps (GPU idle between kernels) from compute-bound ones.
 
@@ -36,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from train_throughput import BenchError, device_name, parse_set, train_config
 
 from mnist_gan.params import TrainParams
-from mnist_gan.training import GANTrainer
+from mnist_gan.training import GANTrainer, _cpu_bf16_math
 from mnist_gan.utils import resolve_device, write_json
 
 # Steps per timed run, per device type and model (a run lasts about a second or two).
@@ -136,10 +137,13 @@ def profile_model(args: argparse.Namespace, model: str, device: torch.device,
     }
     if model == "mlp":
         shapes = model_gemms(cfg, trainer.batch_size)
-        # Forward, and backward's two GEMMs per layer of the same sizes: 3 x the forward time.
         fwd = sum(2.0 * m * k * n for m, k, n in shapes)
-        per = [2.0 * m * k * n / gemm_gflops(m, k, n, torch.float32, device, args.repeats)
-               for m, k, n in shapes]  # fmt: skip
+        # The trainer's math: bf16 autocast on CUDA, oneDNN's bf16 math for float32 on a CPU.
+        cuda_bf16 = trainer.amp and device.type == "cuda"
+        dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        with _cpu_bf16_math(trainer.amp and device.type == "cpu"):
+            per = [2.0 * m * k * n / gemm_gflops(m, k, n, dtype, device, args.repeats)
+                   for m, k, n in shapes]  # fmt: skip
         row["model_gemms_alone_gflops"] = round(fwd / sum(per), 2)
     if device.type == "cuda":
         row.update(cuda_kernels(cfg, images, device))

@@ -13,12 +13,17 @@ import torch
 
 from mnist_gan.params import TrainParams
 from mnist_gan.training import (
+    GRAPH_WARMUP_STEPS,
     METRICS,
     CheckpointStore,
+    CudaGraphRunner,
     DivergenceError,
+    EagerRunner,
     GANTrainer,
+    cpu_has_bf16,
     fingerprint,
     fixed_noise,
+    select_runner,
 )
 
 TINY = TrainParams(
@@ -331,6 +336,117 @@ def test_ema_follows_its_formula() -> None:
             assert torch.equal(v, g[k])
     assert not torch.equal(ema["net.0.weight"], g["net.0.weight"])
     assert GANTrainer(dataclasses.replace(TINY, ema=0.0), images(), seed=0).ema_generator is None
+
+
+def test_one_pass_of_d_over_real_and_fake_is_the_two_passes() -> None:
+    """D without batch statistics judges real and fake in one pass: the same training."""
+    cfg = dataclasses.replace(TINY, d_dropout=0.0, amp=False)  # no masks to draw differently
+    fused, apart = (GANTrainer(cfg, images(), seed=0, progress=False) for _ in range(2))
+    assert fused.fuse_d
+    apart.fuse_d = False
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        batch = {"real": images(64, seed=step), "z": torch.randn(64, cfg.latent_dim, generator=g)}
+        a, b = fused.train_step(batch), apart.train_step(batch)
+        # Losses, D's mean outputs on real and fake, gradient norms: the same sums in another
+        # order (Adam's first steps magnify rounding in near-zero gradients: 3e-3 relative).
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)
+        assert a[2] > a[3] + 0.01 or step == 0  # d_real and d_fake kept apart, in order
+    # The dcgan D's BatchNorm keeps real and fake batch statistics apart: two passes.
+    dcgan = dataclasses.replace(TINY, model="dcgan", channels=4)
+    assert not GANTrainer(dcgan, images(), seed=0).fuse_d
+    assert GANTrainer(dataclasses.replace(dcgan, spectral_norm=True), images()).fuse_d
+
+
+def test_cpu_bf16_math_only_where_the_cpu_has_it_and_only_inside_steps() -> None:
+    outer = torch.backends.mkldnn.matmul.fp32_precision
+    seen: list[str] = []
+    t = GANTrainer(dataclasses.replace(TINY, amp=True), images(), seed=0, progress=False)
+    assert t.amp is cpu_has_bf16()
+    hook = t.discriminator.register_forward_hook(
+        lambda *_: seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+    )
+    t.step()
+    hook.remove()
+    assert seen == ["bf16" if cpu_has_bf16() else outer] * 2  # D's update, then G's
+    assert torch.backends.mkldnn.matmul.fp32_precision == outer  # restored after the step
+    off = GANTrainer(dataclasses.replace(TINY, amp=False), images(), seed=0, progress=False)
+    assert off.amp is False
+    off.step()
+    # bf16 products round differently: on such a CPU the two runs part after one step.
+    same = torch.equal(weights(t)["g.net.0.weight"], weights(off)["g.net.0.weight"])
+    assert same is not cpu_has_bf16()
+
+
+def test_runner_selection() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    on, off = TrainParams(cuda_graph=True), TrainParams(cuda_graph=False)
+    assert select_runner(on, cuda, 1) == ("cuda_graph", None)
+    assert select_runner(off, cuda, 1) == ("eager", None)
+    assert select_runner(on, cpu, 1) == ("eager", None)  # on by default: silent on a CPU
+    name, warning = select_runner(on, cuda, 2)
+    assert name == "eager" and warning is not None and "several training processes" in warning
+    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    assert isinstance(t._runner, EagerRunner) and t.cuda_graph is False
+
+
+class StandIn:
+    """A stand-in for CUDA graph capture on the CPU: the replay runs the recorded function."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.captures = fail, 0
+
+    def __call__(self, fn):
+        self.captures += 1
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return fn
+
+
+def graph_trainer(capture: StandIn) -> GANTrainer:
+    """A CPU trainer whose step runs through CudaGraphRunner with a stand-in capture."""
+    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    t._runner = t._new_runner(True)
+    assert isinstance(t._runner, CudaGraphRunner) and t.cuda_graph
+    t._runner.capture = capture
+    return t
+
+
+def test_graph_runner_warms_up_captures_once_then_replays() -> None:
+    """Warm-up steps, one capture, replays: the training of the eager runner, exactly."""
+    capture = StandIn()
+    graph, eager = graph_trainer(capture), GANTrainer(TINY, images(), seed=0, progress=False)
+    for step in range(GRAPH_WARMUP_STEPS + 4):
+        graph.step()
+        eager.step()
+        expected = 0 if step < GRAPH_WARMUP_STEPS else 1  # captured once, after the warm-up
+        assert capture.captures == expected and graph.cuda_graph
+        # Each step's metrics leave the graph's output through the epoch's record.
+        assert torch.equal(graph._record[: step + 1], eager._record[: step + 1])
+    assert_same_weights(graph, eager)
+    assert graph.run_epoch().as_dict().keys() == eager.run_epoch().as_dict().keys()
+    assert_same_weights(graph, eager)
+    # A restored checkpoint means new optimizer state: a new graph (warm-up, capture) follows.
+    graph.load_state_dict(eager.state_dict())
+    assert graph._runner.replay is None and graph._runner.warmup_left == GRAPH_WARMUP_STEPS
+
+
+def test_failed_capture_warns_and_trains_on_eagerly() -> None:
+    capture = StandIn(fail=True)
+    graph, eager = graph_trainer(capture), GANTrainer(TINY, images(), seed=0, progress=False)
+    for _ in range(GRAPH_WARMUP_STEPS):
+        graph.step()
+    with pytest.warns(RuntimeWarning, match="capturing the training step failed"):
+        graph.step()  # the capture fails; this step runs eagerly
+    assert isinstance(graph._runner, EagerRunner) and not graph.cuda_graph
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph.step()  # no second attempt, no second warning
+    for _ in range(GRAPH_WARMUP_STEPS + 2):
+        eager.step()
+    assert capture.captures == 1
+    assert_same_weights(graph, eager)  # no step lost or repeated
+    assert torch.equal(graph._record, eager._record)
 
 
 def test_step_runs_any_number_of_steps() -> None:

@@ -7,8 +7,13 @@ its metrics (losses, mean discriminator probabilities, gradient norms) into a ro
 preallocated device tensor; the host reads that tensor once per epoch. The same read finds the
 first step whose loss was not finite (the divergence guard), at no cost inside the step.
 
-:class:`GANTrainer` is the whole state (networks, EMA, optimizers, generators). A benchmark can
-drive :meth:`GANTrainer.step` for a fixed number of steps; the train stage calls
+The module reads top to bottom: small helpers; :func:`gan_step`, the whole training step (D's
+update, G's update, the EMA, the metrics) as one function of the parts it updates
+(:class:`StepParts`); the runners that execute it, chosen once by :func:`select_runner`
+(:class:`EagerRunner` op by op, :class:`CudaGraphRunner` as one replayed CUDA graph, which hands
+over to an eager runner if capture fails; ``train.compile`` compiles the forward passes either
+way); then :class:`GANTrainer`, the whole state (networks, EMA, optimizers, generators) and the
+epoch loop. A benchmark can drive :meth:`GANTrainer.step` for a fixed number of steps; the train stage calls
 :meth:`GANTrainer.fit`, which runs epochs, reports each one to a callback and saves resumable
 checkpoints through a :class:`CheckpointStore`. Resuming from a checkpoint restores every RNG,
 so on the CPU the final weights are bit-identical to an uninterrupted run.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -184,6 +190,61 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16) and this PyTorch lets
+    oneDNN use it for float32 work (``torch.backends.mkldnn.matmul.fp32_precision``, 2.9+)."""
+    if not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, so probed
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+@contextlib.contextmanager
+def _cpu_bf16_math(enabled: bool) -> Iterator[None]:
+    """Within: oneDNN computes float32 matmuls with bf16 inputs and float32 sums.
+
+    The CPU's counterpart of TF32 on GPUs: the tensors, the optimizer and every other op stay
+    float32. Convolutions stay float32 too: bf16 math made the dcgan step slower on this
+    project's Xeon (227 against 194 ms, 1 thread). A process-wide setting, so it is set around
+    the trainer's steps and restored.
+    """
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.mkldnn.matmul
+    outer, matmul.fp32_precision = matmul.fp32_precision, "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = outer
+
+
+def _compiled(forwards: tuple[Callable[..., torch.Tensor], ...], device: torch.device
+              ) -> tuple[Callable[..., torch.Tensor], ...] | None:  # fmt: skip
+    """``torch.compile`` of (G, D in D's update, D's plain module for G's update).
+
+    None, after a warning, where compiling cannot work (no compiler, an old GPU, ...).
+    """
+    try:  # compilation is lazy: probe the toolchain on a tiny function first
+        torch.compile(lambda x: x * 2.0 + 1.0)(torch.ones(4, device=device))
+    except Exception as exc:  # backends fail in many ways
+        warnings.warn(
+            f"train.compile: torch.compile is unavailable here ({type(exc).__name__}: "
+            f"{exc}); training eagerly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    g_fwd, d_fwd, d_plain = forwards
+    d_for_g = torch.compile(d_plain)
+    d_fwd = torch.compile(d_fwd) if d_fwd is not d_plain else d_for_g  # DDP's wrapper, or D
+    return torch.compile(g_fwd), d_fwd, d_for_g
+
+
+def _has_batch_statistics(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     """The global L2 norm of the gradients, as a device scalar (no synchronisation)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -216,6 +277,203 @@ def _set_numpy_state(state: dict[str, Any] | None) -> None:
     np.random.set_state(legacy)  # noqa: NPY002
 
 
+# --- the step --------------------------------------------------------------------------------
+
+
+@dataclass
+class StepParts:
+    """Everything one training step reads and updates; :func:`gan_step` is the step."""
+
+    cfg: TrainParams
+    g_fwd: Callable[..., torch.Tensor]  # G's forward (DDP-wrapped or compiled where so)
+    d_fwd: Callable[..., torch.Tensor]  # D's forward in D's update (likewise)
+    d_for_g: Callable[..., torch.Tensor]  # D's forward in G's update: D's plain module
+    g_params: list[nn.Parameter]
+    d_params: list[nn.Parameter]
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    # (EMA's float tensors, G's matching ones, EMA's integer buffers, G's), or None without EMA.
+    ema: tuple[list[torch.Tensor], list[torch.Tensor], list, list] | None
+    fuse_d: bool  # D judges the real and the fake batch in one pass
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+
+def gan_step(p: StepParts, batch: Mapping[str, torch.Tensor], record: torch.Tensor) -> None:
+    """One training step: D's update, G's update through the updated D, then G's EMA.
+
+    Args:
+        p: The networks, optimizers and settings.
+        batch: ``real`` images (B, 1, 28, 28) and ``z`` (B, latent_dim); when conditional,
+            ``y_real`` (B,), the real images' digits, and ``y_fake`` (B,), the digits asked of G.
+        record: (6,) tensor that receives the step's METRICS.
+
+    Runs eagerly or under CUDA graph capture alike: it never synchronises with the host and
+    never branches on a tensor's value.
+    """
+    cfg = p.cfg
+    real, z = batch["real"], batch["z"]
+    y_real, y_fake = batch.get("y_real"), batch.get("y_fake")  # None unless conditional
+
+    # D's update. One generator pass serves both updates (as in pytorch/examples' DCGAN).
+    with p.autocast():
+        fake = p.g_fwd(z, y_fake)  # (B, 1, 28, 28)
+        if p.fuse_d:
+            both = torch.cat([real, fake.detach()])
+            y = None if y_real is None else torch.cat([y_real, y_fake])
+            real_logits, fake_logits = p.d_fwd(both, y).chunk(2)  # (B,) each
+        else:
+            real_logits = p.d_fwd(real, y_real)  # (B,)
+            fake_logits = p.d_fwd(fake.detach(), y_fake)  # (B,)
+    loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
+    p.opt_d.zero_grad(set_to_none=True)
+    loss_d.backward(inputs=p.d_params)
+    grad_norm_d = _grad_norm(p.d_params)
+    p.opt_d.step()
+
+    # G's update, through the updated D. inputs= limits backward to G's weights: D's weight
+    # gradients are never computed.
+    with p.autocast():
+        fake_logits_g = p.d_for_g(fake, y_fake)  # (B,)
+    loss_g = generator_loss(cfg.loss, fake_logits_g)
+    p.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward(inputs=p.g_params)
+    grad_norm_g = _grad_norm(p.g_params)
+    p.opt_g.step()
+
+    # G's exponential moving average, and the step's metrics.
+    with torch.no_grad():
+        if p.ema is not None:
+            ema_f, g_f, ema_i, g_i = p.ema
+            torch._foreach_lerp_(ema_f, g_f, 1.0 - cfg.ema)  # ema += (1 - decay)(g - ema)
+            for e, g in zip(ema_i, g_i, strict=True):
+                e.copy_(g)
+        d_real = torch.sigmoid(real_logits.detach().float()).mean()
+        d_fake = torch.sigmoid(fake_logits.detach().float()).mean()
+        values = [loss_d.detach(), loss_g.detach(), d_real, d_fake, grad_norm_g, grad_norm_d]
+        record.copy_(torch.stack([v.float() for v in values]))
+
+
+# --- how the step runs -----------------------------------------------------------------------
+
+Batch = dict[str, torch.Tensor]
+# fill(None) draws a new batch; fill(static) writes it into the tensors of ``static``.
+Fill = Callable[[Batch | None], Batch]
+Step = Callable[[Mapping[str, torch.Tensor], torch.Tensor], None]
+
+
+def select_runner(
+    cfg: TrainParams, device: torch.device, world_size: int
+) -> tuple[str, str | None]:
+    """How the trainer runs its step: ``eager`` or ``cuda_graph``; and a warning, or None.
+
+    The whole step is one CUDA graph when ``train.cuda_graph`` asks for it, on a CUDA device,
+    in a single process. Elsewhere the step runs eagerly: silently on a CPU (the param is on by
+    default), with a warning under DDP (its gradient all-reduce is not captured here).
+    """
+    if not cfg.cuda_graph or device.type != "cuda":
+        return "eager", None
+    if world_size > 1:
+        return "eager", (
+            "train.cuda_graph: not used with several training processes (DDP's gradient "
+            "all-reduce is not captured here); training without CUDA graphs"
+        )
+    return "cuda_graph", None
+
+
+class EagerRunner:
+    """Runs the step op by op, as Python calls it."""
+
+    name = "eager"
+
+    def run(self, step: Step, fill: Fill, record: torch.Tensor) -> EagerRunner:
+        """One step on a new batch; returns the runner for the next step (itself)."""
+        step(fill(None), record)
+        return self
+
+
+def capture_cuda_graph(fn: Callable[[], None]) -> Callable[[], None]:
+    """Record ``fn``'s kernels as a CUDA graph (without running them); returns its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """On CUDA, run on a side stream ordered after the current one (as warm-up for a graph)."""
+    if device.type != "cuda":
+        yield
+        return
+    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        yield
+    main.wait_stream(side)
+
+
+class CudaGraphRunner:
+    """Runs the whole step (D and G updates, EMA, metrics) as one CUDA graph.
+
+    The first ``warmup`` steps run eagerly on a side stream (they create the optimizers'
+    state, the library handles and any compiled kernels, as capture requires); the next step
+    is captured and from then on every step replays the graph: three kernel launches from
+    Python instead of hundreds. The graph reads its batch from ``static`` (fixed addresses that
+    ``fill`` overwrites each step) and writes its metrics into ``static["record"]``. If capture
+    fails, the runner warns, runs that step eagerly and hands over to an :class:`EagerRunner`.
+
+    Args:
+        static: The graph's input and output tensors (``real``, ``z``, ``record``, and
+            ``y_real``, ``y_fake`` when conditional).
+        device: The CUDA device (another device only in tests, with a stand-in ``capture``).
+        before_capture: Called before capturing: sets the gradients to None, so that the
+            captured backward passes allocate them in the graph's memory pool.
+        capture: Records a function and returns its replay (default :func:`capture_cuda_graph`).
+        warmup: Eager steps before the capture.
+    """
+
+    name = "cuda_graph"
+
+    def __init__(
+        self,
+        static: Batch,
+        device: torch.device,
+        before_capture: Callable[[], None],
+        capture: Callable[[Callable[[], None]], Callable[[], None]] = capture_cuda_graph,
+        warmup: int = GRAPH_WARMUP_STEPS,
+    ) -> None:
+        self.static, self.device = static, device
+        self.before_capture, self.capture = before_capture, capture
+        self.warmup_left = warmup
+        self.replay: Callable[[], None] | None = None
+
+    def run(self, step: Step, fill: Fill, record: torch.Tensor) -> EagerRunner | CudaGraphRunner:
+        """One step on a new batch; returns the runner for the next step."""
+        s = fill(self.static)
+        if self.replay is None and self.warmup_left > 0:
+            with _side_stream(self.device):
+                step(s, s["record"])
+            self.warmup_left -= 1
+        elif self.replay is None:
+            self.before_capture()
+            try:
+                self.replay = self.capture(lambda: step(s, s["record"]))
+            except Exception as exc:  # an op that cannot be captured, an old driver, ...
+                warnings.warn(
+                    f"train.cuda_graph: capturing the training step failed "
+                    f"({type(exc).__name__}: {exc}); training without CUDA graphs",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self.before_capture()
+                return EagerRunner().run(step, lambda _: s, record)
+            self.replay()
+        else:
+            self.replay()
+        record.copy_(s["record"])
+        return self
+
+
 class GANTrainer:
     """Trains one GAN on a tensor of images held on the device.
 
@@ -233,9 +491,12 @@ class GANTrainer:
             convolutions: measured 1.26x on the CPU); None: on for dcgan, off for mlp.
 
     The fast path, each part falling back where it is unavailable: the data on the device;
-    fused Adam; on CUDA, bf16 autocast (``train.amp``, when the GPU supports bf16) and the
-    whole D+G step captured once as a CUDA graph and replayed (``train.cuda_graph``), so a
-    step costs three kernel launches from Python instead of hundreds.
+    fused Adam; one pass of D over the real and the fake batch together when D keeps no batch
+    statistics (the mlp D; the dcgan D has BatchNorm); ``train.amp``: bf16 autocast on CUDA
+    GPUs that support bf16, and on CPUs with AMX or AVX512-BF16 oneDNN's bf16 math for float32
+    matmuls; on CUDA, the whole D+G step captured once as a CUDA graph and replayed
+    (``train.cuda_graph``, :class:`CudaGraphRunner`), so a step costs three kernel launches
+    from Python instead of hundreds.
 
     In a process group of several ranks (DDP, see :mod:`mnist_gan.distributed`), ``images`` is
     the whole training set and each rank keeps its shard (every ``size``-th image from its
@@ -315,29 +576,23 @@ class GANTrainer:
         self.labels = labels[shard].to(self.device, torch.int64) if cfg.conditional else None
         self.steps_per_epoch = self.images.shape[0] // self.batch_size
 
-        # The whole step as one CUDA graph: Adam's step counters must then live on the GPU.
-        self.cuda_graph = cfg.cuda_graph and cuda
-        if self.cuda_graph and self.world_size > 1:
-            warnings.warn(
-                "train.cuda_graph: not used with several training processes (DDP's gradient "
-                "all-reduce is not captured here); training without CUDA graphs",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.cuda_graph = False
+        # How the step runs, chosen once: under a CUDA graph, Adam's step counters (and a
+        # decaying learning rate) must live on the GPU, where the graph reads them.
+        runner, why_not = select_runner(cfg, self.device, self.world_size)
+        if why_not:
+            warnings.warn(why_not, RuntimeWarning, stacklevel=2)
+        graph = runner == "cuda_graph"
         self._g_params = list(self.generator.parameters())
         self._d_params = list(self.discriminator.parameters())
         betas = (cfg.beta1, cfg.beta2)
         self.lr_g = scaled_lr(cfg.lr_g, cfg.batch_size, cfg.lr_scaling)
         self.lr_d = scaled_lr(cfg.lr_d, cfg.batch_size, cfg.lr_scaling)
-        # A decaying rate must be a tensor under a CUDA graph (a float would be captured as is).
-        self._lr_as_tensor = self.cuda_graph and cfg.lr_decay != "none"
-        self.opt_g = _adam(self._g_params, self._lr(self.lr_g), betas, self.cuda_graph)
-        self.opt_d = _adam(self._d_params, self._lr(self.lr_d), betas, self.cuda_graph)
-        if self.ema_generator is not None:
-            self._ema_pairs = self._ema_tensors()
-        # bf16 needs no loss scaling; GPUs before Ampere lack it and train in float32.
-        self.amp = cfg.amp and cuda and torch.cuda.is_bf16_supported()
+        self._lr_as_tensor = graph and cfg.lr_decay != "none"
+        self.opt_g = _adam(self._g_params, self._lr(self.lr_g), betas, graph)
+        self.opt_d = _adam(self._d_params, self._lr(self.lr_d), betas, graph)
+        # bf16 needs no loss scaling; GPUs before Ampere and CPUs without AMX or AVX512-BF16
+        # lack it and train in float32.
+        self.amp = cfg.amp and (torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16())
         self.progress = sys.stderr.isatty() if progress is None else progress
 
         self._record = torch.zeros(self.steps_per_epoch, len(METRICS), device=self.device)
@@ -345,36 +600,41 @@ class GANTrainer:
         self._cursor = 0  # next batch within the current permutation
         self.epoch = 0  # completed epochs
         self.history: list[dict[str, float]] = []  # EpochStats.as_dict() per completed epoch
+        # Every rank's RNG states (a checkpoint holds them all), gathered after each epoch.
+        self._rank_rngs: list[dict[str, Any]] = []
+        self._gather_rngs()
 
         # G's forward, D's forward in D's update, and D's forward in G's update (through D's
         # plain module under DDP: that backward reaches only G's weights, whose gradients G's
         # DDP wrapper reduces).
-        self._g_fwd: Callable[..., torch.Tensor] = self.generator
-        self._d_fwd: Callable[..., torch.Tensor] = self.discriminator
-        self._d_for_g: Callable[..., torch.Tensor] = self.discriminator
+        g_fwd: Callable[..., torch.Tensor] = self.generator
+        d_fwd: Callable[..., torch.Tensor] = self.discriminator
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids, no_sync = [self.device.index] if cuda else None, _no_buffer_sync()
-            self._g_fwd = DDP(self.generator, device_ids=ids, **no_sync)
-            self._d_fwd = DDP(self.discriminator, device_ids=ids, **no_sync)
-        # Every rank's RNG states (a checkpoint holds them all), gathered after each epoch.
-        self._rank_rngs: list[dict[str, Any]] = []
-        self._gather_rngs()
-        self.compiled = cfg.compile and self._compile()
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_warm = 0  # eager steps taken towards the capture
-        self._static: dict[str, torch.Tensor] = {}
-        if self.cuda_graph:  # the graph's inputs and output, at fixed addresses
-            b = self.batch_size
-            self._static = {
-                "real": torch.empty(b, *IMAGE_SHAPE, device=self.device),
-                "z": torch.empty(b, cfg.latent_dim, device=self.device),
-                "record": torch.zeros(len(METRICS), device=self.device),
-            }
-            if self.labels is not None:
-                self._static["y_real"] = torch.empty(b, dtype=torch.int64, device=self.device)
-                self._static["y_fake"] = torch.empty(b, dtype=torch.int64, device=self.device)
+            g_fwd = DDP(self.generator, device_ids=ids, **no_sync)
+            d_fwd = DDP(self.discriminator, device_ids=ids, **no_sync)
+        forwards = (g_fwd, d_fwd, self.discriminator)
+        compiled = _compiled(forwards, self.device) if cfg.compile else None
+        self.compiled = compiled is not None
+        g_fwd, d_fwd, d_for_g = compiled or forwards
+        self._parts = StepParts(
+            cfg=cfg,
+            g_fwd=g_fwd,
+            d_fwd=d_fwd,
+            d_for_g=d_for_g,
+            g_params=self._g_params,
+            d_params=self._d_params,
+            opt_g=self.opt_g,
+            opt_d=self.opt_d,
+            ema=self._ema_tensors() if self.ema_generator is not None else None,
+            # D's update judges real and fake in one pass (larger matmuls, half the launches),
+            # which changes nothing where D keeps no batch statistics to tell them apart.
+            fuse_d=not _has_batch_statistics(self.discriminator),
+            autocast=self._autocast,
+        )
+        self._runner: EagerRunner | CudaGraphRunner = self._new_runner(graph)
 
     # --- construction helpers -------------------------------------------------------------
 
@@ -408,26 +668,40 @@ class GANTrainer:
             [g_b[i] for i in int_b],
         )
 
-    def _compile(self) -> bool:
-        """Compile the networks' forward passes; warn and stay eager where that cannot work."""
-        try:  # compilation is lazy: probe the toolchain on a tiny function first
-            torch.compile(lambda x: x * 2.0 + 1.0)(torch.ones(4, device=self.device))
-        except Exception as exc:  # backends fail in many ways (no compiler, old GPU, ...)
-            warnings.warn(
-                f"train.compile: torch.compile is unavailable here ({type(exc).__name__}: "
-                f"{exc}); training eagerly",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return False
-        self._g_fwd = torch.compile(self._g_fwd)
-        self._d_for_g = torch.compile(self.discriminator)
-        distributed_d = self._d_fwd is not self.discriminator
-        self._d_fwd = torch.compile(self._d_fwd) if distributed_d else self._d_for_g
-        return True
+    def _new_runner(self, graph: bool) -> EagerRunner | CudaGraphRunner:
+        if not graph:
+            return EagerRunner()
+        b = self.batch_size
+        static = {  # the graph's inputs and output, at fixed addresses
+            "real": torch.empty(b, *IMAGE_SHAPE, device=self.device),
+            "z": torch.empty(b, self.cfg.latent_dim, device=self.device),
+            "record": torch.zeros(len(METRICS), device=self.device),
+        }
+        if self.labels is not None:
+            static["y_real"] = torch.empty(b, dtype=torch.int64, device=self.device)
+            static["y_fake"] = torch.empty(b, dtype=torch.int64, device=self.device)
+        return CudaGraphRunner(static, self.device, self._grads_to_none)
+
+    def _grads_to_none(self) -> None:
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether the step runs (or will run, after its warm-up) as a CUDA graph."""
+        return isinstance(self._runner, CudaGraphRunner)
+
+    @property
+    def fuse_d(self) -> bool:
+        """Whether D judges the real and the fake batch in one pass."""
+        return self._parts.fuse_d
+
+    @fuse_d.setter
+    def fuse_d(self, value: bool) -> None:
+        self._parts.fuse_d = value
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp:
+        if self.amp and self.device.type == "cuda":
             # A CUDA graph must not reuse autocast's cache of cast weights across replays.
             return torch.autocast(
                 device_type=self.device.type,
@@ -460,17 +734,23 @@ class GANTrainer:
                 self._rng_cuda = torch.cuda.get_rng_state(self.device)
                 torch.cuda.set_rng_state(outer_cuda, self.device)
 
+    @contextlib.contextmanager
+    def _stepping(self) -> Iterator[None]:
+        """The trainer's own RNG state and, on a bf16 CPU with ``amp``, bf16 matmul math."""
+        with self._own_rng(), _cpu_bf16_math(self.amp and self.device.type == "cpu"):
+            yield
+
     def step(self) -> None:
         """One discriminator and one generator update on the next batch; never synchronises.
 
         A new permutation of the data is drawn when the current one is used up.
         """
-        with self._own_rng():
+        with self._stepping():
             self._step()
 
     def run_steps(self, n: int) -> None:
         """``n`` steps, as :meth:`step` does them, swapping the RNG state once (for benchmarks)."""
-        with self._own_rng():
+        with self._stepping():
             for _ in range(n):
                 self._step()
 
@@ -485,8 +765,8 @@ class GANTrainer:
             The step's METRICS (6,), on the device.
         """
         record = torch.zeros(len(METRICS), device=self.device)
-        with self._own_rng():
-            self._train_step({k: v.to(self.device) for k, v in batch.items()}, record)
+        with self._stepping():
+            gan_step(self._parts, {k: v.to(self.device) for k, v in batch.items()}, record)
         return record
 
     def _step(self) -> None:
@@ -495,11 +775,12 @@ class GANTrainer:
         assert self._perm is not None
         b, i = self.batch_size, self._cursor
         idx = self._perm[i * b : (i + 1) * b]
-        if self.cuda_graph:
-            self._graph_step(idx, self._record[i])
-        else:
-            self._train_step(self._batch(idx), self._record[i])
+        fill = functools.partial(self._batch, idx)
+        self._runner = self._runner.run(self._step_fn, fill, self._record[i])
         self._cursor += 1
+
+    def _step_fn(self, batch: Mapping[str, torch.Tensor], record: torch.Tensor) -> None:
+        gan_step(self._parts, batch, record)
 
     def _batch(self, idx: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict:
         """A step's inputs: ``real`` images (B, 1, 28, 28) and ``z`` (B, latent_dim); when
@@ -522,98 +803,6 @@ class GANTrainer:
             torch.randint(NUM_CLASSES, (b,), generator=gen, out=out["y_fake"])
         return out
 
-    def _graph_step(self, idx: torch.Tensor, record: torch.Tensor) -> None:
-        """The step through the CUDA graph: fill its inputs, replay it, keep its metrics.
-
-        The first ``GRAPH_WARMUP_STEPS`` steps run eagerly on a side stream (as CUDA graphs
-        require); the next one captures the step, then every step replays it. If capturing
-        fails, the trainer warns and stays eager.
-        """
-        s = self._batch(idx, out=self._static)
-        if self._graph is None and self._graph_warm < GRAPH_WARMUP_STEPS:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._train_step(s, s["record"])
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._graph_warm += 1
-        elif self._graph is None and not self._capture():
-            self._train_step(s, s["record"])
-        else:
-            assert self._graph is not None
-            self._graph.replay()
-        record.copy_(s["record"])
-
-    def _capture(self) -> bool:
-        """Capture one whole step (D and G updates, EMA, metrics) as a CUDA graph.
-
-        Capturing records the kernels without running them. Gradients are set to None first so
-        that the captured backward passes allocate them in the graph's memory pool and each
-        replay overwrites them.
-
-        Returns:
-            Whether the graph is ready; False after a warning, with ``cuda_graph`` turned off.
-        """
-        s = self._static
-        self.opt_d.zero_grad(set_to_none=True)
-        self.opt_g.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self._train_step(s, s["record"])
-        except Exception as exc:  # an op that cannot be captured, an old driver, ...
-            warnings.warn(
-                f"train.cuda_graph: capturing the training step failed ({type(exc).__name__}: "
-                f"{exc}); training without CUDA graphs",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            self.cuda_graph = False
-            self.opt_d.zero_grad(set_to_none=True)
-            self.opt_g.zero_grad(set_to_none=True)
-            return False
-        self._graph = graph
-        return True
-
-    def _train_step(self, batch: dict[str, torch.Tensor], record: torch.Tensor) -> None:
-        """Update D then G on a :meth:`_batch` (real images, z and, if conditional, digits).
-
-        Writes METRICS into ``record`` (6,). Runs eagerly or under CUDA graph capture.
-        """
-        cfg = self.cfg
-        real, z = batch["real"], batch["z"]
-        y_real, y_fake = batch.get("y_real"), batch.get("y_fake")  # None unless conditional
-        # One generator pass serves both updates (as in pytorch/examples' DCGAN).
-        with self._autocast():
-            fake = self._g_fwd(z, y_fake)  # (B, 1, 28, 28)
-            real_logits = self._d_fwd(real, y_real)  # (B,)
-            fake_logits = self._d_fwd(fake.detach(), y_fake)  # (B,)
-        loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward(inputs=self._d_params)
-        grad_norm_d = _grad_norm(self._d_params)
-        self.opt_d.step()
-
-        with self._autocast():
-            fake_logits_g = self._d_for_g(fake, y_fake)  # (B,), through the updated D
-        loss_g = generator_loss(cfg.loss, fake_logits_g)
-        self.opt_g.zero_grad(set_to_none=True)
-        # inputs= limits backward to G's weights: D's weight gradients are never computed.
-        loss_g.backward(inputs=self._g_params)
-        grad_norm_g = _grad_norm(self._g_params)
-        self.opt_g.step()
-
-        with torch.no_grad():
-            if self.ema_generator is not None:
-                ema_f, g_f, ema_i, g_i = self._ema_pairs
-                torch._foreach_lerp_(ema_f, g_f, 1.0 - cfg.ema)  # ema += (1 - decay)(g - ema)
-                for e, g in zip(ema_i, g_i, strict=True):
-                    e.copy_(g)
-            d_real = torch.sigmoid(real_logits.detach().float()).mean()
-            d_fake = torch.sigmoid(fake_logits.detach().float()).mean()
-            values = [loss_d.detach(), loss_g.detach(), d_real, d_fake, grad_norm_g, grad_norm_d]
-            record.copy_(torch.stack([v.float() for v in values]))
-
     # --- epochs ------------------------------------------------------------------------------
 
     def run_epoch(self) -> EpochStats:
@@ -628,7 +817,7 @@ class GANTrainer:
         start = time.perf_counter()
         self._set_lr(epoch)
         self._new_permutation()
-        with self._own_rng():
+        with self._stepping():
             for _ in range(self.steps_per_epoch):
                 self._step()
                 if bar is not None:
@@ -788,7 +977,7 @@ class GANTrainer:
         self.epoch = int(state["epoch"])
         self.history = [dict(h) for h in state["history"]]
         # The optimizers now hold new state tensors: a captured graph would update the old ones.
-        self._graph, self._graph_warm = None, 0
+        self._runner = self._new_runner(self.cuda_graph)
         self._perm, self._cursor = None, 0
 
 
