@@ -146,7 +146,7 @@ class TrainParams:
     ema: float = 0.999  # decay of the generator's weight EMA; 0 disables it
     spectral_norm: bool = False  # spectral norm on D's layers
     label_smoothing: float = 0.1  # one-sided: real targets become 1 - label_smoothing
-    amp: bool = True  # bf16 autocast, CUDA only
+    amp: bool = True  # bf16: autocast on CUDA, matmul math on CPUs with AMX/AVX512-BF16
     compile: bool = False  # torch.compile the networks (fuses their kernels)
     cuda_graph: bool = True  # on CUDA, capture the whole D+G step once and replay it
     # How lr_g and lr_d (tuned for batch 128) change with batch_size: none | sqrt | linear.

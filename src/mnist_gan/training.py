@@ -13,10 +13,10 @@ update, G's update, the EMA, the metrics) as one function of the parts it update
 (:class:`EagerRunner` op by op, :class:`CudaGraphRunner` as one replayed CUDA graph, which hands
 over to an eager runner if capture fails; ``train.compile`` compiles the forward passes either
 way); then :class:`GANTrainer`, the whole state (networks, EMA, optimizers, generators) and the
-epoch loop. A benchmark can drive :meth:`GANTrainer.step` for a fixed number of steps; the train stage calls
-:meth:`GANTrainer.fit`, which runs epochs, reports each one to a callback and saves resumable
-checkpoints through a :class:`CheckpointStore`. Resuming from a checkpoint restores every RNG,
-so on the CPU the final weights are bit-identical to an uninterrupted run.
+epoch loop. A benchmark can drive :meth:`GANTrainer.step` for a fixed number of steps; the train
+stage calls :meth:`GANTrainer.fit`, which runs epochs, reports each one to a callback and saves
+resumable checkpoints through a :class:`CheckpointStore`. Resuming from a checkpoint restores
+every RNG, so on the CPU the final weights are bit-identical to an uninterrupted run.
 
 This module uses only PyTorch (tqdm and numpy when installed), so it runs on a GPU machine that
 has nothing else.
