@@ -78,12 +78,16 @@ def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device
     return flops * inner / timed(run, device, repeats) / 1e9
 
 
-def model_gemms(cfg: TrainParams, batch: int) -> list[tuple[int, int, int]]:
-    """(m, k, n) of the mlp's forward GEMMs (G then D), for the shapes-alone ceiling."""
+def model_gemms(cfg: TrainParams, batch: int, fuse_d: bool) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, times) of the mlp's forward GEMMs in a step, for the shapes-alone ceiling:
+    G's once at ``batch`` rows; D's on real and fake (once at 2 x ``batch`` rows when the
+    trainer judges them in one pass, else twice) and again on fake for G's update."""
     g_dims = [cfg.latent_dim, *cfg.hidden, 784]
     d_dims = [784, *cfg.hidden, 1]
-    pairs = [*zip(g_dims, g_dims[1:], strict=False), *zip(d_dims, d_dims[1:], strict=False)]
-    return [(batch, k, n) for k, n in pairs]
+    g = [(batch, k, n, 1) for k, n in zip(g_dims, g_dims[1:], strict=False)]
+    d_pairs = list(zip(d_dims, d_dims[1:], strict=False))
+    d_update = [(2 * batch, k, n, 1) if fuse_d else (batch, k, n, 2) for k, n in d_pairs]
+    return g + d_update + [(batch, k, n, 1) for k, n in d_pairs]
 
 
 def step_flops(trainer: GANTrainer) -> int:
@@ -136,14 +140,14 @@ def profile_model(args: argparse.Namespace, model: str, device: torch.device,
         "cuda_graph": trainer.cuda_graph,
     }
     if model == "mlp":
-        shapes = model_gemms(cfg, trainer.batch_size)
-        fwd = sum(2.0 * m * k * n for m, k, n in shapes)
+        shapes = model_gemms(cfg, trainer.batch_size, trainer.fuse_d)
+        fwd = sum(2.0 * m * k * n * times for m, k, n, times in shapes)
         # The trainer's math: bf16 autocast on CUDA, oneDNN's bf16 math for float32 on a CPU.
         cuda_bf16 = trainer.amp and device.type == "cuda"
         dtype = torch.bfloat16 if cuda_bf16 else torch.float32
         with _cpu_bf16_math(trainer.amp and device.type == "cpu"):
-            per = [2.0 * m * k * n / gemm_gflops(m, k, n, dtype, device, args.repeats)
-                   for m, k, n in shapes]  # fmt: skip
+            per = [2.0 * m * k * n * times / gemm_gflops(m, k, n, dtype, device, args.repeats)
+                   for m, k, n, times in shapes]  # fmt: skip
         row["model_gemms_alone_gflops"] = round(fwd / sum(per), 2)
     if device.type == "cuda":
         row.update(cuda_kernels(cfg, images, device))

@@ -32,7 +32,7 @@ from train_throughput import BenchError, parse_set, resolve_raw_dir, train_confi
 from mnist_gan.data import DataError, normalize, read_raw_split
 from mnist_gan.models import save_gan
 from mnist_gan.training import GANTrainer, fixed_noise
-from mnist_gan.utils import resolve_device, write_json
+from mnist_gan.utils import atomic_dir, resolve_device, write_json
 
 GRID = 64  # samples in the grid (8 x 8)
 
@@ -118,11 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train_params": json.loads(json.dumps(dataclasses.asdict(cfg))),
     }
     write_json(out / "train_full.json", report)
-    if args.save_gan:
-        gan_dir = Path(args.save_gan)
-        gan_dir.mkdir(parents=True, exist_ok=True)
-        save_gan(gan_dir, cfg, args.seed, trainer.generator, trainer.discriminator,
-                 trainer.ema_generator)  # fmt: skip
+    if args.save_gan:  # a complete folder replaces any earlier one (no stale EMA file)
+        with atomic_dir(args.save_gan) as tmp:
+            save_gan(tmp, cfg, args.seed, trainer.generator, trainer.discriminator,
+                     trainer.ema_generator)  # fmt: skip
     print(
         f"{trainer.epoch} epochs of {cfg.model} in {seconds:.1f} s "
         f"({report['images_per_sec']:,.0f} img/s) on {report['device']}; "

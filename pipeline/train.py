@@ -149,7 +149,7 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
             _lost_ranks(exc, world)
         sys.exit(f"error: {exc}")
     code = code_digest(Path(__file__))  # every project file this stage runs
-    parts = fingerprint(cfg, seed, data_sha, device.type, code, world.size)
+    parts = fingerprint(cfg, seed, data_sha, device.type, code, world.size, trainer.math)
     store = CheckpointStore(checkpoints, parts)
     # Rank 0 reads the checkpoint and hands it to the others (who may be on other machines).
     state = distributed.broadcast_object(store.load() if world.main else None)
@@ -213,7 +213,12 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
                 {"base": params_to_dict(params.base), "train": params_to_dict(cfg)}
             )
             mlflow.log_params(
-                {**flat, "data.train_sha256": data_sha, "train.world_size": world.size}
+                {
+                    **flat,
+                    "data.train_sha256": data_sha,
+                    "train.world_size": world.size,
+                    "train.math": trainer.math,
+                }
             )
             tracking.log_training_data(data, images)
         # A resumed run may lack the checkpoint's last epochs (the store stopped answering), or

@@ -226,8 +226,10 @@ def test_train_full_writes_grid_and_stops_at_time_limit(bench, tmp_path: Path) -
         assert generator(torch.zeros(2, cfg.latent_dim)).shape == (2, 1, 28, 28)
 
 
-def test_step_profile_counts_flops_and_times_the_step(tmp_path: Path) -> None:
-    sys.path.insert(0, str(BENCH))
+def test_step_profile_counts_flops_and_times_the_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
     import step_profile
 
     out = tmp_path / "profile.json"
@@ -236,9 +238,9 @@ def test_step_profile_counts_flops_and_times_the_step(tmp_path: Path) -> None:
     assert step_profile.main(args) == 0
     report = json.loads(out.read_text())
     (row,) = report["results"]
-    # G 8-32-32-784 and D 784-32-32-1 at batch 128: forward 2*b*sum(k*n), backward twice that
-    # except for G's first layer's input gradient (z needs none) and D's first for the real
-    # batch; so the count lies strictly between 2x and 3x of one forward of G and two of D.
+    # G 8-32-32-784 and D 784-32-32-1 at batch 128: forward 2*b*sum(k*n); backward adds at most
+    # twice that (weight and input gradients; fewer where none are needed: z's, the real
+    # batch's, D's weights in G's update), so the count lies strictly between 2x and 3x.
     g = 8 * 32 + 32 * 32 + 32 * 784
     d = 784 * 32 + 32 * 32 + 32 * 1
     fwd = 2 * 128 * (g + 3 * d)  # G once; D on real, fake, and fake again for G's update

@@ -30,11 +30,13 @@ from servers import free_port, mlflow_server
 from mnist_gan.data import save_normalized
 from mnist_gan.models import load_generator
 from mnist_gan.params import TrainParams, load_params
-from mnist_gan.training import METRICS, CheckpointStore, GANTrainer, fingerprint
+from mnist_gan.training import METRICS, CheckpointStore, GANTrainer, cpu_has_bf16, fingerprint
 from mnist_gan.utils import set_threads, sha256_file
 from mnist_gan_cli import main as cli_main
 
 SCRIPT = ROOT / "pipeline" / "train.py"
+# The matmul math the stage's trainer uses here (train.amp is on): part of the fingerprint.
+MATH = "bf16" if cpu_has_bf16() else "float32"
 SMALL = {
     "hidden": [32],
     "batch_size": 64,
@@ -146,7 +148,8 @@ def test_stage_writes_every_output_and_logs_the_run(
     cfg = TrainParams(**{**SMALL, "hidden": (32,), "lr_g": 1e-3})
     foreign = GANTrainer(cfg, blobs(320), seed=5)
     data_sha = sha256_file(root / "data/normalized/train.safetensors")
-    CheckpointStore(root / "checkpoints/train", fingerprint(cfg, 0, data_sha, "cpu", "")).save(
+    foreign_fp = fingerprint(cfg, 0, data_sha, "cpu", "", math=MATH)
+    CheckpointStore(root / "checkpoints/train", foreign_fp).save(
         {**foreign.state_dict(), "epoch": 2}, run_id="not-this-run"
     )
     res = invoke(stage, root, store, DVC_EXP_NAME="tiny-exp", DVC_EXP_BASELINE_REV="abc123")
@@ -303,8 +306,12 @@ def test_checkpoints_of_other_code_or_that_do_not_fit_are_not_resumed(
     code = stage.code_digest(SCRIPT)  # what the stage computes, in this process
     wide = GANTrainer(TrainParams(**{**SMALL, "hidden": (48,)}), blobs(320), seed=5)
     cases = {  # fingerprint, what the stage says
-        "made with other code; not resumed from": fingerprint(cfg, 0, data_sha, "cpu", "old"),
-        "not resumed from: checkpoint does not fit": fingerprint(cfg, 0, data_sha, "cpu", code),
+        "made with other code; not resumed from": fingerprint(
+            cfg, 0, data_sha, "cpu", "old", math=MATH
+        ),
+        "not resumed from: checkpoint does not fit": fingerprint(
+            cfg, 0, data_sha, "cpu", code, math=MATH
+        ),
     }
     for note, fp in cases.items():
         CheckpointStore(root / "checkpoints/train", fp).save(wide.state_dict(), run_id="x")

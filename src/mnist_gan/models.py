@@ -69,7 +69,7 @@ class Dropout(nn.Dropout):
     The same distribution as ``nn.Dropout`` (each element kept with probability 1 - p, kept ones
     scaled by 1 / (1 - p)), from a different use of the global RNG. Measured for a 128 x 256
     mask on one thread of this project's 2-core Xeon: ``bernoulli_`` 252 us, ``rand_like`` 78 us;
-    D's three dropout layers ran three times a step, a fifth of an mlp step's time. On CUDA
+    with three passes of D a step, ``bernoulli_`` took a fifth of an mlp step's time. On CUDA
     this is ``nn.Dropout`` (one fused kernel).
     """
 

@@ -117,7 +117,13 @@ class EpochStats:
 
 
 def fingerprint(
-    cfg: TrainParams, seed: int, data_sha256: str, device: str, code: str, world_size: int = 1
+    cfg: TrainParams,
+    seed: int,
+    data_sha256: str,
+    device: str,
+    code: str,
+    world_size: int = 1,
+    math: str = "float32",
 ) -> dict[str, str]:
     """What determines training, part by part: a checkpoint resumes only when every part matches.
 
@@ -130,10 +136,13 @@ def fingerprint(
             weights trained by old code are never continued by new code.
         world_size: The number of training processes: each has its own share of the data and
             its own RNG streams, so a checkpoint resumes only in a world of the same size.
+        math: The trainer's matmul math (:attr:`GANTrainer.math`): ``bf16`` or ``float32``.
+            ``train.amp`` gives bf16 only where the hardware has it, so the same params train
+            in other math on another machine; a checkpoint resumes only in the same math.
 
     Returns:
-        ``{"params": ..., "data": ..., "device": ..., "code": ..., "world_size": ...}``, plain
-        strings.
+        ``{"params": ..., "data": ..., "device": ..., "code": ..., "world_size": ..., "math":
+        ...}``, plain strings.
     """
     blob = json.dumps({"train": params_to_dict(cfg), "seed": seed}, sort_keys=True)
     return {
@@ -142,6 +151,7 @@ def fingerprint(
         "device": device,
         "code": code,
         "world_size": str(world_size),
+        "math": math,
     }
 
 
@@ -206,7 +216,8 @@ def _cpu_bf16_math(enabled: bool) -> Iterator[None]:
     The CPU's counterpart of TF32 on GPUs: the tensors, the optimizer and every other op stay
     float32. Convolutions stay float32 too: bf16 math made the dcgan step slower on this
     project's Xeon (227 against 194 ms, 1 thread). A process-wide setting, so it is set around
-    the trainer's steps and restored.
+    the trainer's steps and restored; trainers stepping in several threads at once would have to
+    agree on it (nothing in the project does so).
     """
     if not enabled:
         yield
@@ -235,10 +246,13 @@ def _compiled(forwards: tuple[Callable[..., torch.Tensor], ...], device: torch.d
             stacklevel=3,
         )
         return None
+    # Static shapes: the one-pass D sees 2B images in D's update and B in G's; with dynamic
+    # shapes the second size would recompile D into slower symbolic-size kernels for both.
+    compile_ = functools.partial(torch.compile, dynamic=False)
     g_fwd, d_fwd, d_plain = forwards
-    d_for_g = torch.compile(d_plain)
-    d_fwd = torch.compile(d_fwd) if d_fwd is not d_plain else d_for_g  # DDP's wrapper, or D
-    return torch.compile(g_fwd), d_fwd, d_for_g
+    d_for_g = compile_(d_plain)
+    d_fwd = compile_(d_fwd) if d_fwd is not d_plain else d_for_g  # DDP's wrapper, or D
+    return compile_(g_fwd), d_fwd, d_for_g
 
 
 def _has_batch_statistics(module: nn.Module) -> bool:
@@ -407,9 +421,11 @@ def _side_stream(device: torch.device) -> Iterator[None]:
         return
     side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
     side.wait_stream(main)
-    with torch.cuda.stream(side):
-        yield
-    main.wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        main.wait_stream(side)
 
 
 class CudaGraphRunner:
@@ -491,10 +507,10 @@ class GANTrainer:
             convolutions: measured 1.26x on the CPU); None: on for dcgan, off for mlp.
 
     The fast path, each part falling back where it is unavailable: the data on the device;
-    fused Adam; one pass of D over the real and the fake batch together when D keeps no batch
-    statistics (the mlp D; the dcgan D has BatchNorm); ``train.amp``: bf16 autocast on CUDA
-    GPUs that support bf16, and on CPUs with AMX or AVX512-BF16 oneDNN's bf16 math for float32
-    matmuls; on CUDA, the whole D+G step captured once as a CUDA graph and replayed
+    fused Adam; one pass of D over the real and the fake batch together when D has neither
+    BatchNorm nor spectral norm (the default mlp D; not the dcgan D); ``train.amp``: bf16
+    autocast on CUDA GPUs that support bf16, and on CPUs with AMX or AVX512-BF16 oneDNN's bf16
+    math for float32 matmuls; on CUDA, the whole D+G step captured once as a CUDA graph and replayed
     (``train.cuda_graph``, :class:`CudaGraphRunner`), so a step costs three kernel launches
     from Python instead of hundreds.
 
@@ -592,7 +608,9 @@ class GANTrainer:
         self.opt_d = _adam(self._d_params, self._lr(self.lr_d), betas, graph)
         # bf16 needs no loss scaling; GPUs before Ampere and CPUs without AMX or AVX512-BF16
         # lack it and train in float32.
-        self.amp = cfg.amp and (torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16())
+        self.amp = cfg.amp and (
+            torch.cuda.is_bf16_supported() if cuda else self.device.type == "cpu" and cpu_has_bf16()
+        )
         self.progress = sys.stderr.isatty() if progress is None else progress
 
         self._record = torch.zeros(self.steps_per_epoch, len(METRICS), device=self.device)
@@ -629,9 +647,11 @@ class GANTrainer:
             opt_g=self.opt_g,
             opt_d=self.opt_d,
             ema=self._ema_tensors() if self.ema_generator is not None else None,
-            # D's update judges real and fake in one pass (larger matmuls, half the launches),
-            # which changes nothing where D keeps no batch statistics to tell them apart.
-            fuse_d=not _has_batch_statistics(self.discriminator),
+            # D's update judges real and fake in one pass (larger matmuls, half the launches)
+            # where that is the same computation: not with BatchNorm (real and fake batch
+            # statistics would mix) nor spectral norm (each training pass runs one power
+            # iteration). Dropout then draws one mask for both halves: the same distribution.
+            fuse_d=not (_has_batch_statistics(self.discriminator) or cfg.spectral_norm),
             autocast=self._autocast,
         )
         self._runner: EagerRunner | CudaGraphRunner = self._new_runner(graph)
@@ -685,6 +705,12 @@ class GANTrainer:
     def _grads_to_none(self) -> None:
         self.opt_d.zero_grad(set_to_none=True)
         self.opt_g.zero_grad(set_to_none=True)
+
+    @property
+    def math(self) -> str:
+        """The matmul math the trainer uses here: ``bf16`` (``train.amp`` where the hardware
+        has it) or ``float32``. Part of a checkpoint's :func:`fingerprint`."""
+        return "bf16" if self.amp else "float32"
 
     @property
     def cuda_graph(self) -> bool:
