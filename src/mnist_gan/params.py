@@ -143,7 +143,7 @@ class TrainParams:
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    ema: float = 0.999  # decay of the generator's weight EMA; 0 disables it
+    ema: float = 0.9995  # decay of the generator's weight EMA; 0 disables it
     spectral_norm: bool = False  # spectral norm on D's layers
     label_smoothing: float = 0.1  # one-sided: real targets become 1 - label_smoothing
     amp: bool = True  # bf16: autocast on CUDA, matmul math on CPUs with AMX/AVX512-BF16
