@@ -576,7 +576,10 @@ def test_a_lost_tracking_server_costs_no_work_and_the_run_continues(tmp_path: Pa
 
     with mlflow_server(store, port=port) as server:  # the same store, back where it was
         client = mlflow.MlflowClient(server.uri)
-        assert steps(client, run_id) == list(range(1, saved))  # the failed epoch is missing
+        # The epochs before the saved one are there. The saved epoch's point is missing, unless
+        # the server stored it and died before answering (the stage cannot tell; the rerun logs
+        # only epochs after the last point, so either way each epoch ends up with one).
+        assert steps(client, run_id) in (list(range(1, saved)), list(range(1, saved + 1)))
         res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr
         assert f"resuming from {ckpt} (epoch {saved})" in res.stderr
