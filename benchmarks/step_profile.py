@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from train_throughput import BenchError, device_name, parse_set, train_config
+from train_throughput import BenchError, _sync, device_name, parse_set, train_config
 
 from mnist_gan.params import TrainParams
 from mnist_gan.training import GANTrainer, _cpu_bf16_math
@@ -42,11 +42,6 @@ from mnist_gan.utils import resolve_device, write_json
 
 # Steps per timed run, per device type and model (a run lasts about a second or two).
 STEPS = {("cpu", "mlp"): 40, ("cpu", "dcgan"): 4, ("cuda", "mlp"): 1000, ("cuda", "dcgan"): 500}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
