@@ -7,6 +7,8 @@ tests/test_pipeline_data.py.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -271,6 +273,10 @@ def test_stage_writes_sets_and_flat_metrics(tmp_path: Path, raw: Raw, params_fil
     result = invoke(raw.folder, out, metrics, params_file)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["test.safetensors", "train.safetensors"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in out.iterdir():  # readable as any other output is (safetensors alone writes 0600)
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
     images, labels = load_normalized(out / "train.safetensors")
     assert images.shape == (7, 1, 28, 28) and labels.tolist() == raw.train_y.tolist()
     stats = json.loads(metrics.read_text())

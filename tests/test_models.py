@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -186,6 +188,20 @@ def test_saved_files_are_deterministic(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config == {"seed": 0, "train": params_to_dict(cfg)}
     assert config["train"]["hidden"] == [16]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_permissions_of_the_umask(tmp_path: Path, umask: int) -> None:
+    # safetensors alone writes 0600: teammates on a shared checkout could not read the weights.
+    cfg = TrainParams(hidden=(16,), latent_dim=4, ema=0.9)
+    old = os.umask(umask)
+    try:
+        save_gan(tmp_path, cfg, 0, build_generator(cfg), build_discriminator(cfg),
+                 build_generator(cfg))  # fmt: skip
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in tmp_path.iterdir()}
+    assert len(modes) == 4 and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:

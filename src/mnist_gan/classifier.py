@@ -23,7 +23,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from mnist_gan.data import NUM_CLASSES
 from mnist_gan.params import ClassifierParams, params_to_dict, section_from_dict
-from mnist_gan.utils import load_weights, seed_everything
+from mnist_gan.utils import load_weights, save_tensors, seed_everything
 
 __all__ = [
     "ARCHITECTURE",
@@ -255,11 +255,9 @@ def save_classifier(
 
     ``out_dir`` must exist; the caller makes it atomic (``utils.atomic_dir``).
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_FILE))
+    save_tensors(state, out_dir / WEIGHTS_FILE)
     config = {"architecture": ARCHITECTURE, "seed": seed, "params": params_to_dict(params)}
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

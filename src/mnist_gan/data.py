@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnist_gan.utils import load_safetensors
+from mnist_gan.utils import load_safetensors, save_tensors
 
 __all__ = [
     "IMAGE_MAGIC",
@@ -262,16 +262,14 @@ def save_normalized(path: str | Path, images: torch.Tensor, labels: torch.Tensor
     Raises:
         ValueError: Wrong dtypes or shapes.
     """
-    from safetensors.torch import save_file
-
     problems = _check_normalized(images, labels)
     if problems:
         raise ValueError("; ".join(problems))
     # One metadata key only: safetensors writes a map of several in no fixed order, and no
     # timestamps or paths, so identical inputs give identical bytes.
-    save_file(
+    save_tensors(
         {"images": images.contiguous(), "labels": labels.contiguous()},
-        str(path),
+        path,
         metadata={"scaling": "x / 127.5 - 1"},
     )
 

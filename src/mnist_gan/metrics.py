@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnist_gan.classifier import NUM_CLASSES, DigitClassifier, embed
-from mnist_gan.utils import load_safetensors, sha256_file
+from mnist_gan.utils import load_safetensors, save_tensors, sha256_file
 
 __all__ = [
     "METRIC_NAMES",
@@ -665,8 +665,6 @@ def save_reference(folder: Path, reference: Reference) -> None:
     The training and test images' pixel vectors are not stored: they are recomputed from the
     data on load (cheap, and 50 MB less in the cache).
     """
-    from safetensors.torch import save_file
-
     real, subset = reference.real, reference.subset
     tensors = {
         "test_feats": real.test_feats,
@@ -677,8 +675,8 @@ def save_reference(folder: Path, reference: Reference) -> None:
         "subset_feats": subset.feats,
         "subset_logits": subset.logits,
     }
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-              str(folder / REFERENCE_WEIGHTS))  # fmt: skip
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                 folder / REFERENCE_WEIGHTS)  # fmt: skip
     config = {
         "format": REFERENCE_FORMAT,
         "settings": reference.settings,

@@ -35,7 +35,7 @@ from torch import nn
 
 from mnist_gan.data import NUM_CLASSES
 from mnist_gan.params import TrainParams, params_to_dict, section_from_dict
-from mnist_gan.utils import load_weights
+from mnist_gan.utils import load_weights, save_tensors
 
 __all__ = [
     "GENERATOR_FILE",
@@ -324,13 +324,11 @@ def save_gan(
         discriminator: The trained discriminator.
         ema_generator: The generator's weight average, when ``cfg.ema > 0``.
     """
-    from safetensors.torch import save_file
-
     model_dir = Path(model_dir)
-    save_file(_state(generator), str(model_dir / GENERATOR_FILE))
-    save_file(_state(discriminator), str(model_dir / DISCRIMINATOR_FILE))
+    save_tensors(_state(generator), model_dir / GENERATOR_FILE)
+    save_tensors(_state(discriminator), model_dir / DISCRIMINATOR_FILE)
     if ema_generator is not None:
-        save_file(_state(ema_generator), str(model_dir / EMA_FILE))
+        save_tensors(_state(ema_generator), model_dir / EMA_FILE)
     config = {"seed": seed, "train": params_to_dict(cfg)}
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     (model_dir / CONFIG_FILE).write_text(text, encoding="utf-8")

@@ -23,6 +23,7 @@ __all__ = [
     "load_safetensors",
     "load_weights",
     "resolve_device",
+    "save_tensors",
     "seed_everything",
     "sha256_file",
     "set_threads",
@@ -155,6 +156,21 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # SafetensorError, OSError, ...: the types differ between versions
         why = " ".join(str(exc).split()) or type(exc).__name__
         raise ValueError(f"{path}: not a readable safetensors file ({why})") from None
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """safetensors' ``save_file``, leaving the file with the permissions ``open()`` gives.
+
+    safetensors (0.8) writes its files private (mode 0600) whatever the umask, so a teammate
+    reading a shared checkout, or a server run by another user, could not open the weights or
+    the data; this gives them 0666 less the umask, as every other output of the stages has.
+    """
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    Path(path).chmod(0o666 & ~_umask())
 
 
 def load_weights(module: nn.Module, path: str | Path, hint: str = "") -> None:
