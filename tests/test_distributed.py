@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import ddpkit
@@ -157,6 +158,15 @@ def test_the_ranks_split_the_batch_or_refuse(tmp_path: Path) -> None:
 SCRIPT = Path(__file__).with_name("failing_rank.py")
 
 
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty folder as this process's temp dir (where the launcher makes its folders)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
 @pytest.mark.parametrize(
     ("how", "message", "resumable"),
     [
@@ -165,16 +175,19 @@ SCRIPT = Path(__file__).with_name("failing_rank.py")
         ("together", "the 2 training processes stopped together", True),
     ],
 )
-def test_launch_names_the_process_that_failed(how: str, message: str, resumable: bool) -> None:
+def test_launch_names_the_process_that_failed(
+    how: str, message: str, resumable: bool, private_tmp: Path
+) -> None:
     """The cause, not a process that stopped because of it (exit code 75)."""
     assert distributed.STOPPED_WITH_OTHERS == 75  # what failing_rank.py uses
     with pytest.raises(distributed.LaunchError, match=f"^{re.escape(message)}$") as info:
         distributed.launch(SCRIPT, [how], nproc=2, threads=1)
     assert info.value.resumable is resumable
+    assert list(private_tmp.iterdir()) == []  # the launcher's log folder went with the run
 
 
 def test_launch_runs_every_rank(
-    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, private_tmp: Path
 ) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     distributed.launch(SCRIPT, ["ok"], nproc=2, threads=1)
@@ -182,3 +195,5 @@ def test_launch_runs_every_rank(
     assert "rank 0 of 2 done" in captured.out and "rank 1 of 2 done" in captured.out
     assert "OMP_NUM_THREADS" not in os.environ  # set for the processes only
     assert captured.err == ""  # the launcher's own log stays quiet
+    # torchrun alone leaves a torchelastic_* folder in the temp dir after every run.
+    assert list(private_tmp.iterdir()) == []

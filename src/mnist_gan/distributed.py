@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,14 +284,18 @@ def launch(script: Path, args: list[str], nproc: int, threads: int) -> None:
     threads_before = os.environ.get("OMP_NUM_THREADS")
     if threads_before is None:  # the processes inherit it; this process keeps its own
         os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
+    # The launcher keeps its per-process files (error reports) in a log folder, a new folder in
+    # the temp dir per run unless given one: give it one that goes when the run ends.
+    logs = tempfile.TemporaryDirectory(prefix="mnist-gan-launch-")
     try:
-        run(get_args_parser().parse_args(cli))
+        run(get_args_parser().parse_args([f"--log-dir={logs.name}", *cli]))
     except ChildFailedError as exc:
         raise _failure(exc.failures, nproc) from None
     except SignalException as exc:
         why = f"interrupted ({exc.sigval.name}); the training processes were stopped"
         raise LaunchError(why, resumable=True) from None
     finally:
+        logs.cleanup()
         for n, handler in handlers.items():
             signal.signal(getattr(signal, n), handler)
         if threads_before is None:
