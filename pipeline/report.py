@@ -5,8 +5,9 @@ Reads the experiments derived from HEAD (or from --rev, --num commits back) with
 its stages wrote to git: the final sample grid (plots/evaluate/samples.png) and the training
 curves (plots/train/curves.json). Writes OUT (default reports/experiments.html) holding:
 
-  - the sweep: one row per point (the params that vary, train.seed aside), each metric's mean over
-    the point's seeds and its spread (min-max), and real data's values (evaluate's real_*);
+  - the sweep: one row per point (the params that vary, train.seed aside, and the code: rows of
+    other code are other points), each metric's mean over the point's seeds and its spread
+    (min-max), and real data's values (evaluate's real_*);
   - every experiment: its params that vary and its metrics;
   - each experiment's final sample grid, side by side;
   - the loss curves (loss_d, loss_g) of every experiment, one panel per point.
@@ -129,6 +130,22 @@ def varying_params(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(r.get(k), sort_keys=True) for r in rows}) > 1]
 
 
+def code_of(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The code that made the row: the hashes of the stages' Python deps (DVC's dep columns)."""
+    return tuple(sorted((k, row[k]) for k in row if k.endswith(".py")))
+
+
+def code_names(rows: list[dict[str, Any]]) -> dict[tuple, str]:
+    """A name per version of the code among ``rows``: the commit of a baseline that has it
+    (else of its first experiment). Experiments that share params but not code (a trainer
+    changed between two sweeps) are different points: the seeds of one trainer are not the
+    spread of another's."""
+    names: dict[tuple, str] = {}
+    for r in sorted(rows, key=lambda r: not str(r.get("Experiment", "")).startswith("baseline")):
+        names.setdefault(code_of(r), f"code {r.get('rev')}")
+    return names
+
+
 def plain(value: Any) -> Any:
     """A param as written in params.yaml: dvc.api.exp_show gives integers as floats (2.0)."""
     if isinstance(value, float) and value.is_integer():
@@ -188,9 +205,12 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
     varying = varying_params(rows)
     point_keys = [k for k in varying if k != SEED]
     shown = [m for m in METRICS if any(metric(r, m) is not None for r in rows)]
+    codes = code_names(rows)
     points: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         label = ", ".join(f"{k}={plain(r.get(k))}" for k in point_keys) or "all"
+        if len(codes) > 1:
+            label = f"{codes[code_of(r)]}: {label}"
         points[label].append(r)
 
     out = ["<!doctype html><meta charset='utf-8'><title>mnist-gan experiments</title>",
@@ -204,6 +224,8 @@ def render(rows: list[dict[str, Any]], real: dict[str, float]) -> str:
            f"<p>{len(rows)} experiments from <code>dvc exp show</code>; "
            f"params that vary: {', '.join(varying) or 'none'}. Metrics: the evaluate stage's "
            "(10,000 samples unless evaluate.num_samples says otherwise).</p>",
+           f"<p>{len(codes)} versions of the code (the stages' Python deps), named by a commit "
+           "that has each; a point is its params and its code.</p>" if len(codes) > 1 else "",
            "<h2>The sweep: mean over seeds [min, max]</h2><table><tr><th>point</th><th>seeds</th>"
            + "".join(f"<th>{m}<br><small>{METRICS[m]}</small></th>" for m in shown)
            + "</tr>"]  # fmt: skip

@@ -70,6 +70,27 @@ def test_the_sweep_table_gives_each_points_mean_and_spread(report, monkeypatch) 
         assert image.format == "PNG" and image.width > 400  # one panel per point
 
 
+def test_the_same_params_under_other_code_are_another_point(report, monkeypatch) -> None:
+    """Two sweeps of one grid, a trainer change between them: four points, not two."""
+    monkeypatch.setattr(report, "git_file", lambda rev, path: None)
+    old = [{**r, "src/mnist_gan/training.py": "aaa", "pipeline/train.py": "p"} for r in ROWS]
+    new = [{**r, "Experiment": f"new-{i}", "rev": f"n{i}", "fid": r["fid"] / 2,
+            "src/mnist_gan/training.py": "bbb", "pipeline/train.py": "p"}
+           for i, r in enumerate(ROWS)]  # fmt: skip
+    base = {**new[0], "Experiment": "baseline (c0ffee1)", "rev": "c0ffee1"}
+    page = report.render([*old, base, *new], {})
+    rows = re.findall(r"<tr><td>(code [^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>", page)
+    assert rows == [
+        ("code r0: train.ema=0", "1, 2", "2.5 [2, 3]"),
+        ("code r0: train.ema=0.999", "1, 2", "1.25 [1, 1.5]"),
+        ("code c0ffee1: train.ema=0", "1, 1, 2", "1.333 [1, 1.5]"),
+        ("code c0ffee1: train.ema=0.999", "1, 2", "0.625 [0.5, 0.75]"),
+    ]
+    assert "2 versions of the code" in page
+    # One version: no code in the labels (the common case, as before).
+    assert "code " not in report.render(new, {}).split("<h2>Every experiment")[0]
+
+
 def test_without_experiments_it_says_so(report, monkeypatch, tmp_path) -> None:
     from click.testing import CliRunner
 
