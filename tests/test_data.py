@@ -7,7 +7,6 @@ tests/test_pipeline_data.py.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import struct
 from pathlib import Path
@@ -28,6 +27,7 @@ from mnist_gan.data import (
     read_idx_labels,
     save_normalized,
 )
+from mnist_gan.utils import _umask
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
@@ -273,10 +273,8 @@ def test_stage_writes_sets_and_flat_metrics(tmp_path: Path, raw: Raw, params_fil
     result = invoke(raw.folder, out, metrics, params_file)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["test.safetensors", "train.safetensors"]
-    umask = os.umask(0o022)
-    os.umask(umask)
     for f in out.iterdir():  # readable as any other output is (safetensors alone writes 0600)
-        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~_umask(), f.name
     images, labels = load_normalized(out / "train.safetensors")
     assert images.shape == (7, 1, 28, 28) and labels.tolist() == raw.train_y.tolist()
     stats = json.loads(metrics.read_text())
