@@ -27,7 +27,9 @@ a machine that has only PyTorch installed.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ __all__ = [
     "Dropout",
     "MLPDiscriminator",
     "MLPGenerator",
+    "ScoreLinear",
     "build_discriminator",
     "build_generator",
     "load_generator",
@@ -64,13 +67,15 @@ CONFIG_FILE = "config.json"
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU mask comes from one uniform draw per element.
+    """``nn.Dropout`` whose CPU mask comes from 16-bit fields of 64-bit random words.
 
-    The same distribution as ``nn.Dropout`` (each element kept with probability 1 - p, kept ones
-    scaled by 1 / (1 - p)), from a different use of the global RNG. Measured for a 128 x 256
-    mask on one thread of this project's 2-core Xeon: ``bernoulli_`` 252 us, ``rand_like`` 78 us;
-    with three passes of D a step, ``bernoulli_`` took a fifth of an mlp step's time. On CUDA
-    this is ``nn.Dropout`` (one fused kernel).
+    Each element is dropped with probability q, ``p`` rounded to a multiple of 2**-16 (0.3
+    gives q = 0.2999992), and kept ones are scaled by 1 / (1 - q), so the expectation is kept
+    exactly. The draws come from torch's global RNG, so a seed repeats them. One 64-bit word
+    gives four 16-bit draws: measured on one thread of this project's 2-core Xeon for a
+    256 x 256 mask, 78 us against 194 us for one float draw per element (``rand_like``) and
+    540 us for ``bernoulli_``; the masks were a tenth of an mlp step. On CUDA this is
+    ``nn.Dropout`` (one fused kernel).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,8 +83,82 @@ class Dropout(nn.Dropout):
             return x
         if x.device.type != "cpu":
             return super().forward(x)
-        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1 / (1 - p)
-        return x * keep
+        return x * _dropout_mask(x, self.p)
+
+
+def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """0 or 1 / (1 - q) per element of ``like``, 0 with probability q = round(p * 2**16) / 2**16."""
+    drop = round(p * _FIELD_VALUES)
+    n = like.numel()
+    # random_ from int64's lowest value with no upper bound: every bit of every word uniform.
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    fields = words.view(torch.int16)[:n].view(like.shape)  # uniform in [-2**15, 2**15)
+    keep = fields.to(like.dtype).ge_(drop - _FIELD_VALUES // 2)  # probability 1 - q
+    return keep.mul_(_FIELD_VALUES / (_FIELD_VALUES - drop))
+
+
+_FIELD_VALUES = 1 << 16  # the values a 16-bit draw takes
+
+
+class ScoreLinear(nn.Linear):
+    """``nn.Linear`` for D's last layer (to one logit) whose matmuls stay float32 on the CPU.
+
+    Under the trainer's bf16 math on the CPU (``torch.backends.mkldnn.matmul.fp32_precision``
+    ``"bf16"``) oneDNN computes every float32 matmul with bf16 inputs, which pays off for the
+    hidden layers but not for this one's matrix-vector shapes: measured on one thread of this
+    project's Xeon for 256 rows of 256 features, this layer's forward and backward took 146-170
+    us against 215-238 us for ``nn.Linear`` in bf16 math. Its forward and backward matmuls run
+    in float32 math (exact float32, like any float32 matmul without the setting); everywhere
+    else (the setting off, a GPU, under ``torch.compile``) this is ``nn.Linear``. The same
+    parameters (``weight``, ``bias``), so its weights load into ``nn.Linear`` and back.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type != "cpu"
+            or x.dim() != 2
+            or self.bias is None
+            or _mkldnn_matmul_precision() != "bf16"
+            or torch.compiler.is_compiling()
+        ):
+            return super().forward(x)
+        return _Float32Linear.apply(x, self.weight, self.bias)
+
+
+def _mkldnn_matmul_precision() -> str | None:
+    """oneDNN's math for float32 matmuls (PyTorch 2.9+), or None where it has no such setting."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    return getattr(matmul, "fp32_precision", None)
+
+
+class _Float32Linear(torch.autograd.Function):
+    """``F.linear`` of a (B, in) input whose matmuls, forward and backward, use float32 math."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        with _float32_matmuls():
+            return torch.addmm(bias, x, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        with _float32_matmuls():
+            grad_x = grad.mm(weight) if need_x else None
+            grad_w = grad.t().mm(x) if need_w else None
+        return grad_x, grad_w, grad.sum(0) if need_b else None
+
+
+@contextlib.contextmanager
+def _float32_matmuls() -> Iterator[None]:
+    """Within: oneDNN computes float32 matmuls in float32 (``fp32_precision`` ``"ieee"``)."""
+    matmul = torch.backends.mkldnn.matmul
+    outer, matmul.fp32_precision = matmul.fp32_precision, "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = outer
 
 
 def _sn(layer: nn.Module, enabled: bool) -> nn.Module:
@@ -149,7 +228,7 @@ class MLPDiscriminator(nn.Module):
             if dropout > 0:
                 layers.append(Dropout(dropout))
             width = h
-        layers.append(_sn(nn.Linear(width, 1), spectral_norm))
+        layers.append(_sn(ScoreLinear(width, 1), spectral_norm))
         self.net = nn.Sequential(*layers)
         self.num_classes = num_classes
         self.embed = _label_embedding(num_classes, width, spectral_norm) if num_classes else None
