@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 import warnings
@@ -20,6 +21,7 @@ from mnist_gan.training import (
     DivergenceError,
     EagerRunner,
     GANTrainer,
+    adam_step,
     cpu_has_bf16,
     fingerprint,
     fixed_noise,
@@ -337,6 +339,44 @@ def test_ema_follows_its_formula() -> None:
             assert torch.equal(v, g[k])
     assert not torch.equal(ema["net.0.weight"], g["net.0.weight"])
     assert GANTrainer(dataclasses.replace(TINY, ema=0.0), images(), seed=0).ema_generator is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"fused": True},  # the trainer's CPU Adam: the kernel called directly after step 1
+        {"fused": True, "weight_decay": 0.01},
+        {"fused": False},  # not covered: opt.step()
+        {"fused": True, "lr": torch.tensor(1e-3)},  # a tensor learning rate: opt.step()
+    ],
+    ids=["fused", "weight-decay", "not-fused", "tensor-lr"],
+)
+def test_adam_step_is_opt_step_bit_for_bit(options: dict) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(9, 7), torch.nn.ReLU(), torch.nn.Linear(7, 1))
+    twin = copy.deepcopy(net)
+    kwargs = {"lr": 1e-3, "betas": (0.5, 0.999), **options}
+    opt, opt_twin = (torch.optim.Adam(n.parameters(), **kwargs) for n in (net, twin))
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1))  # counts the opt.step() calls
+    for step in range(6):
+        x = torch.randn(16, 9)
+        for n, o in ((net, opt), (twin, opt_twin)):
+            o.zero_grad(set_to_none=True)
+            n(x).square().mean().backward()
+        adam_step(opt)
+        opt_twin.step()
+        if step == 2:  # a decaying learning rate changes the group's float between steps
+            for o in (opt, opt_twin):
+                o.param_groups[0]["lr"] = o.param_groups[0]["lr"] * 0.5
+        for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(a, b)
+    state, state_twin = opt.state_dict()["state"], opt_twin.state_dict()["state"]
+    for i in state_twin:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[i][key], state_twin[i][key])
+    direct = options.get("fused") and not isinstance(options.get("lr"), torch.Tensor)
+    assert len(calls) == (1 if direct else 6)  # directly from the second step on, or never
 
 
 def test_one_pass_of_d_over_real_and_fake_is_the_two_passes() -> None:
