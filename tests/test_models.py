@@ -152,6 +152,10 @@ def test_dropout_keeps_each_element_with_probability_one_minus_p(
     out = drop(x)
     out.sum().backward()
     assert x.grad is not None and torch.equal(x.grad, out.detach())
+    # A bf16 input keeps its dtype and the kept share.
+    low = drop(torch.ones(shape, dtype=torch.bfloat16))
+    assert low.dtype == torch.bfloat16
+    assert abs((low != 0).double().mean().item() - (1 - p)) < tolerance
     drop.eval()
     assert drop(x) is x
     assert Dropout(0.0)(x) is x

@@ -93,8 +93,9 @@ def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     # random_ from int64's lowest value with no upper bound: every bit of every word uniform.
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
     fields = words.view(torch.int16)[:n].view(like.shape)  # uniform in [-2**15, 2**15)
-    keep = fields.to(like.dtype).ge_(drop - _FIELD_VALUES // 2)  # probability 1 - q
-    return keep.mul_(_FIELD_VALUES / (_FIELD_VALUES - drop))
+    # float32 holds every 16-bit value exactly (bf16 would round them); kept with probability 1 - q
+    keep = fields.to(torch.float32).ge_(drop - _FIELD_VALUES // 2)
+    return keep.mul_(_FIELD_VALUES / (_FIELD_VALUES - drop)).to(like.dtype)
 
 
 _FIELD_VALUES = 1 << 16  # the values a 16-bit draw takes
