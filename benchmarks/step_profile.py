@@ -14,7 +14,12 @@ For each model (the train params of ``params.yaml``, batch 128 unless ``--batch-
   and so on) in the math the trainer uses (bf16 where ``amp`` is on), which is what the step
   could reach if it did nothing but its matmuls;
 - on CUDA: kernels launched per eager step and their summed GPU time (``torch.profiler``), to
-  tell launch-bound steps (GPU idle between kernels) from compute-bound ones.
+  tell launch-bound steps (GPU idle between kernels) from compute-bound ones;
+- on the CPU: where the step's time goes, op by op (``op_us_per_step``): each ATen op the step
+  runs is timed through a Python dispatch mode and summed by kind (matmuls, the optimizer,
+  dropout draws, the EMA, gradient norms, everything else). The mode adds a few microseconds
+  to every op, so the kinds are read against each other and against ``ms_per_step_timed_ops``
+  (the step under the mode), not against ``ms_per_step``.
 
 Writes one JSON file (``--out``) and prints a table. Needs only PyTorch (no MLflow, no DVC).
 Run ``python benchmarks/step_profile.py --help``.
@@ -33,6 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from train_throughput import BenchError, _sync, device_name, parse_set, train_config
 
@@ -115,6 +121,50 @@ def cuda_kernels(cfg: TrainParams, images: torch.Tensor, device: torch.device,
     return {"kernels_per_step": len(kernels) / steps, "kernel_us_per_step": busy / steps}
 
 
+# ATen ops by kind, for the CPU's op-by-op split (any other op counts as "other").
+OP_KINDS = {
+    "matmuls": ("mm", "addmm", "bmm", "convolution", "convolution_backward"),
+    "optimizer": ("_fused_adam_", "_fused_adamw_", "_foreach_add_"),  # fused Adam, step counters
+    "dropout draws": ("random_",),
+    "ema": ("_foreach_lerp_",),
+    "gradient norms": ("_foreach_norm", "linalg_vector_norm"),
+}
+
+
+class _OpTimer(TorchDispatchMode):
+    """Sums the wall time of every ATen op run under it, by kind (:data:`OP_KINDS`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kind = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
+        self.seconds: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        kind = self.kind.get(func.overloadpacket.__name__, "other")
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + elapsed
+        self.count[kind] = self.count.get(kind, 0) + 1
+        return out
+
+
+def cpu_op_split(trainer: GANTrainer, steps: int) -> dict[str, Any]:
+    """Microseconds per step by kind of op, ops per step by kind, and the step under the timer."""
+    timer = _OpTimer()
+    start = time.perf_counter()
+    with timer:
+        trainer.run_steps(steps)
+    wall = (time.perf_counter() - start) / steps
+    kinds = [*OP_KINDS, "other"]
+    return {
+        "op_us_per_step": {k: round(timer.seconds.get(k, 0.0) / steps * 1e6, 1) for k in kinds},
+        "ops_per_step": {k: timer.count.get(k, 0) / steps for k in kinds},
+        "ms_per_step_timed_ops": round(wall * 1e3, 3),
+    }
+
+
 def profile_model(args: argparse.Namespace, model: str, device: torch.device,
                   images: torch.Tensor) -> dict[str, Any]:  # fmt: skip
     overrides = {**parse_set(args.overrides), "model": model, "batch_size": args.batch_size}
@@ -146,6 +196,8 @@ def profile_model(args: argparse.Namespace, model: str, device: torch.device,
         row["model_gemms_alone_gflops"] = round(fwd / sum(per), 2)
     if device.type == "cuda":
         row.update(cuda_kernels(cfg, images, device))
+    else:
+        row.update(cpu_op_split(trainer, steps))
     return row
 
 
@@ -208,6 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "kernels_per_step" in r:
             extra += (f", eager: {r['kernels_per_step']:.0f} kernels/step, "
                       f"{r['kernel_us_per_step']:.0f} us GPU time/step")  # fmt: skip
+        if "op_us_per_step" in r:
+            split = ", ".join(f"{k} {us / 1e3:.2f} ms ({r['ops_per_step'][k]:.0f} ops)"
+                              for k, us in r["op_us_per_step"].items())  # fmt: skip
+            extra += (f"\n  op by op (timed, {r['ms_per_step_timed_ops']:.2f} ms/step "
+                      f"under the timer): {split}")  # fmt: skip
         print(f"{r['model']} batch {r['batch_size']}: {r['flops_per_step'] / 1e6:,.1f} MFLOP/step, "
               f"{r['ms_per_step']:.3f} ms/step, {r['achieved_gflops']:,} GFLOP/s achieved "
               f"({100 * r['achieved_gflops'] / ceiling['fp32_gflops']:.1f}% of fp32 GEMM)"
