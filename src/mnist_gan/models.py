@@ -50,6 +50,7 @@ __all__ = [
     "ScoreLinear",
     "build_discriminator",
     "build_generator",
+    "cpu_matmul_math",
     "load_generator",
     "read_config",
     "save_gan",
@@ -138,24 +139,28 @@ class _Float32Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        with _float32_matmuls():
+        with cpu_matmul_math("ieee"):
             return torch.addmm(bias, x, weight.t())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        with _float32_matmuls():
+        with cpu_matmul_math("ieee"):
             grad_x = grad.mm(weight) if need_x else None
             grad_w = grad.t().mm(x) if need_w else None
         return grad_x, grad_w, grad.sum(0) if need_b else None
 
 
 @contextlib.contextmanager
-def _float32_matmuls() -> Iterator[None]:
-    """Within: oneDNN computes float32 matmuls in float32 (``fp32_precision`` ``"ieee"``)."""
+def cpu_matmul_math(precision: str) -> Iterator[None]:
+    """Within: oneDNN computes float32 matmuls in ``precision`` math, then the setting returns.
+
+    ``precision`` is a value of ``torch.backends.mkldnn.matmul.fp32_precision`` (PyTorch 2.9+):
+    ``"bf16"`` (bf16 inputs, float32 sums) or ``"ieee"`` (float32).
+    """
     matmul = torch.backends.mkldnn.matmul
-    outer, matmul.fp32_precision = matmul.fp32_precision, "ieee"
+    outer, matmul.fp32_precision = matmul.fp32_precision, precision
     try:
         yield
     finally:

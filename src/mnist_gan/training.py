@@ -44,7 +44,13 @@ from torch import nn
 
 from mnist_gan import distributed
 from mnist_gan.losses import discriminator_loss, generator_loss
-from mnist_gan.models import IMAGE_SHAPE, NUM_CLASSES, build_discriminator, build_generator
+from mnist_gan.models import (
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    build_discriminator,
+    build_generator,
+    cpu_matmul_math,
+)
 from mnist_gan.params import TrainParams, params_to_dict
 from mnist_gan.utils import atomic_path, seed_everything
 
@@ -259,8 +265,7 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-@contextlib.contextmanager
-def _cpu_bf16_math(enabled: bool) -> Iterator[None]:
+def _cpu_bf16_math(enabled: bool) -> contextlib.AbstractContextManager:
     """Within: oneDNN computes float32 matmuls with bf16 inputs and float32 sums.
 
     The CPU's counterpart of TF32 on GPUs: the tensors, the optimizer and every other op stay
@@ -269,15 +274,7 @@ def _cpu_bf16_math(enabled: bool) -> Iterator[None]:
     the trainer's steps and restored; trainers stepping in several threads at once would have to
     agree on it (nothing in the project does so).
     """
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.mkldnn.matmul
-    outer, matmul.fp32_precision = matmul.fp32_precision, "bf16"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = outer
+    return cpu_matmul_math("bf16") if enabled else contextlib.nullcontext()
 
 
 def _compiled(forwards: tuple[Callable[..., torch.Tensor], ...], device: torch.device
