@@ -140,7 +140,7 @@ class _OpTimer(TorchDispatchMode):
         self.seconds: dict[str, float] = {}
         self.count: dict[str, int] = {}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         elapsed = time.perf_counter() - start
