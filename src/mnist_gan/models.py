@@ -51,6 +51,7 @@ __all__ = [
     "build_discriminator",
     "build_generator",
     "cpu_matmul_math",
+    "cpu_matmul_precision",
     "load_generator",
     "read_config",
     "save_gan",
@@ -87,6 +88,9 @@ class Dropout(nn.Dropout):
         return x * _dropout_mask(x, self.p)
 
 
+_FIELD_VALUES = 1 << 16  # the values a 16-bit draw takes
+
+
 def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     """0 or 1 / (1 - q) per element of ``like``, 0 with probability q = round(p * 2**16) / 2**16."""
     drop = round(p * _FIELD_VALUES)
@@ -97,9 +101,6 @@ def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     # float32 holds every 16-bit value exactly (bf16 would round them); kept with probability 1 - q
     keep = fields.to(torch.float32).ge_(drop - _FIELD_VALUES // 2)
     return keep.mul_(_FIELD_VALUES / (_FIELD_VALUES - drop)).to(like.dtype)
-
-
-_FIELD_VALUES = 1 << 16  # the values a 16-bit draw takes
 
 
 class ScoreLinear(nn.Linear):
@@ -120,14 +121,14 @@ class ScoreLinear(nn.Linear):
             x.device.type != "cpu"
             or x.dim() != 2
             or self.bias is None
-            or _mkldnn_matmul_precision() != "bf16"
+            or cpu_matmul_precision() != "bf16"
             or torch.compiler.is_compiling()
         ):
             return super().forward(x)
         return _Float32Linear.apply(x, self.weight, self.bias)
 
 
-def _mkldnn_matmul_precision() -> str | None:
+def cpu_matmul_precision() -> str | None:
     """oneDNN's math for float32 matmuls (PyTorch 2.9+), or None where it has no such setting."""
     matmul = getattr(torch.backends.mkldnn, "matmul", None)
     return getattr(matmul, "fp32_precision", None)
