@@ -15,6 +15,8 @@ from mnist_gan.models import (
     Dropout,
     MLPDiscriminator,
     ScoreLinear,
+    _dropout_mask,
+    _dropout_masks,
     build_discriminator,
     build_generator,
     load_generator,
@@ -173,6 +175,51 @@ def test_dropout_masks_are_independent_between_elements() -> None:
         for j in range(i + 1, 4):
             corr = torch.corrcoef(torch.stack([words[..., i].flatten(), words[..., j].flatten()]))
             assert abs(corr[0, 1].item()) < 0.02  # 65,536 pairs: the sd of r is 0.004
+
+
+def test_masks_drawn_at_once_are_the_masks_drawn_one_by_one() -> None:
+    # Sizes not divisible by 4 leave unused fields in a mask's last word, as one by one.
+    shapes = [torch.Size((256, 256)), torch.Size((3, 5)), torch.Size((7,)), torch.Size((2, 9))]
+    torch.manual_seed(3)
+    together = _dropout_masks(shapes, 0.3)
+    after_together = torch.rand(4)
+    torch.manual_seed(3)
+    for mask, shape in zip(together, shapes, strict=True):
+        assert mask.shape == shape and mask.dtype == torch.float32
+        assert torch.equal(mask, _dropout_mask(torch.empty(shape), 0.3))
+    assert torch.equal(torch.rand(4), after_together)  # the generator left where it was
+
+
+@pytest.mark.parametrize("classes", [0, 10])
+def test_discriminator_pass_draws_its_masks_at_once_with_the_same_result(classes: int) -> None:
+    # D's training pass on the CPU draws its three masks before its first layer: the logits
+    # and gradients are those of its layers run one by one, each Dropout drawing its own.
+    torch.manual_seed(0)
+    d = MLPDiscriminator((32, 16, 8), "leaky_relu", 0.3, spectral_norm=False, num_classes=classes)
+    x = torch.randn(6, 1, 28, 28)
+    y = torch.arange(6) % 10 if classes else None
+
+    def one_by_one() -> torch.Tensor:
+        features = x.flatten(1)
+        for layer in list(d.net)[1:-1]:
+            features = layer(features)  # each Dropout module draws its own mask
+        logits = d.net[-1](features).squeeze(1)
+        if d.embed is None:
+            return logits
+        return logits + (d.embed(y) * features).sum(dim=1)
+
+    outputs = []
+    for forward in (lambda: d(x, y), one_by_one):
+        torch.manual_seed(7)
+        out = forward()
+        grads = torch.autograd.grad(out.square().sum(), list(d.parameters()))
+        outputs.append([out, *grads])
+    for a, b in zip(*outputs, strict=True):
+        assert torch.equal(a, b)
+    torch.manual_seed(7)
+    assert not torch.equal(d(x, y), d(x, y))  # fresh masks on every pass
+    d.eval()
+    assert torch.equal(d(x, y), d(x, y))  # no dropout in eval mode
 
 
 @pytest.mark.skipif(
