@@ -124,7 +124,7 @@ def cuda_kernels(cfg: TrainParams, images: torch.Tensor, device: torch.device,
 # ATen ops by kind, for the CPU's op-by-op split (any other op counts as "other").
 OP_KINDS = {
     "matmuls": ("mm", "addmm", "bmm", "convolution", "convolution_backward"),
-    "optimizer": ("_fused_adam_", "_fused_adamw_", "_foreach_add_"),  # fused Adam, step counters
+    "optimizer": ("_fused_adam_", "_fused_adamw_", "_foreach_add_"),  # and opt.step()'s counters
     "dropout draws": ("random_",),
     "ema": ("_foreach_lerp_",),
     "gradient norms": ("_foreach_norm", "linalg_vector_norm"),

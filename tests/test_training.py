@@ -369,12 +369,15 @@ def test_adam_step_is_opt_step_bit_for_bit(options: dict) -> None:
         if step == 2:  # a decaying learning rate changes the group's float between steps
             for o in (opt, opt_twin):
                 o.param_groups[0]["lr"] = o.param_groups[0]["lr"] * 0.5
+        if step == 3:  # a resume replaces the state's step counters: the next steps count on
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
         for a, b in zip(net.parameters(), twin.parameters(), strict=True):
             assert torch.equal(a, b)
     state, state_twin = opt.state_dict()["state"], opt_twin.state_dict()["state"]
     for i in state_twin:
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(state[i][key], state_twin[i][key])
+    assert all(state[i]["step"].item() == 6 for i in state)
     direct = options.get("fused") and not isinstance(options.get("lr"), torch.Tensor)
     assert len(calls) == (1 if direct else 6)  # directly from the second step on, or never
 

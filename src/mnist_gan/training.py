@@ -30,10 +30,12 @@ import functools
 import hashlib
 import inspect
 import json
+import operator
 import random
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -222,8 +224,8 @@ def adam_step(opt: torch.optim.Optimizer) -> None:
     if not all(states) or any(p.grad is None or p.device.type != "cpu" for p in params):
         opt.step()
         return
+    _step_counters(opt, states).add_(1)  # as Adam's fused path does, before the kernel
     steps = [s["step"] for s in states]
-    torch._foreach_add_(steps, 1)  # as Adam's fused path does, before the kernel
     beta1, beta2 = group["betas"]
     torch._fused_adam_(
         params,
@@ -240,6 +242,36 @@ def adam_step(opt: torch.optim.Optimizer) -> None:
         eps=group["eps"],
         maximize=False,
     )
+
+
+# Per optimizer: the tensor holding its step counters, and the views of it that its state holds.
+_STEP_COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_counters(opt: torch.optim.Optimizer, states: list[dict[str, Any]]) -> torch.Tensor:
+    """One tensor whose elements are the ``step`` counters of ``states`` (``opt``'s state).
+
+    Adam keeps a 0-d float32 ``step`` per weight, all equal, which its fused path increments
+    one tensor at a time (measured: 13 us for G's 14 on the CPU, against 2 us for one add). The
+    first call stacks them into one tensor and puts a view of it in each state, so that one
+    in-place add increments them all; later calls reuse it while the state still holds exactly
+    those views (``opt.load_state_dict`` replaces them: the next call stacks again). The views
+    are ordinary 0-d tensors to ``opt.step()``, ``state_dict()`` and ``torch.save``.
+    """
+    steps = [s["step"] for s in states]
+    cached = _STEP_COUNTERS.get(opt)
+    if (
+        cached is not None
+        and len(cached[1]) == len(steps)
+        and all(map(operator.is_, cached[1], steps))
+    ):
+        return cached[0]
+    counters = torch.stack(steps)
+    views = counters.unbind()
+    for state, view in zip(states, views, strict=True):
+        state["step"] = view
+    _STEP_COUNTERS[opt] = (counters, views)
+    return counters
 
 
 def fixed_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
@@ -305,6 +337,12 @@ def _compiled(forwards: tuple[Callable[..., torch.Tensor], ...], device: torch.d
 
 def _has_batch_statistics(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _clear_grads(params: list[nn.Parameter]) -> None:
+    """What ``opt.zero_grad(set_to_none=True)`` does, without its profiling wrapper (7 us)."""
+    for param in params:
+        param.grad = None
 
 
 def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
@@ -382,12 +420,12 @@ def gan_step(p: StepParts, batch: Mapping[str, torch.Tensor], record: torch.Tens
         if p.fuse_d:
             both = torch.cat([real, fake.detach()])
             y = None if y_real is None else torch.cat([y_real, y_fake])
-            real_logits, fake_logits = p.d_fwd(both, y).chunk(2)  # (B,) each
+            logits = p.d_fwd(both, y)  # (2B,): the real batch's, then the fake batch's
         else:
-            real_logits = p.d_fwd(real, y_real)  # (B,)
-            fake_logits = p.d_fwd(fake.detach(), y_fake)  # (B,)
+            logits = torch.cat([p.d_fwd(real, y_real), p.d_fwd(fake.detach(), y_fake)])
+    real_logits, fake_logits = logits.chunk(2)  # (B,) each
     loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
-    p.opt_d.zero_grad(set_to_none=True)
+    _clear_grads(p.d_params)
     loss_d.backward(inputs=p.d_params)
     grad_norm_d = _grad_norm(p.d_params)
     adam_step(p.opt_d)
@@ -397,7 +435,7 @@ def gan_step(p: StepParts, batch: Mapping[str, torch.Tensor], record: torch.Tens
     with p.autocast():
         fake_logits_g = p.d_for_g(fake, y_fake)  # (B,)
     loss_g = generator_loss(cfg.loss, fake_logits_g)
-    p.opt_g.zero_grad(set_to_none=True)
+    _clear_grads(p.g_params)
     loss_g.backward(inputs=p.g_params)
     grad_norm_g = _grad_norm(p.g_params)
     adam_step(p.opt_g)
@@ -409,10 +447,10 @@ def gan_step(p: StepParts, batch: Mapping[str, torch.Tensor], record: torch.Tens
             torch._foreach_lerp_(ema_f, g_f, 1.0 - cfg.ema)  # ema += (1 - decay)(g - ema)
             for e, g in zip(ema_i, g_i, strict=True):
                 e.copy_(g)
-        d_real = torch.sigmoid(real_logits.detach().float()).mean()
-        d_fake = torch.sigmoid(fake_logits.detach().float()).mean()
+        # Mean D probabilities on the real and on the fake batch; every value is float32.
+        d_real, d_fake = torch.sigmoid(logits.detach().float()).view(2, -1).mean(dim=1).unbind()
         values = [loss_d.detach(), loss_g.detach(), d_real, d_fake, grad_norm_g, grad_norm_d]
-        record.copy_(torch.stack([v.float() for v in values]))
+        record.copy_(torch.stack(values))
 
 
 # --- how the step runs -----------------------------------------------------------------------
