@@ -222,6 +222,14 @@ def test_discriminator_pass_draws_its_masks_at_once_with_the_same_result(classes
     assert torch.equal(d(x, y), d(x, y))  # no dropout in eval mode
 
 
+def test_discriminator_compiles_as_one_graph_outside_training() -> None:
+    # torch.compile cannot read oneDNN's matmul setting: D's last layer must not ask for it
+    # while compiling (each read split D's graph in two).
+    d = MLPDiscriminator((16, 8), "leaky_relu", 0.3, spectral_norm=False).eval()
+    explained = torch._dynamo.explain(d)(torch.randn(4, 1, 28, 28))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
 @pytest.mark.skipif(
     not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"),
     reason="this PyTorch has no oneDNN bf16 setting for float32 matmuls (2.9+)",

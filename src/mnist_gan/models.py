@@ -136,8 +136,8 @@ class ScoreLinear(nn.Linear):
             x.device.type != "cpu"
             or x.dim() != 2
             or self.bias is None
+            or torch.compiler.is_compiling()  # before the setting: torch.compile cannot read it
             or cpu_matmul_precision() != "bf16"
-            or torch.compiler.is_compiling()
         ):
             return super().forward(x)
         return _Float32Linear.apply(x, self.weight, self.bias)
