@@ -10,9 +10,10 @@ For each model (the train params of ``params.yaml``, batch 128 unless ``--batch-
 - ``achieved_gflops``: flops_per_step / step time;
 - the roofline's ceiling, measured in the same process with the same threads: a large square
   matmul (``--gemm-size``) in float32 and in bfloat16 (AMX or AVX512-BF16 on CPUs that have
-  them, tensor cores on GPUs), and the mlp's GEMMs of its own shapes alone (batch x 784 x 256
-  and so on) in the math the trainer uses (bf16 where ``amp`` is on), which is what the step
-  could reach if it did nothing but its matmuls;
+  them, tensor cores on GPUs; null on CPUs without them, which only emulate bf16), and the
+  mlp's GEMMs of its own shapes alone (batch x 784 x 256 and so on) in the math the trainer
+  uses (bf16 where ``amp`` is on), which is what the step could reach
+  if it did nothing but its matmuls;
 - on CUDA: kernels launched per eager step and their summed GPU time (``torch.profiler``), to
   tell launch-bound steps (GPU idle between kernels) from compute-bound ones;
 - on the CPU: where the step's time goes, op by op (``op_us_per_step``): each ATen op the step
@@ -43,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from train_throughput import BenchError, _sync, device_name, parse_set, train_config
 
 from mnist_gan.params import TrainParams
-from mnist_gan.training import GANTrainer, _cpu_bf16_math
+from mnist_gan.training import GANTrainer, _cpu_bf16_math, cpu_has_bf16
 from mnist_gan.utils import resolve_device, write_json
 
 # Steps per timed run, per device type and model (a run lasts about a second or two).
@@ -232,7 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = torch.rand(2048, 1, 28, 28) * 2 - 1
     side = args.gemm_size or (8192 if device.type == "cuda" else 2048)
     ceiling: dict[str, Any] = {"gemm_size": side}
+    # A CPU without AMX or AVX512-BF16 emulates bf16 matmuls at a fraction of a GFLOP/s
+    # (measured 0.3 on an AVX2 AMD EPYC: minutes for one 2048^3 product): no ceiling to report.
+    native_bf16 = device.type == "cuda" or cpu_has_bf16()
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if dtype == torch.bfloat16 and not native_bf16:
+            ceiling[f"{name}_gflops"] = None
+            continue
         gflops = gemm_gflops(side, side, side, dtype, device, args.repeats)
         ceiling[f"{name}_gflops"] = round(gflops, 1)
     try:
@@ -250,9 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": rows,
     }
     write_json(args.out, report)
+    bf16 = ceiling["bf16_gflops"]
     print(f"{report['device']}, {args.threads if device.type == 'cpu' else 'GPU'} thread(s): "
           f"{side}^3 GEMM fp32 {ceiling['fp32_gflops']:,} GFLOP/s, "
-          f"bf16 {ceiling['bf16_gflops']:,} GFLOP/s")  # fmt: skip
+          + (f"bf16 {bf16:,} GFLOP/s" if bf16 is not None else "bf16 not native here"))  # fmt: skip
     for r in rows:
         extra = ""
         if "model_gemms_alone_gflops" in r:

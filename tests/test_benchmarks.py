@@ -260,6 +260,28 @@ def test_step_profile_counts_flops_and_times_the_step(
     assert step_profile.main([*args[: -len(TINY)], "--models", "bogus"]) == 2
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_step_profile_measures_a_bf16_ceiling_only_where_the_cpu_has_bf16(
+    native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # An AVX2-only CPU emulates bf16 matmuls at ~0.3 GFLOP/s: a 2048^3 product took minutes.
+    monkeypatch.syspath_prepend(str(BENCH))
+    import step_profile
+
+    monkeypatch.setattr(step_profile, "cpu_has_bf16", lambda: native)
+    out = tmp_path / "profile.json"
+    args = ["--device", "cpu", "--params", "", "--models", "mlp", "--steps", "1",
+            "--repeats", "1", "--gemm-size", "32", "--out", str(out), *TINY]  # fmt: skip
+    assert step_profile.main(args) == 0
+    ceiling = json.loads(out.read_text())["ceiling"]
+    assert ceiling["fp32_gflops"] > 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    if native:
+        assert ceiling["bf16_gflops"] > 0 and "bf16 not native" not in first_line
+    else:
+        assert ceiling["bf16_gflops"] is None and "bf16 not native here" in first_line
+
+
 def test_eager_variant_turns_every_fast_switch_off(bench) -> None:
     fid_check = bench[3]
     cfg = TrainParams(amp=True, compile=True, cuda_graph=True)
