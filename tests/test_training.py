@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mnist_gan.params import TrainParams
 from mnist_gan.training import (
@@ -418,17 +419,31 @@ def test_one_pass_of_a_conditional_d_keeps_each_images_digit() -> None:
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)
 
 
+class _MatmulMath(TorchDispatchMode):
+    """Records oneDNN's float32 matmul math at every matmul run under it."""
+
+    def __enter__(self) -> list[str]:
+        self.seen: list[str] = []
+        super().__enter__()
+        return self.seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("mm", "addmm"):
+            self.seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return func(*args, **(kwargs or {}))
+
+
 def test_cpu_bf16_math_only_where_the_cpu_has_it_and_only_inside_steps() -> None:
     outer = torch.backends.mkldnn.matmul.fp32_precision
-    seen: list[str] = []
     t = GANTrainer(dataclasses.replace(TINY, amp=True), images(), seed=0, progress=False)
     assert t.amp is cpu_has_bf16()
-    hook = t.discriminator.register_forward_hook(
-        lambda *_: seen.append(torch.backends.mkldnn.matmul.fp32_precision)
-    )
-    t.step()
-    hook.remove()
-    assert seen == ["bf16" if cpu_has_bf16() else outer] * 2  # D's update, then G's
+    with _MatmulMath() as seen:  # the setting at each matmul of the step
+        t.step()
+    assert len(seen) > 10
+    if cpu_has_bf16():  # the hidden layers in bf16 math, D's last layer in float32 (ieee)
+        assert set(seen) == {"bf16", "ieee"}
+    else:
+        assert set(seen) == {outer}
     assert torch.backends.mkldnn.matmul.fp32_precision == outer  # restored after the step
     off = GANTrainer(dataclasses.replace(TINY, amp=False), images(), seed=0, progress=False)
     assert off.amp is False

@@ -9,7 +9,9 @@ first step whose loss was not finite (the divergence guard), at no cost inside t
 
 The module reads top to bottom: small helpers; :func:`gan_step`, the whole training step (D's
 update, G's update, the EMA, the metrics) as one function of the parts it updates
-(:class:`StepParts`); the runners that execute it, chosen once by :func:`select_runner`
+(:class:`StepParts`), and :func:`select_step`, which for the mlp on the CPU picks the same step
+with its backward passes written out (:class:`mnist_gan.mlp_step.MLPStep`: no autograd
+records); the runners that execute it, chosen once by :func:`select_runner`
 (:class:`EagerRunner` op by op, :class:`CudaGraphRunner` as one replayed CUDA graph, which hands
 over to an eager runner if capture fails; ``train.compile`` compiles the forward passes either
 way); then :class:`GANTrainer`, the whole state (networks, EMA, optimizers, generators) and the
@@ -44,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnist_gan import distributed
+from mnist_gan import distributed, mlp_step
 from mnist_gan.losses import discriminator_loss, generator_loss
 from mnist_gan.models import (
     IMAGE_SHAPE,
@@ -483,6 +485,17 @@ def select_runner(
     return "cuda_graph", None
 
 
+def select_step(cfg: TrainParams, device: torch.device, world_size: int, compiled: bool) -> str:
+    """Which step function the trainer runs: ``mlp_cpu`` or ``autograd``.
+
+    ``mlp_cpu`` (:class:`mnist_gan.mlp_step.MLPStep`, the same step with its backward passes
+    written out) for the mlp networks on the CPU in one process, unconditional, without
+    spectral norm or ``torch.compile`` (the default configuration); :func:`gan_step` through
+    autograd everywhere else. A trainer whose ``fuse_d`` is switched off runs ``gan_step``.
+    """
+    return "mlp_cpu" if mlp_step.supported(cfg, device, world_size, compiled) else "autograd"
+
+
 class EagerRunner:
     """Runs the step op by op, as Python calls it."""
 
@@ -744,6 +757,13 @@ class GANTrainer:
             autocast=self._autocast,
         )
         self._runner: EagerRunner | CudaGraphRunner = self._new_runner(graph)
+        # The step itself, chosen once: the mlp's backward written out on the CPU, or autograd.
+        self.step_kind = select_step(cfg, self.device, self.world_size, self.compiled)
+        self._mlp_step = None
+        if self.step_kind == "mlp_cpu":
+            self._mlp_step = mlp_step.MLPStep(
+                self._parts, self.generator, self.discriminator, self.amp
+            )
 
     # --- construction helpers -------------------------------------------------------------
 
@@ -881,7 +901,7 @@ class GANTrainer:
         """
         record = torch.zeros(len(METRICS), device=self.device)
         with self._stepping():
-            gan_step(self._parts, {k: v.to(self.device) for k, v in batch.items()}, record)
+            self._step_fn({k: v.to(self.device) for k, v in batch.items()}, record)
         return record
 
     def _step(self) -> None:
@@ -895,7 +915,10 @@ class GANTrainer:
         self._cursor += 1
 
     def _step_fn(self, batch: Mapping[str, torch.Tensor], record: torch.Tensor) -> None:
-        gan_step(self._parts, batch, record)
+        if self._mlp_step is not None and self._parts.fuse_d:
+            self._mlp_step(batch, record)
+        else:
+            gan_step(self._parts, batch, record)
 
     def _batch(self, idx: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict:
         """A step's inputs: ``real`` images (B, 1, 28, 28) and ``z`` (B, latent_dim); when

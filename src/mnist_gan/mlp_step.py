@@ -1,0 +1,284 @@
+"""The mlp GAN's training step on the CPU with its backward passes written out.
+
+:func:`mnist_gan.training.gan_step` is the step for every configuration: autograd records
+each forward op and replays its backward. For the mlp networks that bookkeeping is a large
+part of a CPU step: batch 128 leaves each matmul and each elementwise op only tens to hundreds
+of microseconds, so the ~250 ops' autograd records, the engine's dispatch and the temporary
+tensors it allocates weigh as much as a fifth of the arithmetic. :class:`MLPStep` is the same
+step (the same networks, losses, dropout masks, optimizers, EMA and metrics) with the
+gradients computed by the chain rule as ATen calls: a matmul per weight gradient and per
+input gradient, written into the weights' ``.grad`` tensors, and each activation's own
+backward kernel (``leaky_relu_backward``, ``native_batch_norm_backward``, ``tanh_backward``).
+
+It does exactly what ``gan_step`` does, in float32 math (or oneDNN's bf16 math for the hidden
+layers' matmuls, as the trainer sets it): the same masks (all six of a step's dropout masks in
+one draw, which :func:`~mnist_gan.models._dropout_masks` makes bit-identical to the two
+draws of ``gan_step``), the same BatchNorm kernels and running statistics, the same fused
+Adam kernel. The sums run in another order (a bias gradient as ``sum(0)`` rather than
+autograd's reduction; the loss gradients in closed form), so the weights agree with autograd's
+to float32 rounding, not bit for bit (tested: allclose after several steps, for every
+activation, loss and option it covers). Like every CPU result, its weights are bit-identical
+run to run on one machine, not across CPU models.
+
+It covers what :func:`supported` allows (the default configuration among them): the mlp
+networks, unconditional, without spectral norm or ``torch.compile``, on the CPU, in one
+process, D judging the real and fake batch in one pass. Everything else runs ``gan_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from mnist_gan.losses import discriminator_loss, generator_loss
+from mnist_gan.models import (
+    Dropout,
+    MLPDiscriminator,
+    MLPGenerator,
+    _dropout_masks,
+    cpu_matmul_math,
+)
+from mnist_gan.params import TrainParams
+
+__all__ = ["MLPStep", "supported"]
+
+
+def supported(cfg: TrainParams, device: torch.device, world_size: int, compiled: bool) -> bool:
+    """Whether :class:`MLPStep` runs this configuration (else the trainer runs ``gan_step``)."""
+    return (
+        device.type == "cpu"
+        and world_size == 1
+        and cfg.model == "mlp"
+        and not cfg.conditional
+        and not cfg.spectral_norm
+        and not compiled
+    )
+
+
+class _FlatGrads:
+    """One buffer holding a network's gradients: each weight's ``.grad`` is a view of it, so
+    the global gradient norm is one reduction (not one per weight and a stack: 24 ops)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.flat = torch.zeros(sum(p.numel() for p in params))
+        sizes = [p.numel() for p in params]
+        self.views = [v.view_as(p) for v, p in zip(self.flat.split(sizes), params, strict=True)]
+
+    def attach(self) -> None:
+        """Point every ``.grad`` at its view (other code may have set them to None)."""
+        for param, view in zip(self.params, self.views, strict=True):
+            param.grad = view
+
+    def norm(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(self.flat)
+
+
+def _grad(param: nn.Parameter) -> torch.Tensor:
+    grad = param.grad
+    assert grad is not None  # _FlatGrads.attach() ran
+    return grad
+
+
+class MLPStep:
+    """One training step of the mlp GAN, D's update then G's then the EMA, without autograd.
+
+    Args:
+        parts: The step's parts (:class:`~mnist_gan.training.StepParts`): loss, optimizers,
+            EMA tensors; ``parts.g_fwd`` and ``parts.d_fwd`` must be the plain networks.
+        generator: The :class:`~mnist_gan.models.MLPGenerator`, in training mode.
+        discriminator: The :class:`~mnist_gan.models.MLPDiscriminator`, in training mode.
+        bf16: Whether the trainer runs in oneDNN's bf16 math: D's last layer (to one logit)
+            then computes in float32 math, as :class:`~mnist_gan.models.ScoreLinear` does.
+    """
+
+    def __init__(
+        self, parts, generator: MLPGenerator, discriminator: MLPDiscriminator, bf16: bool
+    ) -> None:
+        from mnist_gan.training import adam_step  # training imports this module
+
+        self._adam_step = adam_step
+        self.g_grads = _FlatGrads(parts.g_params)
+        self.d_grads = _FlatGrads(parts.d_params)
+        self.parts, self.cfg = parts, parts.cfg
+        net = list(generator.net)
+        self.g_linear = [m for m in net if isinstance(m, nn.Linear)]
+        self.g_norm = [m for m in net if isinstance(m, nn.BatchNorm1d)]
+        assert not self.g_norm or len(self.g_norm) == len(self.g_linear) - 1
+        self.d_linear = [m for m in discriminator.net if isinstance(m, nn.Linear)]
+        self.slope = 0.0 if any(isinstance(m, nn.ReLU) for m in discriminator.net) else None
+        leaky = [m for m in discriminator.net if isinstance(m, nn.LeakyReLU)]
+        if leaky:
+            self.slope = leaky[0].negative_slope
+        self.p = next((m.p for m in discriminator.net if isinstance(m, Dropout)), 0.0)
+        self.hidden = discriminator.hidden
+        self.score_math = (lambda: cpu_matmul_math("ieee")) if bf16 else contextlib.nullcontext
+
+    # --- D -----------------------------------------------------------------------------------
+
+    def _d_forward(self, x: torch.Tensor, masks: list[torch.Tensor] | None):
+        """D on flat images x (N, 784): logits (N,), and what its backward needs."""
+        pre, outs = [], [x]
+        h = x
+        for i, lin in enumerate(self.d_linear[:-1]):
+            u = torch.addmm(lin.bias, h, lin.weight.t())
+            h = torch.nn.functional.leaky_relu(u, self.slope) if self.slope else torch.relu(u)
+            if masks is not None:
+                h.mul_(masks[i])
+            pre.append(u)
+            outs.append(h)
+        last = self.d_linear[-1]
+        with self.score_math():
+            logits = torch.addmm(last.bias, h, last.weight.t()).squeeze(1)
+        return logits, pre, outs
+
+    def _d_backward(self, dlogits, pre, outs, masks, weights: bool) -> torch.Tensor | None:
+        """Back through D from the logits' gradient (N,): into D's ``.grad`` when ``weights``
+        (D's update: no input gradient), else the input gradient (N, 784) alone (G's update)."""
+        last = self.d_linear[-1]
+        if weights:
+            with self.score_math():
+                torch.mm(dlogits.unsqueeze(0), outs[-1], out=_grad(last.weight))
+            torch.sum(dlogits, 0, keepdim=True, out=_grad(last.bias))
+        da = dlogits.unsqueeze(1) * last.weight  # (N, 1) x (1, H): the outer product
+        for i in range(len(self.d_linear) - 2, -1, -1):
+            lin = self.d_linear[i]
+            if masks is not None:
+                da.mul_(masks[i])
+            if self.slope:
+                du = torch.ops.aten.leaky_relu_backward(da, pre[i], self.slope, False)
+            else:
+                du = torch.ops.aten.threshold_backward(da, pre[i], 0.0)
+            if weights:
+                torch.mm(du.t(), outs[i], out=_grad(lin.weight))
+                torch.sum(du, 0, out=_grad(lin.bias))
+                if i == 0:
+                    return None
+            da = du.mm(lin.weight)
+        return da
+
+    # --- G -----------------------------------------------------------------------------------
+
+    def _g_forward(self, z: torch.Tensor, out: torch.Tensor):
+        """G on z (B, latent): images (B, 784) in [-1, 1], written into ``out``, and what its
+        backward needs."""
+        saved, h = [], z
+        for i, lin in enumerate(self.g_linear[:-1]):
+            v = torch.addmm(lin.bias, h, lin.weight.t())
+            stats = None
+            if self.g_norm:
+                bn = self.g_norm[i]
+                n, mean, invstd = torch.native_batch_norm(
+                    v, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
+                    bn.momentum, bn.eps,
+                )  # fmt: skip
+                bn.num_batches_tracked.add_(1)  # as BatchNorm1d's forward counts
+                stats = (v, mean, invstd)
+                v = n
+            r = torch.relu(v)
+            saved.append((h, stats, r))
+            h = r
+        last = self.g_linear[-1]
+        # tanh(x) = 2 sigmoid(2x) - 1: 154 against 355 us for 128 x 784 on one thread of an AMD
+        # EPYC (AVX2), whose torch.tanh is slow; within 1.8e-7 of the exact value (torch.tanh:
+        # 6e-8), far below a pixel's 1/255.
+        torch.addmm(last.bias, h, last.weight.t(), out=out)
+        images = out.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+        return images, saved, h
+
+    def _g_backward(self, dimages: torch.Tensor, images, saved, top) -> None:
+        """Back through G from the images' gradient (B, 784) into G's ``.grad``."""
+        last = self.g_linear[-1]
+        dv = torch.ops.aten.tanh_backward(dimages, images)
+        torch.mm(dv.t(), top, out=_grad(last.weight))
+        torch.sum(dv, 0, out=_grad(last.bias))
+        for i in range(len(self.g_linear) - 2, -1, -1):
+            lin = self.g_linear[i]
+            h, stats, r = saved[i]
+            dv = torch.ops.aten.threshold_backward(dv.mm(self.g_linear[i + 1].weight), r, 0.0)
+            if stats is not None:
+                bn = self.g_norm[i]
+                v, mean, invstd = stats
+                dv, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+                    dv, v, bn.weight, bn.running_mean, bn.running_var, mean, invstd, True,
+                    bn.eps, [True, True, True],
+                )  # fmt: skip
+                _grad(bn.weight).copy_(dgamma)
+                _grad(bn.bias).copy_(dbeta)
+            torch.mm(dv.t(), h, out=_grad(lin.weight))
+            torch.sum(dv, 0, out=_grad(lin.bias))
+
+    # --- the step ------------------------------------------------------------------------------
+
+    def _loss_grads(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """d loss_d / d logits (2B,) for logits [real; fake], in closed form."""
+        b = logits.shape[0] // 2
+        if self.cfg.loss == "hinge":  # relu(1 - real).mean() + relu(1 + fake).mean()
+            real, fake = logits.chunk(2)
+            return torch.cat([(real < 1.0).float().neg_(), (fake > -1.0).float()]).div_(b)
+        # bce/minimax D: target t on real, 0 on fake: (sigmoid(x) - target) / B
+        grad = probs.clone()
+        grad[:b] -= 1.0 - self.cfg.label_smoothing
+        return grad.div_(b)
+
+    def _g_loss_grad(self, logits: torch.Tensor) -> torch.Tensor:
+        """d loss_g / d logits (B,)."""
+        b = logits.shape[0]
+        if self.cfg.loss == "bce":  # softplus(-x).mean(): (sigmoid(x) - 1) / B
+            return torch.sigmoid(logits).sub_(1.0).div_(b)
+        if self.cfg.loss == "minimax":  # -softplus(x).mean()
+            return torch.sigmoid(logits).neg_().div_(b)
+        return torch.full_like(logits, -1.0 / b)  # hinge: -x.mean()
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], record: torch.Tensor) -> None:
+        """One step on ``batch`` (``real`` (B, 1, 28, 28), ``z`` (B, latent)); METRICS to
+        ``record`` (6,). What :func:`~mnist_gan.training.gan_step` does, without autograd."""
+        p, cfg = self.parts, self.cfg
+        real, z = batch["real"], batch["z"]
+        b = z.shape[0]
+        with torch.no_grad():
+            # The step's six dropout masks in one draw: D's three over 2B rows in D's update,
+            # then its three over B rows in G's (the same words gan_step's two draws take).
+            masks_d = masks_g = None
+            if self.p > 0:
+                shapes = [(2 * b, w) for w in self.hidden] + [(b, w) for w in self.hidden]
+                masks = _dropout_masks(shapes, self.p)
+                k = len(self.hidden)
+                masks_d, masks_g = masks[:k], masks[k:]
+
+            # D's update, on the real batch and G's images in one pass: G writes its images
+            # below the real ones.
+            self.d_grads.attach()
+            self.g_grads.attach()
+            both = torch.empty(2 * b, real[0].numel())
+            both[:b].copy_(real.reshape(b, -1))
+            images, g_saved, g_top = self._g_forward(z, out=both[b:])
+            logits, pre, outs = self._d_forward(both, masks_d)
+            probs = torch.sigmoid(logits)
+            real_logits, fake_logits = logits.chunk(2)
+            loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
+            self._d_backward(self._loss_grads(logits, probs), pre, outs, masks_d, weights=True)
+            grad_norm_d = self.d_grads.norm()
+            self._adam_step(p.opt_d)
+
+            # G's update, through the updated D.
+            logits_g, pre_g, outs_g = self._d_forward(images, masks_g)
+            loss_g = generator_loss(cfg.loss, logits_g)
+            dimages = self._d_backward(self._g_loss_grad(logits_g), pre_g, outs_g, masks_g,
+                                       weights=False)  # fmt: skip
+            self._g_backward(dimages, images, g_saved, g_top)
+            grad_norm_g = self.g_grads.norm()
+            self._adam_step(p.opt_g)
+
+            # G's exponential moving average, and the step's metrics (as gan_step).
+            if p.ema is not None:
+                ema_f, g_f, ema_i, g_i = p.ema
+                torch._foreach_lerp_(ema_f, g_f, 1.0 - cfg.ema)
+                for e, g in zip(ema_i, g_i, strict=True):
+                    e.copy_(g)
+            d_real, d_fake = probs.view(2, -1).mean(dim=1).unbind()
+            values = [loss_d, loss_g, d_real, d_fake, grad_norm_g, grad_norm_d]
+            record.copy_(torch.stack(values))
