@@ -3,8 +3,9 @@
 :func:`mnist_gan.training.gan_step` is the step for every configuration: autograd records
 each forward op and replays its backward. For the mlp networks that bookkeeping is a large
 part of a CPU step: batch 128 leaves each matmul and each elementwise op only tens to hundreds
-of microseconds, so the ~250 ops' autograd records, the engine's dispatch and the temporary
-tensors it allocates weigh as much as a fifth of the arithmetic. :class:`MLPStep` is the same
+of microseconds, and the ~250 ops' autograd records, the engine's dispatch and its temporary
+tensors add to each (measured on one thread of a 2-core AMD EPYC: 21.6 ms a step written out
+against 26.7 ms through autograd; 146 other ops instead of 223). :class:`MLPStep` is the same
 step (the same networks, losses, dropout masks, optimizers, EMA and metrics) with the
 gradients computed by the chain rule as ATen calls: a matmul per weight gradient and per
 input gradient, written into the weights' ``.grad`` tensors, and each activation's own
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -42,6 +44,9 @@ from mnist_gan.models import (
     cpu_matmul_math,
 )
 from mnist_gan.params import TrainParams
+
+if TYPE_CHECKING:
+    from mnist_gan.training import StepParts
 
 __all__ = ["MLPStep", "supported"]
 
@@ -96,7 +101,11 @@ class MLPStep:
     """
 
     def __init__(
-        self, parts, generator: MLPGenerator, discriminator: MLPDiscriminator, bf16: bool
+        self,
+        parts: StepParts,
+        generator: MLPGenerator,
+        discriminator: MLPDiscriminator,
+        bf16: bool,
     ) -> None:
         from mnist_gan.training import adam_step  # training imports this module
 
@@ -109,10 +118,8 @@ class MLPStep:
         self.g_norm = [m for m in net if isinstance(m, nn.BatchNorm1d)]
         assert not self.g_norm or len(self.g_norm) == len(self.g_linear) - 1
         self.d_linear = [m for m in discriminator.net if isinstance(m, nn.Linear)]
-        self.slope = 0.0 if any(isinstance(m, nn.ReLU) for m in discriminator.net) else None
-        leaky = [m for m in discriminator.net if isinstance(m, nn.LeakyReLU)]
-        if leaky:
-            self.slope = leaky[0].negative_slope
+        act = next(m for m in discriminator.net if isinstance(m, (nn.ReLU, nn.LeakyReLU)))
+        self.slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0  # 0: ReLU
         self.p = next((m.p for m in discriminator.net if isinstance(m, Dropout)), 0.0)
         self.hidden = discriminator.hidden
         self.score_math = (lambda: cpu_matmul_math("ieee")) if bf16 else contextlib.nullcontext
