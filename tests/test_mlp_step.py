@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
 from test_training import images
 
 from mnist_gan.params import TrainParams
-from mnist_gan.training import GANTrainer, select_step
+from mnist_gan.training import GANTrainer, gan_step, select_step
 
 TINY = TrainParams(hidden=(32, 24), batch_size=64, ema=0.9, amp=False, latent_dim=16)
 CPU = torch.device("cpu")
@@ -41,7 +42,7 @@ def _state(t: GANTrainer) -> dict[str, torch.Tensor]:
 def _pair(cfg: TrainParams) -> tuple[GANTrainer, GANTrainer]:
     written, auto = (GANTrainer(cfg, images(), seed=0, progress=False) for _ in range(2))
     assert written.step_kind == "mlp_cpu"
-    auto._mlp_step = None  # the same trainer through gan_step
+    auto._step_fn = functools.partial(gan_step, auto._parts)  # the same trainer, autograd
     return written, auto
 
 

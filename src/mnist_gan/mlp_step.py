@@ -21,9 +21,9 @@ to float32 rounding, not bit for bit (tested: allclose after several steps, for 
 activation, loss and option it covers). Like every CPU result, its weights are bit-identical
 run to run on one machine, not across CPU models.
 
-It covers what :func:`supported` allows (the default configuration among them): the mlp
-networks, unconditional, without spectral norm or ``torch.compile``, on the CPU, in one
-process, D judging the real and fake batch in one pass. Everything else runs ``gan_step``.
+:func:`~mnist_gan.training.select_step` gives it the mlp networks, unconditional, without
+spectral norm or ``torch.compile``, on the CPU, in one process, D judging the real and fake
+batch in one pass (the default configuration among them). Everything else runs ``gan_step``.
 """
 
 from __future__ import annotations
@@ -36,31 +36,12 @@ import torch
 from torch import nn
 
 from mnist_gan.losses import discriminator_loss, generator_loss
-from mnist_gan.models import (
-    Dropout,
-    MLPDiscriminator,
-    MLPGenerator,
-    _dropout_masks,
-    cpu_matmul_math,
-)
-from mnist_gan.params import TrainParams
+from mnist_gan.models import MLPDiscriminator, MLPGenerator, _dropout_masks, cpu_matmul_math
 
 if TYPE_CHECKING:
     from mnist_gan.training import StepParts
 
-__all__ = ["MLPStep", "supported"]
-
-
-def supported(cfg: TrainParams, device: torch.device, world_size: int, compiled: bool) -> bool:
-    """Whether :class:`MLPStep` runs this configuration (else the trainer runs ``gan_step``)."""
-    return (
-        device.type == "cpu"
-        and world_size == 1
-        and cfg.model == "mlp"
-        and not cfg.conditional
-        and not cfg.spectral_norm
-        and not compiled
-    )
+__all__ = ["MLPStep"]
 
 
 class _FlatGrads:
@@ -92,8 +73,9 @@ class MLPStep:
     """One training step of the mlp GAN, D's update then G's then the EMA, without autograd.
 
     Args:
-        parts: The step's parts (:class:`~mnist_gan.training.StepParts`): loss, optimizers,
-            EMA tensors; ``parts.g_fwd`` and ``parts.d_fwd`` must be the plain networks.
+        parts: The step's parts (:class:`~mnist_gan.training.StepParts`): settings,
+            weights, optimizers, EMA tensors (not its forward callables: this step runs the
+            networks' layers itself).
         generator: The :class:`~mnist_gan.models.MLPGenerator`, in training mode.
         discriminator: The :class:`~mnist_gan.models.MLPDiscriminator`, in training mode.
         bf16: Whether the trainer runs in oneDNN's bf16 math: D's last layer (to one logit)
@@ -107,9 +89,9 @@ class MLPStep:
         discriminator: MLPDiscriminator,
         bf16: bool,
     ) -> None:
-        from mnist_gan.training import adam_step  # training imports this module
+        from mnist_gan.training import adam_step, end_step  # training imports this module
 
-        self._adam_step = adam_step
+        self._adam_step, self._end_step = adam_step, end_step
         self.g_grads = _FlatGrads(parts.g_params)
         self.d_grads = _FlatGrads(parts.d_params)
         self.parts, self.cfg = parts, parts.cfg
@@ -120,8 +102,7 @@ class MLPStep:
         self.d_linear = [m for m in discriminator.net if isinstance(m, nn.Linear)]
         act = next(m for m in discriminator.net if isinstance(m, (nn.ReLU, nn.LeakyReLU)))
         self.slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0  # 0: ReLU
-        self.p = next((m.p for m in discriminator.net if isinstance(m, Dropout)), 0.0)
-        self.hidden = discriminator.hidden
+        self.p, self.hidden = discriminator.dropout, discriminator.hidden
         self.score_math = (lambda: cpu_matmul_math("ieee")) if bf16 else contextlib.nullcontext
 
     # --- D -----------------------------------------------------------------------------------
@@ -151,7 +132,7 @@ class MLPStep:
                 torch.mm(dlogits.unsqueeze(0), outs[-1], out=_grad(last.weight))
             torch.sum(dlogits, 0, keepdim=True, out=_grad(last.bias))
         da = dlogits.unsqueeze(1) * last.weight  # (N, 1) x (1, H): the outer product
-        for i in range(len(self.d_linear) - 2, -1, -1):
+        for i in reversed(range(len(self.d_linear) - 1)):
             lin = self.d_linear[i]
             if masks is not None:
                 da.mul_(masks[i])
@@ -162,10 +143,9 @@ class MLPStep:
             if weights:
                 torch.mm(du.t(), outs[i], out=_grad(lin.weight))
                 torch.sum(du, 0, out=_grad(lin.bias))
-                if i == 0:
-                    return None
-            da = du.mm(lin.weight)
-        return da
+            if i > 0 or not weights:  # D's update needs no gradient for the images
+                da = du.mm(lin.weight)
+        return None if weights else da
 
     # --- G -----------------------------------------------------------------------------------
 
@@ -202,7 +182,7 @@ class MLPStep:
         dv = torch.ops.aten.tanh_backward(dimages, images)
         torch.mm(dv.t(), top, out=_grad(last.weight))
         torch.sum(dv, 0, out=_grad(last.bias))
-        for i in range(len(self.g_linear) - 2, -1, -1):
+        for i in reversed(range(len(self.g_linear) - 1)):
             lin = self.g_linear[i]
             h, stats, r = saved[i]
             dv = torch.ops.aten.threshold_backward(dv.mm(self.g_linear[i + 1].weight), r, 0.0)
@@ -280,12 +260,4 @@ class MLPStep:
             grad_norm_g = self.g_grads.norm()
             self._adam_step(p.opt_g)
 
-            # G's exponential moving average, and the step's metrics (as gan_step).
-            if p.ema is not None:
-                ema_f, g_f, ema_i, g_i = p.ema
-                torch._foreach_lerp_(ema_f, g_f, 1.0 - cfg.ema)
-                for e, g in zip(ema_i, g_i, strict=True):
-                    e.copy_(g)
-            d_real, d_fake = probs.view(2, -1).mean(dim=1).unbind()
-            values = [loss_d, loss_g, d_real, d_fake, grad_norm_g, grad_norm_d]
-            record.copy_(torch.stack(values))
+            self._end_step(p, probs, (loss_d, loss_g, grad_norm_g, grad_norm_d), record)

@@ -254,7 +254,7 @@ class MLPDiscriminator(nn.Module):
             width = h
         layers.append(_sn(ScoreLinear(width, 1), spectral_norm))
         self.net = nn.Sequential(*layers)
-        self.hidden, self.num_classes = tuple(hidden), num_classes
+        self.hidden, self.dropout, self.num_classes = tuple(hidden), dropout, num_classes
         self.embed = _label_embedding(num_classes, width, spectral_norm) if num_classes else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -274,10 +274,10 @@ class MLPDiscriminator(nn.Module):
         Xeon). Elsewhere each layer runs as it is.
         """
         h = x.flatten(1)  # (B, 1, 28, 28) -> (B, 784), as the Sequential's Flatten does
-        p = next((m.p for m in self.net if isinstance(m, Dropout)), 0.0)
         masks = None
-        if self.training and p > 0 and h.device.type == "cpu":
-            masks = iter(_dropout_masks([(h.shape[0], width) for width in self.hidden], p))
+        if self.training and self.dropout > 0 and h.device.type == "cpu":
+            shapes = [(h.shape[0], width) for width in self.hidden]
+            masks = iter(_dropout_masks(shapes, self.dropout))
         for layer in itertools.islice(self.net, 1, len(self.net) - 1):
             if masks is not None and isinstance(layer, Dropout):
                 h = h * next(masks).to(h.dtype)

@@ -445,17 +445,34 @@ def gan_step(p: StepParts, batch: Mapping[str, torch.Tensor], record: torch.Tens
     grad_norm_g = _grad_norm(p.g_params)
     adam_step(p.opt_g)
 
-    # G's exponential moving average, and the step's metrics.
     with torch.no_grad():
-        if p.ema is not None:
-            ema_f, g_f, ema_i, g_i = p.ema
-            torch._foreach_lerp_(ema_f, g_f, 1.0 - cfg.ema)  # ema += (1 - decay)(g - ema)
-            for e, g in zip(ema_i, g_i, strict=True):
-                e.copy_(g)
-        # Mean D probabilities on the real and on the fake batch; every value is float32.
-        d_real, d_fake = torch.sigmoid(logits.detach().float()).view(2, -1).mean(dim=1).unbind()
-        values = [loss_d.detach(), loss_g.detach(), d_real, d_fake, grad_norm_g, grad_norm_d]
-        record.copy_(torch.stack(values))
+        probs = torch.sigmoid(logits.detach().float())
+        end_step(p, probs, (loss_d.detach(), loss_g.detach(), grad_norm_g, grad_norm_d), record)
+
+
+def end_step(
+    p: StepParts,
+    probs: torch.Tensor,
+    values: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    record: torch.Tensor,
+) -> None:
+    """How every step ends: G's exponential moving average, then the step's METRICS.
+
+    Args:
+        p: The step's parts.
+        probs: D's probabilities (2B,) in D's update: the real batch's, then the fake batch's.
+        values: loss_d, loss_g, grad_norm_g, grad_norm_d (float32 scalars).
+        record: (6,) tensor that receives the METRICS.
+    """
+    if p.ema is not None:
+        ema_f, g_f, ema_i, g_i = p.ema
+        torch._foreach_lerp_(ema_f, g_f, 1.0 - p.cfg.ema)  # ema += (1 - decay)(g - ema)
+        for e, g in zip(ema_i, g_i, strict=True):
+            e.copy_(g)
+    # Mean D probabilities on the real and on the fake batch; every value is float32.
+    d_real, d_fake = probs.view(2, -1).mean(dim=1).unbind()
+    loss_d, loss_g, grad_norm_g, grad_norm_d = values
+    record.copy_(torch.stack([loss_d, loss_g, d_real, d_fake, grad_norm_g, grad_norm_d]))
 
 
 # --- how the step runs -----------------------------------------------------------------------
@@ -493,7 +510,15 @@ def select_step(cfg: TrainParams, device: torch.device, world_size: int, compile
     spectral norm or ``torch.compile`` (the default configuration); :func:`gan_step` through
     autograd everywhere else. A trainer whose ``fuse_d`` is switched off runs ``gan_step``.
     """
-    return "mlp_cpu" if mlp_step.supported(cfg, device, world_size, compiled) else "autograd"
+    written_out = (
+        device.type == "cpu"
+        and world_size == 1
+        and cfg.model == "mlp"
+        and not cfg.conditional
+        and not cfg.spectral_norm
+        and not compiled
+    )
+    return "mlp_cpu" if written_out else "autograd"
 
 
 class EagerRunner:
@@ -759,9 +784,9 @@ class GANTrainer:
         self._runner: EagerRunner | CudaGraphRunner = self._new_runner(graph)
         # The step itself, chosen once: the mlp's backward written out on the CPU, or autograd.
         self.step_kind = select_step(cfg, self.device, self.world_size, self.compiled)
-        self._mlp_step = None
+        self._step_fn: Step = functools.partial(gan_step, self._parts)
         if self.step_kind == "mlp_cpu":
-            self._mlp_step = mlp_step.MLPStep(
+            self._step_fn = mlp_step.MLPStep(
                 self._parts, self.generator, self.discriminator, self.amp
             )
 
@@ -833,7 +858,11 @@ class GANTrainer:
 
     @fuse_d.setter
     def fuse_d(self, value: bool) -> None:
+        """Switching the one pass off (to compare the two) also leaves the written-out step,
+        which judges real and fake in one pass only."""
         self._parts.fuse_d = value
+        if not value and self.step_kind == "mlp_cpu":
+            self.step_kind, self._step_fn = "autograd", functools.partial(gan_step, self._parts)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp and self.device.type == "cuda":
@@ -913,12 +942,6 @@ class GANTrainer:
         fill = functools.partial(self._batch, idx)
         self._runner = self._runner.run(self._step_fn, fill, self._record[i])
         self._cursor += 1
-
-    def _step_fn(self, batch: Mapping[str, torch.Tensor], record: torch.Tensor) -> None:
-        if self._mlp_step is not None and self._parts.fuse_d:
-            self._mlp_step(batch, record)
-        else:
-            gan_step(self._parts, batch, record)
 
     def _batch(self, idx: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict:
         """A step's inputs: ``real`` images (B, 1, 28, 28) and ``z`` (B, latent_dim); when
