@@ -7,6 +7,7 @@ between several tests (it is the slow part), so they build their copy here the s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -83,11 +84,48 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, **kw) ->
     return res.stdout + res.stderr, time.perf_counter() - start
 
 
+def queue_workers(project: Path) -> list[int]:
+    """The PIDs of the project's DVC queue workers that are still running.
+
+    ``dvc queue start`` spawns each worker through dvc-task's ``ManagedProcess``, which writes
+    ``.dvc/tmp/exps/celery/dvc-exp-worker-<n>.json`` with the worker's pid, and its return code
+    once the worker has exited. (``dvc queue status``'s worker count comes from a one-second
+    celery ping, which a busy worker misses, so it cannot tell.)
+    """
+    alive = []
+    celery = project / ".dvc" / "tmp" / "exps" / "celery"
+    for info in sorted(celery.glob("dvc-exp-worker-*.json")):
+        data = json.loads(info.read_text())
+        if data.get("returncode") is not None:
+            continue
+        try:
+            os.kill(data["pid"], 0)
+        except ProcessLookupError:
+            continue  # gone without its return code written (killed)
+        alive.append(data["pid"])
+    return alive
+
+
+def wait_for_workers_to_exit(project: Path, timeout: float = 120) -> None:
+    """Wait until no queue worker of ``project`` runs.
+
+    A worker shuts itself down about 10 s after the queue runs empty. Experiments queued in
+    that window can be taken by the worker that is shutting down and never run: DVC then lists
+    them as Running forever, with no worker (what happened to a CI run). So a queue is only
+    started, and experiments only queued, when no worker is left.
+    """
+    deadline = time.monotonic() + timeout
+    while (pids := queue_workers(project)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not pids, f"DVC queue workers {pids} still running after {timeout:.0f} s"
+
+
 def start_queue(project: Path, env: dict[str, str], jobs: int = 1) -> None:
     """``dvc queue start``: its worker outlives it, so no pipe of ours is handed to it.
 
     With captured output, waiting for the command would mean waiting for the worker too.
     """
+    wait_for_workers_to_exit(project)
     full_env = {**os.environ, **GIT_ENV, **env}
     full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
     log = project / ".dvc" / "tmp" / "queue-start.log"
@@ -105,11 +143,14 @@ def start_queue(project: Path, env: dict[str, str], jobs: int = 1) -> None:
 
 
 def wait_for_queue(project: Path, env: dict[str, str], names: list[str], timeout: float) -> str:
-    """Wait until the queued experiments ``names`` are done; return ``dvc queue status``.
+    """Wait until the queued experiments ``names`` are done and the worker has exited; return
+    ``dvc queue status``.
 
     A finished experiment gets a git ref, which is cheap to poll; ``dvc queue status`` costs a
     second or two of the CPU the experiments need, so it is asked every 30 s (it also shows a
-    failed experiment, which gets no ref) and once all refs are there.
+    failed experiment, which gets no ref) and once all refs are there. The worker's exit is
+    waited for so that the next experiments queued go to a new worker
+    (:func:`wait_for_workers_to_exit`).
     """
     deadline = time.monotonic() + timeout
     status, ask_at = "", 0.0
@@ -119,6 +160,7 @@ def wait_for_queue(project: Path, env: dict[str, str], names: list[str], timeout
         if finished or time.monotonic() >= ask_at:
             status = run(["dvc", "queue", "status"], project, env).stdout
             if not re.search(r"\b(Queued|Running)\b", status):
+                wait_for_workers_to_exit(project)
                 return status
             ask_at = time.monotonic() + 30
         time.sleep(2)
