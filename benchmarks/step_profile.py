@@ -12,8 +12,9 @@ For each model (the train params of ``params.yaml``, batch 128 unless ``--batch-
   matmul (``--gemm-size``) in float32 and in bfloat16 (AMX or AVX512-BF16 on CPUs that have
   them, tensor cores on GPUs; null on CPUs without them, which only emulate bf16), and the
   mlp's GEMMs of its own shapes alone (batch x 784 x 256 and so on) in the math the trainer
-  uses (bf16 where ``amp`` is on), which is what the step could reach
-  if it did nothing but its matmuls;
+  uses (``gemm_dtype``: with ``amp``, bf16 operands on CUDA and in the CPU's written-out mlp
+  step, float32 in oneDNN's bf16 math in the CPU's autograd step), which is what the step could
+  reach if it did nothing but its matmuls;
 - on CUDA: kernels launched per eager step and their summed GPU time (``torch.profiler``), to
   tell launch-bound steps (GPU idle between kernels) from compute-bound ones;
 - on the CPU: where the step's time goes, op by op (``op_us_per_step``): each ATen op the step
@@ -188,9 +189,11 @@ def profile_model(args: argparse.Namespace, model: str, device: torch.device,
     if model == "mlp":
         shapes = model_gemms(cfg, trainer.batch_size, trainer.fuse_d)
         fwd = sum(2.0 * m * k * n * times for m, k, n, times in shapes)
-        # The trainer's math: bf16 autocast on CUDA, oneDNN's bf16 math for float32 on a CPU.
-        cuda_bf16 = trainer.amp and device.type == "cuda"
-        dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+        # The trainer's math: bf16 autocast on CUDA; on a CPU, bf16 operands in the written-out
+        # mlp step, oneDNN's bf16 math for float32 in the autograd step.
+        bf16_operands = trainer.amp and (device.type == "cuda" or trainer.step_kind == "mlp_cpu")
+        dtype = torch.bfloat16 if bf16_operands else torch.float32
+        row["gemm_dtype"] = "bf16" if bf16_operands else "fp32"
         with _cpu_bf16_math(trainer.amp and device.type == "cpu"):
             per = [2.0 * m * k * n * times / gemm_gflops(m, k, n, dtype, device, args.repeats)
                    for m, k, n, times in shapes]  # fmt: skip
@@ -264,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         extra = ""
         if "model_gemms_alone_gflops" in r:
-            extra += f", its GEMMs alone {r['model_gemms_alone_gflops']:,} GFLOP/s"
+            extra += (f", its GEMMs alone {r['model_gemms_alone_gflops']:,} GFLOP/s "
+                      f"({r['gemm_dtype']} operands)")  # fmt: skip
         if "kernels_per_step" in r:
             extra += (f", eager: {r['kernels_per_step']:.0f} kernels/step, "
                       f"{r['kernel_us_per_step']:.0f} us GPU time/step")  # fmt: skip
@@ -275,7 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"under the timer): {split}")  # fmt: skip
         print(f"{r['model']} batch {r['batch_size']}: {r['flops_per_step'] / 1e6:,.1f} MFLOP/step, "
               f"{r['ms_per_step']:.3f} ms/step, {r['achieved_gflops']:,} GFLOP/s achieved "
-              f"({100 * r['achieved_gflops'] / ceiling['fp32_gflops']:.1f}% of fp32 GEMM)"
+              f"({100 * r['achieved_gflops'] / ceiling['fp32_gflops']:.1f}% of fp32 GEMM"
+              + (f", {100 * r['achieved_gflops'] / bf16:.1f}% of bf16)" if r["amp"] and bf16
+                 else ")")
               + extra)  # fmt: skip
     return 0
 

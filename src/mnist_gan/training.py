@@ -637,9 +637,11 @@ class GANTrainer:
     fused Adam; one pass of D over the real and the fake batch together when D has neither
     BatchNorm nor spectral norm (the default mlp D; not the dcgan D); ``train.amp``: bf16
     autocast on CUDA GPUs that support bf16, and on CPUs with AMX or AVX512-BF16 oneDNN's bf16
-    math for float32 matmuls; on CUDA, the whole D+G step captured once as a CUDA graph and replayed
-    (``train.cuda_graph``, :class:`CudaGraphRunner`), so a step costs three kernel launches
-    from Python instead of hundreds.
+    math for float32 matmuls (the written-out mlp step, :mod:`mnist_gan.mlp_step`: bf16
+    operands, which also engage AVX512-BF16 without AMX); on CUDA, the whole D+G step
+    captured once as a CUDA graph and replayed (``train.cuda_graph``,
+    :class:`CudaGraphRunner`), so a step costs three kernel launches from Python instead of
+    hundreds.
 
     In a process group of several ranks (DDP, see :mod:`mnist_gan.distributed`), ``images`` is
     the whole training set and each rank keeps its shard (every ``size``-th image from its
