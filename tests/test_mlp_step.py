@@ -92,10 +92,20 @@ def test_written_out_step_is_autograds_step(name: str) -> None:
             assert torch.equal(wa[key], wb[key]), key  # num_batches_tracked
 
 
-def test_written_out_step_trains_deterministically_and_learns() -> None:
+def _bf16(t: GANTrainer) -> GANTrainer:
+    """``t`` with the written-out step in bf16 operands, as on a CPU with native bf16 (on any
+    CPU: oneDNN computes bf16 matmuls without AMX or AVX512-BF16 too, only slower)."""
+    t._step_fn = MLPStep(t._parts, t.generator, t.discriminator, bf16=True)
+    return t
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16 operands"])
+def test_written_out_step_trains_deterministically_and_learns(bf16: bool) -> None:
     """Two runs agree bit for bit, and D learns to tell the real blobs from G's early noise."""
     cfg = dataclasses.replace(TINY, epochs=2, d_dropout=0.0)
     runs = [GANTrainer(cfg, images(), seed=3, progress=False) for _ in range(2)]
+    if bf16:
+        runs = [_bf16(t) for t in runs]
     for t in runs:
         t.fit()
     for (k, a), b in zip(runs[0].generator.state_dict().items(),
@@ -103,13 +113,6 @@ def test_written_out_step_trains_deterministically_and_learns() -> None:
         assert torch.equal(a, b), k
     first = runs[0].history[0]
     assert first["d_real"] > first["d_fake"]
-
-
-def _bf16(t: GANTrainer) -> GANTrainer:
-    """``t`` with the written-out step in bf16 operands, as on a CPU with native bf16 (on any
-    CPU: oneDNN computes bf16 matmuls without AMX or AVX512-BF16 too, only slower)."""
-    t._step_fn = MLPStep(t._parts, t.generator, t.discriminator, bf16=True)
-    return t
 
 
 def test_the_trainer_takes_bf16_operands_where_the_cpu_computes_bf16() -> None:
@@ -155,15 +158,3 @@ def test_bf16_operands_give_the_float32_gradients_within_bf16_rounding(name: str
             assert cosine > 0.97, (key, cosine.item())
             torch.testing.assert_close(a.norm(), b.norm(), rtol=0.08, atol=0, msg=key)
         assert differ, f"{net}: bit-identical to float32, so the bf16 operands did not run"
-
-
-def test_bf16_operands_train_deterministically_and_learn() -> None:
-    cfg = dataclasses.replace(TINY, epochs=2, d_dropout=0.0)
-    runs = [_bf16(GANTrainer(cfg, images(), seed=3, progress=False)) for _ in range(2)]
-    for t in runs:
-        t.fit()
-    for (k, a), b in zip(runs[0].generator.state_dict().items(),
-                         runs[1].generator.state_dict().values(), strict=True):  # fmt: skip
-        assert torch.equal(a, b), k
-    first = runs[0].history[0]
-    assert first["d_real"] > first["d_fake"]
