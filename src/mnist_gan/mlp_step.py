@@ -67,12 +67,14 @@ class _FlatGrads:
 
     def __init__(self, params: list[nn.Parameter], dtype: torch.dtype) -> None:
         self.params = params
-        sizes = [p.numel() for p in params]
-        self.flat = torch.zeros(sum(sizes))
-        self.views = [v.view_as(p) for v, p in zip(self.flat.split(sizes), params, strict=True)]
-        self.work = self.flat if dtype == torch.float32 else torch.zeros(sum(sizes), dtype=dtype)
-        works = self.work.split(sizes)
-        self._of = {p: v.view_as(p) for v, p in zip(works, params, strict=True)}
+        self.flat = torch.zeros(sum(p.numel() for p in params))
+        self.work = self.flat if dtype == torch.float32 else self.flat.to(dtype)
+        self.views = self._views(self.flat)
+        self._of = dict(zip(params, self._views(self.work), strict=True))
+
+    def _views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        sizes = [p.numel() for p in self.params]
+        return [v.view_as(p) for v, p in zip(buffer.split(sizes), self.params, strict=True)]
 
     def attach(self) -> None:
         """Point every ``.grad`` at its view (other code may have set them to None)."""
@@ -135,8 +137,7 @@ class MLPStep:
 
     def _weights(self, layers: list[nn.Linear]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The layers' weights and biases as operands (bf16 copies of the current ones)."""
-        return [(lin.weight.detach().to(self.dtype), lin.bias.detach().to(self.dtype))
-                for lin in layers]  # fmt: skip
+        return [(lin.weight.to(self.dtype), lin.bias.to(self.dtype)) for lin in layers]
 
     def _linear(self, h: torch.Tensor, operands: tuple[torch.Tensor, torch.Tensor],
                 out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
