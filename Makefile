@@ -115,11 +115,15 @@ promote: $(BASE_STAMP)  ## make models/gan's generator the champion if it passes
 	$(BIN)/python pipeline/promote.py --gan models/gan
 
 sweep: $(BASE_STAMP)  ## queue the grid SWEEP (2 seeds per point) as DVC experiments, run them, wait
+	@# Queue only once an earlier sweep's workers have exited: one shutting down can take an
+	@# experiment and never run it (pipeline/queue_workers.py).
+	$(BIN)/python pipeline/queue_workers.py
 	$(BIN)/dvc exp run --queue $(SWEEP)
 	$(BIN)/dvc queue start --jobs $(JOBS)
 	@# The workers run in the background; wait for them, so that `make sweep report` works.
 	@while $(BIN)/dvc queue status 2>/dev/null | grep -qE 'Queued|Running'; do sleep 20; done
 	$(BIN)/dvc queue status
+	$(BIN)/python pipeline/queue_workers.py
 	@echo "done: make report (or dvc exp show) compares them"
 
 report: $(BASE_STAMP)  ## reports/experiments.html: the experiments' metrics, sample grids and curves

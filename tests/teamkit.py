@@ -7,7 +7,6 @@ between several tests (it is the slow part), so they build their copy here the s
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -16,7 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
-from conftest import BIN, GIT_ENV, run
+from conftest import BIN, GIT_ENV, load_stage, run
+
+QUEUE_WORKERS = load_stage("queue_workers")
 
 # The smallest pipeline that still exercises every stage: a few hundred images, one epoch of
 # everything, narrow networks, a few hundred generated samples.
@@ -84,39 +85,10 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, **kw) ->
     return res.stdout + res.stderr, time.perf_counter() - start
 
 
-def queue_workers(project: Path) -> list[int]:
-    """The PIDs of the project's DVC queue workers that are still running.
-
-    ``dvc queue start`` spawns each worker through dvc-task's ``ManagedProcess``, which writes
-    ``.dvc/tmp/exps/celery/dvc-exp-worker-<n>.json`` with the worker's pid, and its return code
-    once the worker has exited. (``dvc queue status``'s worker count comes from a one-second
-    celery ping, which a busy worker misses, so it cannot tell.)
-    """
-    alive = []
-    celery = project / ".dvc" / "tmp" / "exps" / "celery"
-    for info in sorted(celery.glob("dvc-exp-worker-*.json")):
-        data = json.loads(info.read_text())
-        if data.get("returncode") is not None:
-            continue
-        try:
-            os.kill(data["pid"], 0)
-        except ProcessLookupError:
-            continue  # gone without its return code written (killed)
-        alive.append(data["pid"])
-    return alive
-
-
 def wait_for_workers_to_exit(project: Path, timeout: float = 120) -> None:
-    """Wait until no queue worker of ``project`` runs.
-
-    A worker shuts itself down about 10 s after the queue runs empty. Experiments queued in
-    that window can be taken by the worker that is shutting down and never run: DVC then lists
-    them as Running forever, with no worker (what happened to a CI run). So a queue is only
-    started, and experiments only queued, when no worker is left.
-    """
-    deadline = time.monotonic() + timeout
-    while (pids := queue_workers(project)) and time.monotonic() < deadline:
-        time.sleep(1)
+    """Wait until no queue worker of ``project`` runs (``pipeline/queue_workers.py``, as
+    ``make sweep`` does): experiments are only queued, and a queue only started, then."""
+    pids = QUEUE_WORKERS.wait_for_workers(project, timeout)
     assert not pids, f"DVC queue workers {pids} still running after {timeout:.0f} s"
 
 
