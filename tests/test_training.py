@@ -420,31 +420,44 @@ def test_one_pass_of_a_conditional_d_keeps_each_images_digit() -> None:
 
 
 class _MatmulMath(TorchDispatchMode):
-    """Records oneDNN's float32 matmul math at every matmul run under it."""
+    """Records oneDNN's float32 matmul math, and the operands' dtype, at every matmul under it."""
 
-    def __enter__(self) -> list[str]:
-        self.seen: list[str] = []
+    def __enter__(self) -> list[tuple[str, torch.dtype]]:
+        self.seen: list[tuple[str, torch.dtype]] = []
         super().__enter__()
         return self.seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ in ("mm", "addmm"):
-            self.seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+            self.seen.append((torch.backends.mkldnn.matmul.fp32_precision, args[-1].dtype))
         return func(*args, **(kwargs or {}))
 
 
-def test_cpu_bf16_math_only_where_the_cpu_has_it_and_only_inside_steps() -> None:
+def test_cpu_bf16_math_only_for_the_autograd_step_and_only_where_the_cpu_has_it() -> None:
+    """On a CPU with native bf16, ``amp`` means bf16 operands in the written-out step, which
+    leaves oneDNN's setting alone, and bf16 math for float32 matmuls inside the autograd step
+    (D's last layer in float32: ieee); elsewhere float32 matmuls."""
     outer = torch.backends.mkldnn.matmul.fp32_precision
     t = GANTrainer(dataclasses.replace(TINY, amp=True), images(), seed=0, progress=False)
-    assert t.amp is cpu_has_bf16()
-    with _MatmulMath() as seen:  # the setting at each matmul of the step
+    assert t.amp is cpu_has_bf16() and t.step_kind == "mlp_cpu"
+    autograd = GANTrainer(dataclasses.replace(TINY, amp=True), images(), seed=0, progress=False)
+    autograd.fuse_d = False  # leaves the written-out step
+    assert autograd.step_kind == "autograd"
+    with _MatmulMath() as written_out:
         t.step()
-    assert len(seen) > 10
+    with _MatmulMath() as through_autograd:
+        autograd.step()
+    assert len(written_out) > 10 and len(through_autograd) > 10
+    assert {math for math, _ in written_out} == {outer}
+    # bf16 operands for the hidden layers where the CPU has bf16; D's last layer in float32
+    operands = {torch.bfloat16, torch.float32} if cpu_has_bf16() else {torch.float32}
+    assert {dtype for _, dtype in written_out} == operands
+    assert {dtype for _, dtype in through_autograd} == {torch.float32}
     if cpu_has_bf16():  # the hidden layers in bf16 math, D's last layer in float32 (ieee)
-        assert set(seen) == {"bf16", "ieee"}
+        assert {math for math, _ in through_autograd} == {"bf16", "ieee"}
     else:
-        assert set(seen) == {outer}
-    assert torch.backends.mkldnn.matmul.fp32_precision == outer  # restored after the step
+        assert {math for math, _ in through_autograd} == {outer}
+    assert torch.backends.mkldnn.matmul.fp32_precision == outer  # restored after the steps
     off = GANTrainer(dataclasses.replace(TINY, amp=False), images(), seed=0, progress=False)
     assert off.amp is False
     off.step()

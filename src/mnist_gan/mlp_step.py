@@ -40,7 +40,6 @@ batch in one pass (the default configuration among them). Everything else runs `
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -48,7 +47,7 @@ import torch
 from torch import nn
 
 from mnist_gan.losses import discriminator_loss, generator_loss
-from mnist_gan.models import MLPDiscriminator, MLPGenerator, _dropout_masks, cpu_matmul_math
+from mnist_gan.models import MLPDiscriminator, MLPGenerator, _dropout_masks
 
 if TYPE_CHECKING:
     from mnist_gan.training import StepParts
@@ -105,8 +104,9 @@ class MLPStep:
         discriminator: The :class:`~mnist_gan.models.MLPDiscriminator`, in training mode.
         bf16: Whether the hidden layers' matmuls take bf16 operands (the trainer's ``amp`` on a
             CPU with native bf16). D's last layer (to one logit) computes in float32 either way,
-            also under the trainer's oneDNN bf16 math, as :class:`~mnist_gan.models.ScoreLinear`
-            does.
+            as :class:`~mnist_gan.models.ScoreLinear` does. The step needs no oneDNN bf16 math
+            setting (the trainer sets that for the autograd step only): its float32 matmuls are
+            meant to be float32.
     """
 
     def __init__(
@@ -133,7 +133,6 @@ class MLPStep:
         act = next(m for m in discriminator.net if isinstance(m, (nn.ReLU, nn.LeakyReLU)))
         self.slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0  # 0: ReLU
         self.p, self.hidden = discriminator.dropout, discriminator.hidden
-        self.score_math = (lambda: cpu_matmul_math("ieee")) if bf16 else contextlib.nullcontext
 
     def _weights(self, layers: list[nn.Linear]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The layers' weights and biases as operands (bf16 copies of the current ones)."""
@@ -165,8 +164,8 @@ class MLPStep:
             if i < len(self.d_linear) - 2:
                 ops.append(h.to(self.dtype))
         last = self.d_linear[-1]
-        with self.score_math():  # one logit: float32 (faster than bf16 at this shape)
-            logits = torch.addmm(last.bias, h, last.weight.t()).squeeze(1)
+        # one logit: float32 (faster than bf16 at this shape)
+        logits = torch.addmm(last.bias, h, last.weight.t()).squeeze(1)
         return logits, (pre, ops, h, weights)
 
     def _d_backward(self, dlogits, saved, masks, weights: bool) -> torch.Tensor | None:
@@ -175,8 +174,7 @@ class MLPStep:
         pre, ops, top, w_ops = saved
         grads, last = self.d_grads, self.d_linear[-1]
         if weights:
-            with self.score_math():
-                grads.of(last.weight).copy_(torch.mm(dlogits.unsqueeze(0), top))
+            grads.of(last.weight).copy_(torch.mm(dlogits.unsqueeze(0), top))
             grads.of(last.bias).copy_(dlogits.sum(0, keepdim=True))
         da = dlogits.unsqueeze(1) * last.weight  # (N, 1) x (1, H): the outer product
         for i in reversed(range(len(self.d_linear) - 1)):

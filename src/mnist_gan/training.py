@@ -902,8 +902,10 @@ class GANTrainer:
 
     @contextlib.contextmanager
     def _stepping(self) -> Iterator[None]:
-        """The trainer's own RNG state and, on a bf16 CPU with ``amp``, bf16 matmul math."""
-        with self._own_rng(), _cpu_bf16_math(self.amp and self.device.type == "cpu"):
+        """The trainer's own RNG state and, for the autograd step on a bf16 CPU with ``amp``,
+        oneDNN's bf16 math for float32 matmuls (the written-out step takes bf16 operands)."""
+        bf16_math = self.amp and self.device.type == "cpu" and self.step_kind == "autograd"
+        with self._own_rng(), _cpu_bf16_math(bf16_math):
             yield
 
     def step(self) -> None:
