@@ -35,20 +35,21 @@ REPORT_ARGS ?=
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-# The pipeline's packages alone (what `make run`, `ui`, `bench`, ... need), then the extras for
-# the tests. pip byte-compiles what it installs one file after another on one core; it installs
-# with --no-compile and compileall then compiles the environment on every core (a fresh venv's
-# base install on a 2-core AMD EPYC: 121 s with pip's compiling, 65 + 34 s so). Compiled ahead
-# because Python does not write bytecode where PYTHONDONTWRITEBYTECODE is set, and every stage
-# would then compile torch's and mlflow's modules again. compileall fails on a few templates in
-# dependencies that are not valid Python, as pip's compiling does and ignores.
+# The pipeline's packages and DVC's S3 remote (what `make run`, `ui`, `bench`, ... need), then
+# the extras for the tests. pip byte-compiles what it installs one file after another on one
+# core; here it installs with --no-compile and compileall then compiles the venv on every core
+# (a fresh venv's install of the base package on a 2-core AMD EPYC: 121 s with pip's compiling,
+# 65 + 34 s so). Compiled ahead because Python writes no bytecode where PYTHONDONTWRITEBYTECODE
+# is set, and every stage would then compile torch's and mlflow's modules again. compileall
+# fails on a few templates in dependencies that are not valid Python, which pip's compiling
+# ignores too.
 COMPILE_VENV = $(BIN)/python -m compileall -qq -j 0 \
 	"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
 
 $(BASE_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e .
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[s3]"
 	$(COMPILE_VENV)
 	touch $(BASE_STAMP)
 

@@ -16,33 +16,48 @@ Exit codes: 0 no worker runs (any more), 1 workers still ran at the timeout.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import click
+import psutil
 
 WORKER_FILES = ".dvc/tmp/exps/celery/dvc-exp-worker-*.json"
+# Seconds a process start time may lie after the worker file's time and still be its
+# worker's (psutil derives start times from the boot time, to about a second).
+CLOCK_SLACK = 2.0
 
 
 def running_workers(project: Path) -> list[int]:
-    """The PIDs of ``project``'s DVC queue workers that still run."""
+    """The PIDs of ``project``'s DVC queue workers that still run.
+
+    A worker killed with its parent leaves its file without a return code, and the files
+    outlive reboots, so its pid may belong to another process by now: dvc-task writes the
+    file once the worker has started, and a process that started after the file was written
+    is not the worker.
+    """
     alive = []
     for info in sorted(project.glob(WORKER_FILES)):
         try:
             data = json.loads(info.read_text())
+            written = info.stat().st_mtime
         except (OSError, ValueError):
-            continue  # removed, or being written: its worker is starting or gone
-        if data.get("returncode") is not None or not isinstance(data.get("pid"), int):
+            continue  # removed, or not (yet) a whole file: no worker to wait for
+        pid = data.get("pid")
+        if data.get("returncode") is not None or not isinstance(pid, int):
             continue
         try:
-            os.kill(data["pid"], 0)
-        except ProcessLookupError:
+            process = psutil.Process(pid)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue  # exited, only not yet reaped by its parent
+            if process.create_time() > written + CLOCK_SLACK:
+                continue  # the pid of a worker gone without its return code, reused
+        except psutil.NoSuchProcess:
             continue  # gone without its return code written (killed)
-        except PermissionError:
+        except psutil.AccessDenied:
             pass  # runs, as another user
-        alive.append(data["pid"])
+        alive.append(pid)
     return alive
 
 

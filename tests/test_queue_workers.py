@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 from click.testing import CliRunner
 from conftest import load_stage
 
@@ -37,6 +38,18 @@ def test_only_workers_that_still_run_count(tmp_path: Path) -> None:
     assert queue_workers.running_workers(tmp_path) == [os.getpid()]
 
 
+def test_a_pid_reused_after_its_worker_was_killed_does_not_count(tmp_path: Path) -> None:
+    # A file left by a worker killed before this process started, naming this process's pid.
+    _worker_file(tmp_path, 1, pid=os.getpid(), returncode=None)
+    before = psutil.Process().create_time() - 600
+    worker_file = next(tmp_path.glob(queue_workers.WORKER_FILES))
+    os.utime(worker_file, (before, before))
+    assert queue_workers.running_workers(tmp_path) == []
+    now = time.time()
+    os.utime(worker_file, (now, now))  # written after this process started: its worker
+    assert queue_workers.running_workers(tmp_path) == [os.getpid()]
+
+
 def test_waits_until_the_last_worker_has_exited(tmp_path: Path) -> None:
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
     reaper = threading.Thread(target=worker.wait)  # as the worker's own parent would
@@ -44,9 +57,10 @@ def test_waits_until_the_last_worker_has_exited(tmp_path: Path) -> None:
     _worker_file(tmp_path, 1, pid=worker.pid, returncode=None)
     start = time.monotonic()
     assert queue_workers.wait_for_workers(tmp_path, timeout=60, poll=0.1) == []
-    assert worker.poll() is not None  # returned only after the worker had exited
-    assert time.monotonic() - start < 30
+    waited = time.monotonic() - start
     reaper.join()
+    assert worker.returncode == 0
+    assert 1.0 <= waited < 30  # not before the worker's 1.5 s were over
 
 
 def test_the_command_fails_naming_the_workers_that_outlast_its_timeout(tmp_path: Path) -> None:

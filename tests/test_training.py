@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import mnist_gan.training
 from mnist_gan.params import TrainParams
 from mnist_gan.training import (
     GRAPH_WARMUP_STEPS,
@@ -23,7 +24,6 @@ from mnist_gan.training import (
     EagerRunner,
     GANTrainer,
     adam_step,
-    cpu_has_bf16,
     fingerprint,
     fixed_noise,
     select_runner,
@@ -433,13 +433,18 @@ class _MatmulMath(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_cpu_bf16_math_only_for_the_autograd_step_and_only_where_the_cpu_has_it() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "float32-cpu"])
+def test_cpu_bf16_math_only_for_the_autograd_step_and_only_where_the_cpu_has_it(
+    monkeypatch, native: bool
+) -> None:
     """On a CPU with native bf16, ``amp`` means bf16 operands in the written-out step, which
     leaves oneDNN's setting alone, and bf16 math for float32 matmuls inside the autograd step
-    (D's last layer in float32: ieee); elsewhere float32 matmuls."""
+    (D's last layer in float32: ieee); elsewhere float32 matmuls. Checked on any CPU: the
+    trainer is told whether the CPU has bf16 (bf16 products run without it, only slower)."""
+    monkeypatch.setattr(mnist_gan.training, "cpu_has_bf16", lambda: native)
     outer = torch.backends.mkldnn.matmul.fp32_precision
     t = GANTrainer(dataclasses.replace(TINY, amp=True), images(), seed=0, progress=False)
-    assert t.amp is cpu_has_bf16() and t.step_kind == "mlp_cpu"
+    assert t.amp is native and t.step_kind == "mlp_cpu"
     autograd = GANTrainer(dataclasses.replace(TINY, amp=True), images(), seed=0, progress=False)
     autograd.fuse_d = False  # leaves the written-out step
     assert autograd.step_kind == "autograd"
@@ -449,11 +454,11 @@ def test_cpu_bf16_math_only_for_the_autograd_step_and_only_where_the_cpu_has_it(
         autograd.step()
     assert len(written_out) > 10 and len(through_autograd) > 10
     assert {math for math, _ in written_out} == {outer}
-    # bf16 operands for the hidden layers where the CPU has bf16; D's last layer in float32
-    operands = {torch.bfloat16, torch.float32} if cpu_has_bf16() else {torch.float32}
+    # bf16 operands for the hidden layers on a bf16 CPU; D's last layer in float32
+    operands = {torch.bfloat16, torch.float32} if native else {torch.float32}
     assert {dtype for _, dtype in written_out} == operands
     assert {dtype for _, dtype in through_autograd} == {torch.float32}
-    if cpu_has_bf16():  # the hidden layers in bf16 math, D's last layer in float32 (ieee)
+    if native:  # the hidden layers in bf16 math, D's last layer in float32 (ieee)
         assert {math for math, _ in through_autograd} == {"bf16", "ieee"}
     else:
         assert {math for math, _ in through_autograd} == {outer}
@@ -461,9 +466,9 @@ def test_cpu_bf16_math_only_for_the_autograd_step_and_only_where_the_cpu_has_it(
     off = GANTrainer(dataclasses.replace(TINY, amp=False), images(), seed=0, progress=False)
     assert off.amp is False
     off.step()
-    # bf16 products round differently: on such a CPU the first step's losses already differ.
-    assert torch.equal(t._record[0], off._record[0]) is not cpu_has_bf16()
-    assert t.math == ("bf16" if cpu_has_bf16() else "float32") and off.math == "float32"
+    # bf16 products round differently: the first step's losses already differ.
+    assert torch.equal(t._record[0], off._record[0]) is not native
+    assert t.math == ("bf16" if native else "float32") and off.math == "float32"
 
 
 def test_runner_selection() -> None:

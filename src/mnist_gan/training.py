@@ -309,8 +309,8 @@ def _cpu_bf16_math(enabled: bool) -> contextlib.AbstractContextManager:
     The CPU's counterpart of TF32 on GPUs: the tensors, the optimizer and every other op stay
     float32. Convolutions stay float32 too: bf16 math made the dcgan step slower on this
     project's Xeon (227 against 194 ms, 1 thread). A process-wide setting, so it is set around
-    the trainer's steps and restored; trainers stepping in several threads at once would have to
-    agree on it (nothing in the project does so).
+    the trainer's autograd steps and restored; trainers stepping in several threads at once
+    would have to agree on it (nothing in the project does so).
     """
     return cpu_matmul_math("bf16") if enabled else contextlib.nullcontext()
 
@@ -636,9 +636,9 @@ class GANTrainer:
     The fast path, each part falling back where it is unavailable: the data on the device;
     fused Adam; one pass of D over the real and the fake batch together when D has neither
     BatchNorm nor spectral norm (the default mlp D; not the dcgan D); ``train.amp``: bf16
-    autocast on CUDA GPUs that support bf16, and on CPUs with AMX or AVX512-BF16 oneDNN's bf16
-    math for float32 matmuls (the written-out mlp step, :mod:`mnist_gan.mlp_step`: bf16
-    operands, which also engage AVX512-BF16 without AMX); on CUDA, the whole D+G step
+    autocast on CUDA GPUs that support bf16, and on CPUs with AMX or AVX512-BF16 bf16 operands
+    in the written-out mlp step (:mod:`mnist_gan.mlp_step`) and oneDNN's bf16 math for float32
+    matmuls in the autograd step (which engages only with AMX); on CUDA, the whole D+G step
     captured once as a CUDA graph and replayed (``train.cuda_graph``,
     :class:`CudaGraphRunner`), so a step costs three kernel launches from Python instead of
     hundreds.
