@@ -53,8 +53,8 @@ $(BASE_STAMP): pyproject.toml
 	$(COMPILE_VENV)
 	touch $(BASE_STAMP)
 
-$(STAMP): $(BASE_STAMP) pyproject.toml
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev,s3]"
+$(STAMP): $(BASE_STAMP)
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]"
 	# moto (the team tests' S3 server) in a second command, held to the botocore that dvc-s3's
 	# aiobotocore pins: resolving both in one command backtracks through boto3 for minutes.
 	$(BIN)/python -m pip install --quiet --no-compile -e ".[team-test]" \

@@ -194,7 +194,7 @@ def profile_model(args: argparse.Namespace, model: str, device: torch.device,
         bf16_operands = trainer.amp and (device.type == "cuda" or trainer.step_kind == "mlp_cpu")
         dtype = torch.bfloat16 if bf16_operands else torch.float32
         row["gemm_dtype"] = "bf16" if bf16_operands else "fp32"
-        with _cpu_bf16_math(trainer.amp and device.type == "cpu" and not bf16_operands):
+        with _cpu_bf16_math(trainer.cpu_bf16_math):
             per = [2.0 * m * k * n * times / gemm_gflops(m, k, n, dtype, device, args.repeats)
                    for m, k, n, times in shapes]  # fmt: skip
         row["model_gemms_alone_gflops"] = round(fwd / sum(per), 2)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import mnist_gan.training
 from mnist_gan.params import TrainParams
 from mnist_gan.training import (
     GRAPH_WARMUP_STEPS,
@@ -441,7 +440,7 @@ def test_cpu_bf16_math_only_for_the_autograd_step_and_only_where_the_cpu_has_it(
     leaves oneDNN's setting alone, and bf16 math for float32 matmuls inside the autograd step
     (D's last layer in float32: ieee); elsewhere float32 matmuls. Checked on any CPU: the
     trainer is told whether the CPU has bf16 (bf16 products run without it, only slower)."""
-    monkeypatch.setattr(mnist_gan.training, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr("mnist_gan.training.cpu_has_bf16", lambda: native)
     outer = torch.backends.mkldnn.matmul.fp32_precision
     t = GANTrainer(dataclasses.replace(TINY, amp=True), images(), seed=0, progress=False)
     assert t.amp is native and t.step_kind == "mlp_cpu"

@@ -849,6 +849,12 @@ class GANTrainer:
         return "bf16" if self.amp else "float32"
 
     @property
+    def cpu_bf16_math(self) -> bool:
+        """Whether the step runs under oneDNN's bf16 math for float32 matmuls: the autograd step
+        on a CPU with ``amp`` (the written-out step takes bf16 operands instead)."""
+        return self.amp and self.device.type == "cpu" and self.step_kind == "autograd"
+
+    @property
     def cuda_graph(self) -> bool:
         """Whether the step runs (or will run, after its warm-up) as a CUDA graph."""
         return isinstance(self._runner, CudaGraphRunner)
@@ -902,10 +908,8 @@ class GANTrainer:
 
     @contextlib.contextmanager
     def _stepping(self) -> Iterator[None]:
-        """The trainer's own RNG state and, for the autograd step on a bf16 CPU with ``amp``,
-        oneDNN's bf16 math for float32 matmuls (the written-out step takes bf16 operands)."""
-        bf16_math = self.amp and self.device.type == "cpu" and self.step_kind == "autograd"
-        with self._own_rng(), _cpu_bf16_math(bf16_math):
+        """The trainer's own RNG state and, where :attr:`cpu_bf16_math`, bf16 matmul math."""
+        with self._own_rng(), _cpu_bf16_math(self.cpu_bf16_math):
             yield
 
     def step(self) -> None:
