@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import ModuleType
@@ -77,6 +78,58 @@ def test_training_is_deterministic() -> None:
     assert [s.epoch for s in seen] == [1, 2] and stats == seen[-1]
     assert seen[1].train_loss < seen[0].train_loss
     assert not a.training
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_trains_in_bf16_only_where_the_device_has_it(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """classifier.amp: bf16 autocast where bf16 is native (emulated bf16 is slower than float32),
+    float32 elsewhere; told whether the CPU has bf16, so both branches run on any CPU."""
+    monkeypatch.setattr("mnist_gan.classifier.native_bf16", lambda device: native)
+    images, labels = _tiny_data(64)
+    params = ClassifierParams(epochs=1, batch_size=32, features=16, shift=0)
+    computed: set[torch.dtype] = set()  # the dtypes the convolutions compute in
+
+    def record(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            computed.add(out.dtype)
+
+    def trained(amp: bool) -> dict[str, torch.Tensor]:
+        computed.clear()
+        hook = torch.nn.modules.module.register_module_forward_hook(record)
+        try:
+            model, _ = train_classifier(images, labels, images[:8], labels[:8],
+                                        dataclasses.replace(params, amp=amp), 0)  # fmt: skip
+        finally:
+            hook.remove()
+        return model.state_dict()
+
+    off = trained(False)
+    assert computed == {torch.float32}
+    on = trained(True)
+    # The per-epoch test pass is float32 either way; training is bf16 where that is native.
+    assert computed == ({torch.bfloat16, torch.float32} if native else {torch.float32})
+    same = all(torch.equal(off[k], on[k]) for k in off)
+    assert same is not native
+    assert all(v.dtype != torch.bfloat16 for v in on.values())  # float32 (and int) weights
+
+
+def test_pooling_before_relu_is_the_same_function() -> None:
+    """The blocks pool before their ReLU: values and gradients equal those of ReLU first."""
+    torch.manual_seed(0)
+    block = DigitClassifier(features=16).body[1]
+    conv, bn, pool, relu = block
+    assert isinstance(pool, torch.nn.MaxPool2d) and isinstance(relu, torch.nn.ReLU)
+    x = torch.randn(8, 16, 14, 14)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = block(a)
+    yb = pool(torch.relu(bn(conv(b))))
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(a.grad, b.grad)
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:

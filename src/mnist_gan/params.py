@@ -105,6 +105,7 @@ class ClassifierParams:
     lr: float = 2e-3  # peak learning rate of the one-cycle schedule
     features: int = 128  # dimension of the penultimate (feature) layer
     shift: int = 2  # augmentation: random translations of up to this many pixels; 0 disables
+    amp: bool = True  # train in bf16 autocast where the device computes bf16 natively
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs: must be >= 1")

@@ -57,7 +57,7 @@ from mnist_gan.models import (
     cpu_matmul_precision,
 )
 from mnist_gan.params import TrainParams, params_to_dict
-from mnist_gan.utils import atomic_path, seed_everything
+from mnist_gan.utils import atomic_path, native_bf16, seed_everything
 
 __all__ = [
     "METRICS",
@@ -297,10 +297,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX or AVX512-BF16) and this PyTorch lets
     oneDNN use it for float32 work (``torch.backends.mkldnn.matmul.fp32_precision``, 2.9+)."""
-    if cpu_matmul_precision() is None:
-        return False
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, so probed
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return cpu_matmul_precision() is not None and native_bf16(torch.device("cpu"))
 
 
 def _cpu_bf16_math(enabled: bool) -> contextlib.AbstractContextManager:

@@ -22,6 +22,7 @@ __all__ = [
     "atomic_path",
     "load_safetensors",
     "load_weights",
+    "native_bf16",
     "resolve_device",
     "save_tensors",
     "seed_everything",
@@ -71,6 +72,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("base.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16, or a CPU with AMX or
+    AVX512-BF16. Elsewhere bf16 is emulated, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, so probed
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def _umask() -> int:
