@@ -47,7 +47,8 @@ def quick_classifier(mirror: Path, seed: int = 0) -> DigitClassifier:
     """An evaluator trained for one epoch on the first 4,000 training images (about 97%).
 
     The tests use seed 0. Another CPU model rounds differently and so trains other weights from
-    the same seed; ``tests/metric_spread.py`` trains it with other seeds to size the tests'
+    the same seed, and a CPU with AMX or AVX512-BF16 trains it in bf16 (``classifier.amp``, as
+    the pipeline does); ``tests/metric_spread.py`` trains it with other seeds to size the tests'
     bounds on what it measures.
     """
     data = real_mnist(mirror)

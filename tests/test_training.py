@@ -27,6 +27,7 @@ from mnist_gan.training import (
     fixed_noise,
     select_runner,
 )
+from mnist_gan.utils import native_bf16
 
 TINY = TrainParams(
     hidden=(32,), batch_size=64, epochs=3, ema=0.9, label_smoothing=0.0, checkpoint_every=1
@@ -430,6 +431,30 @@ class _MatmulMath(TorchDispatchMode):
         if func.overloadpacket.__name__ in ("mm", "addmm"):
             self.seen.append((torch.backends.mkldnn.matmul.fp32_precision, args[-1].dtype))
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("capability", "native"), [((7, 5), False), ((8, 0), True), ((9, 0), True)]
+)
+def test_native_bf16_means_ampere_or_later_on_cuda(monkeypatch, capability, native: bool) -> None:
+    """``amp`` on CUDA only where bf16 is native: ``torch.cuda.is_bf16_supported()`` also says
+    yes to a T4's or V100's emulated bf16. The capability asked for is the given device's."""
+    asked: list[int] = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda index: asked.append(index) or capability)  # fmt: skip
+    assert native_bf16(torch.device("cuda")) is native
+    assert native_bf16(torch.device("cuda", 1)) is native
+    assert asked == [3, 1]
+    assert native_bf16(torch.device("meta")) is False
+
+
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("avx512_bf16", [True, False])
+def test_native_bf16_on_the_cpu_means_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert native_bf16(torch.device("cpu")) is (amx or avx512_bf16)
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "float32-cpu"])

@@ -735,7 +735,7 @@ class GANTrainer:
         # bf16 needs no loss scaling; GPUs before Ampere and CPUs without AMX or AVX512-BF16
         # lack it and train in float32.
         self.amp = cfg.amp and (
-            torch.cuda.is_bf16_supported() if cuda else self.device.type == "cpu" and cpu_has_bf16()
+            native_bf16(self.device) if cuda else self.device.type == "cpu" and cpu_has_bf16()
         )
         self.progress = sys.stderr.isatty() if progress is None else progress
 

@@ -75,10 +75,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16, or a CPU with AMX or
-    AVX512-BF16. Elsewhere bf16 is emulated, slower than float32."""
+    """Whether ``device`` computes bf16 natively: a CUDA GPU from Ampere on (compute capability
+    8.0), or a CPU with AMX or AVX512-BF16. Elsewhere bf16 is emulated, slower than float32
+    (``torch.cuda.is_bf16_supported()`` counts emulation as support by default)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return torch.cuda.get_device_capability(index) >= (8, 0)
     if device.type != "cpu":
         return False
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, so probed
