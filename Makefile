@@ -37,7 +37,7 @@ help:  ## list the targets
 
 # The pipeline's packages and DVC's S3 remote (what `make run`, `ui`, `bench`, ... need), then
 # the extras for the tests. pip byte-compiles all it installs, one file after another on one
-# core (16,450 files; 121 s for a fresh venv's base install on a 2-core AMD EPYC, 65 s with
+# core (16,450 files; 121 s for a fresh venv's base install on a 2-core AMD EPYC, 55-65 s with
 # --no-compile). A whole `dvc repro` imports 4,740 of them, which Python compiles on first import
 # and caches, as long as PYTHONDONTWRITEBYTECODE is not set: where it is, every process would
 # compile torch's and mlflow's modules again (17.9 against 7.1 s to import them), so the targets

@@ -77,7 +77,8 @@ def resolve_device(name: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: a CUDA GPU from Ampere on (compute capability
     8.0), or a CPU with AMX or AVX512-BF16. Elsewhere bf16 is emulated, slower than float32
-    (``torch.cuda.is_bf16_supported()`` counts emulation as support by default)."""
+    (``torch.cuda.is_bf16_supported()`` counts emulation as support by default). On ROCm builds
+    the capability is the GPU's gfx version, at least 9, so every AMD GPU counts as native."""
     if device.type == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
         return torch.cuda.get_device_capability(index) >= (8, 0)
