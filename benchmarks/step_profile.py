@@ -45,8 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from train_throughput import BenchError, _sync, device_name, parse_set, train_config
 
 from mnist_gan.params import TrainParams
-from mnist_gan.training import GANTrainer, _cpu_bf16_math, cpu_has_bf16
-from mnist_gan.utils import native_bf16, resolve_device, write_json
+from mnist_gan.training import GANTrainer, _cpu_bf16_math, amp_bf16
+from mnist_gan.utils import resolve_device, write_json
 
 # Steps per timed run, per device type and model (a run lasts about a second or two).
 STEPS = {("cpu", "mlp"): 40, ("cpu", "dcgan"): 4, ("cuda", "mlp"): 1000, ("cuda", "dcgan"): 500}
@@ -239,9 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A CPU without AMX or AVX512-BF16 emulates bf16 matmuls at a fraction of a GFLOP/s
     # (measured 0.3 on an AVX2 AMD EPYC: minutes for one 2048^3 product), a GPU before Ampere
     # emulates them too: no ceiling to report.
-    has_bf16 = native_bf16(device) if device.type == "cuda" else cpu_has_bf16()
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if dtype == torch.bfloat16 and not has_bf16:
+        if dtype == torch.bfloat16 and not amp_bf16(device):
             ceiling[f"{name}_gflops"] = None
             continue
         gflops = gemm_gflops(side, side, side, dtype, device, args.repeats)

@@ -269,7 +269,7 @@ def test_step_profile_measures_a_bf16_ceiling_only_where_the_cpu_has_bf16(
     monkeypatch.syspath_prepend(str(BENCH))
     import step_profile
 
-    monkeypatch.setattr(step_profile, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr("mnist_gan.training.cpu_has_bf16", lambda: native)
     out = tmp_path / "profile.json"
     args = ["--device", "cpu", "--params", "", "--models", "mlp", "--steps", "1",
             "--repeats", "1", "--gemm-size", "32", "--out", str(out), *TINY]  # fmt: skip

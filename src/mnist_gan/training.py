@@ -300,6 +300,14 @@ def cpu_has_bf16() -> bool:
     return cpu_matmul_precision() is not None and native_bf16(torch.device("cpu"))
 
 
+def amp_bf16(device: torch.device) -> bool:
+    """Whether ``train.amp`` computes in bf16 on ``device``: a CUDA GPU with native bf16
+    (:func:`~mnist_gan.utils.native_bf16`) or a CPU where :func:`cpu_has_bf16`."""
+    if device.type == "cuda":
+        return native_bf16(device)
+    return device.type == "cpu" and cpu_has_bf16()
+
+
 def _cpu_bf16_math(enabled: bool) -> contextlib.AbstractContextManager:
     """Within: oneDNN computes float32 matmuls with bf16 inputs and float32 sums.
 
@@ -734,9 +742,7 @@ class GANTrainer:
         self.opt_d = _adam(self._d_params, self._lr(self.lr_d), betas, graph)
         # bf16 needs no loss scaling; GPUs before Ampere and CPUs without AMX or AVX512-BF16
         # lack it and train in float32.
-        self.amp = cfg.amp and (
-            native_bf16(self.device) if cuda else self.device.type == "cpu" and cpu_has_bf16()
-        )
+        self.amp = cfg.amp and amp_bf16(self.device)
         self.progress = sys.stderr.isatty() if progress is None else progress
 
         self._record = torch.zeros(self.steps_per_epoch, len(METRICS), device=self.device)
