@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import pytest
 import torch
@@ -11,28 +12,63 @@ from test_training import images
 
 from mnist_gan.mlp_step import MLPStep
 from mnist_gan.params import TrainParams
-from mnist_gan.training import GANTrainer, cpu_has_bf16, gan_step, select_step
+from mnist_gan.training import (
+    GANTrainer,
+    compile_asked,
+    cpu_has_bf16,
+    gan_step,
+    select_step,
+)
 
 TINY = TrainParams(hidden=(32, 24), batch_size=64, ema=0.9, amp=False, latent_dim=16)
 CPU = torch.device("cpu")
 
 
 def test_step_selection() -> None:
-    assert select_step(TrainParams(), CPU, 1, False) == "mlp_cpu"
-    # What the written-out step does not cover runs autograd's gan_step.
+    gpu = torch.device("cuda")
+    # The written-out step where it pays: on the CPU, compiled or not; compiled on a GPU.
+    for device, compiled in ((CPU, False), (CPU, True), (gpu, True)):
+        assert select_step(TrainParams(), device, 1, compiled) == "written_out", device
+    # What the written-out step does not cover, or does not speed up, runs autograd's gan_step.
     other = {
         "dcgan": (TrainParams(model="dcgan"), CPU, 1, False),
         "conditional": (TrainParams(conditional=True), CPU, 1, False),
-        "spectral norm": (TrainParams(spectral_norm=True), CPU, 1, False),
+        "spectral norm": (TrainParams(spectral_norm=True), gpu, 1, True),
         "DDP": (TrainParams(), CPU, 2, False),
-        "compiled": (TrainParams(), CPU, 1, True),
-        "GPU": (TrainParams(), torch.device("cuda"), 1, False),
+        "GPU, not compiled": (TrainParams(), gpu, 1, False),
+        "another device": (TrainParams(), torch.device("mps"), 1, True),
     }
     for name, args in other.items():
         assert select_step(*args) == "autograd", name
-    assert GANTrainer(TINY, images(), seed=0).step_kind == "mlp_cpu"
+    assert GANTrainer(TINY, images(), seed=0).step_kind == "written_out"
     assert GANTrainer(dataclasses.replace(TINY, conditional=True), images(),
                       labels=torch.arange(320) % 10).step_kind == "autograd"  # fmt: skip
+    forced = GANTrainer(TINY, images(), seed=0, step="autograd")
+    assert forced.step_kind == "autograd" and not isinstance(forced._step_fn, MLPStep)
+    with pytest.raises(ValueError, match="step: 'fast'"):
+        GANTrainer(TINY, images(), seed=0, step="fast")
+    written = GANTrainer(TINY, images(), seed=0, step="written_out")
+    assert written.step_kind == "written_out" and isinstance(written._step_fn, MLPStep)
+    with pytest.raises(ValueError, match="'written_out' covers the mlp networks"):
+        GANTrainer(dataclasses.replace(TINY, spectral_norm=True), images(), step="written_out")
+
+
+def test_compile_auto_compiles_where_it_pays() -> None:
+    """train.compile: auto compiles the written-out step on a CUDA GPU only; true and false
+    are what they say everywhere."""
+    gpu = torch.device("cuda")
+    auto = TrainParams()
+    assert auto.compile == "auto"
+    assert compile_asked(auto, gpu, 1, "auto")
+    assert not compile_asked(auto, CPU, 1, "auto")  # no gain there, and other dropout draws
+    assert not compile_asked(auto, gpu, 1, "autograd")
+    for other in ({"model": "dcgan"}, {"conditional": True}, {"spectral_norm": True}):
+        assert not compile_asked(dataclasses.replace(auto, **other), gpu, 1, "auto"), other
+    assert not compile_asked(auto, gpu, 2, "auto")  # DDP
+    for value in (True, False):
+        cfg = dataclasses.replace(auto, compile=value)
+        assert all(compile_asked(cfg, d, 1, "auto") is value for d in (CPU, gpu))
+    assert GANTrainer(TINY, images(), seed=0).compiled is False  # auto, on the CPU
 
 
 def _state(t: GANTrainer) -> dict[str, torch.Tensor]:
@@ -42,7 +78,7 @@ def _state(t: GANTrainer) -> dict[str, torch.Tensor]:
 
 def _pair(cfg: TrainParams) -> tuple[GANTrainer, GANTrainer]:
     written, auto = (GANTrainer(cfg, images(), seed=0, progress=False) for _ in range(2))
-    assert written.step_kind == "mlp_cpu"
+    assert written.step_kind == "written_out"
     auto._step_fn = functools.partial(gan_step, auto._parts)  # the same trainer, autograd
     return written, auto
 
@@ -158,3 +194,120 @@ def test_bf16_operands_give_the_float32_gradients_within_bf16_rounding(name: str
             assert cosine > 0.97, (key, cosine.item())
             torch.testing.assert_close(a.norm(), b.norm(), rtol=0.08, atol=0, msg=key)
         assert differ, f"{net}: bit-identical to float32, so the bf16 operands did not run"
+
+
+def _steps(t: GANTrainer, n: int) -> list[torch.Tensor]:
+    """``n`` steps on the same batches for every trainer: their METRICS."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        t.train_step({"real": images(64, seed=i), "z": torch.randn(64, 16, generator=g)})
+        for i in range(n)
+    ]
+
+
+@pytest.mark.slow
+def test_compiled_step_is_the_eager_step() -> None:
+    """train.compile compiles the written-out step as a whole, each part as one graph (a graph
+    break is an error under fullgraph, and a failure would warn), and computes what the eager
+    step computes: without dropout, the same metrics and weights to float32 rounding. With
+    dropout (its masks from the compiled kernels' own draws) two runs agree bit for bit."""
+    cfg = dataclasses.replace(TINY, d_dropout=0.0)
+    eager = GANTrainer(cfg, images(), seed=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compiled = GANTrainer(dataclasses.replace(cfg, compile=True), images(), seed=0,
+                              progress=False)  # fmt: skip
+        metrics = _steps(compiled, 3)
+    assert compiled.compiled and compiled._step_fn.compiled
+    assert compiled._step_fn._proven == {"d", "g", "end"}
+    torch.testing.assert_close(torch.stack(metrics), torch.stack(_steps(eager, 3)),
+                               rtol=1e-3, atol=1e-5)  # fmt: skip
+    wa, wb = _state(compiled), _state(eager)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=2 * 3 * cfg.lr_g, msg=key)
+    # The optimizers' updates ran inside the compiled parts, never as the fused kernel.
+    fused = []
+    compiled._step_fn._adam_step = fused.append
+    _steps(compiled, 1)
+    assert fused == []
+
+    runs = [GANTrainer(dataclasses.replace(TINY, compile=True), images(), seed=0,
+                       progress=False) for _ in range(2)]  # fmt: skip
+    first, second = (torch.stack(_steps(t, 3)) for t in runs)
+    assert torch.equal(first, second)
+    for (key, a), b in zip(_state(runs[0]).items(), _state(runs[1]).values(), strict=True):
+        assert torch.equal(a, b), key
+    # The compiled masks drop about d_dropout of D's units: D's update differs from no dropout.
+    assert not torch.equal(first, torch.stack(metrics))
+
+
+def test_a_step_that_fails_to_compile_warns_and_runs_eagerly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch.compile compiles on the first call: a failure there leaves the weights untouched,
+    and the step runs eagerly from then on, as an eager trainer does (bit for bit)."""
+    calls = []
+
+    def lazy_failure(fn, **kwargs):  # what torch.compile returns where its compiler fails
+        def compiled(*args):
+            calls.append(fn.__name__)
+            raise RuntimeError("no C++ compiler")
+
+        return compiled
+
+    eager = GANTrainer(TINY, images(), seed=0, progress=False)
+    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    monkeypatch.setattr(torch, "compile", lazy_failure)
+    t._step_fn = MLPStep(t._parts, t.generator, t.discriminator, bf16=False, compile=True)
+    assert t._step_fn.compiled
+    with pytest.warns(RuntimeWarning, match="compiling the mlp step failed.*no C\\+\\+ compiler"):
+        first = t.train_step({"real": images(64, seed=0), "z": torch.zeros(64, 16)})
+    assert not t._step_fn.compiled and calls == ["_d_update"]
+    assert torch.equal(first, eager.train_step({"real": images(64, seed=0),
+                                                "z": torch.zeros(64, 16)}))  # fmt: skip
+    assert torch.equal(torch.stack(_steps(t, 2)), torch.stack(_steps(eager, 2)))
+    for (key, a), b in zip(_state(t).items(), _state(eager).values(), strict=True):
+        assert torch.equal(a, b), key
+
+
+def test_a_compiled_part_that_fails_after_running_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a first call's failure is the compiler's: a later one is a real error."""
+    runs = []
+
+    def works_once(fn, **kwargs):
+        def compiled(*args):
+            runs.append(fn.__name__)
+            if runs.count(fn.__name__) > 1:
+                raise RuntimeError("out of memory")
+            return fn(*args)
+
+        return compiled
+
+    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    monkeypatch.setattr(torch, "compile", works_once)
+    t._step_fn = MLPStep(t._parts, t.generator, t.discriminator, bf16=False, compile=True)
+    _steps(t, 1)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _steps(t, 1)
+
+
+@pytest.mark.slow
+def test_compiled_step_follows_a_decaying_learning_rate_without_recompiling() -> None:
+    """Each epoch's learning rate reaches the compiled update through a tensor, so the step
+    compiles once (a float would be compiled in as a constant, or recompile every epoch)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # nothing compiled by earlier tests to reuse
+    cfg = dataclasses.replace(TINY, compile=True, lr_decay="linear", epochs=4)
+    t = GANTrainer(cfg, images(), seed=0, progress=False)
+    assert all(isinstance(o.param_groups[0]["lr"], torch.Tensor) for o in (t.opt_g, t.opt_d))
+    start = counters["stats"]["unique_graphs"]
+    t.run_epoch()
+    compiled_graphs = counters["stats"]["unique_graphs"]
+    assert compiled_graphs >= start + 3  # the counter counts: each part compiled once
+    before = [p.detach().clone() for p in t.generator.parameters()]
+    t.fit()
+    assert counters["stats"]["unique_graphs"] == compiled_graphs  # no part compiled again
+    assert t._step_fn.compiled and t.epoch == 4
+    assert float(t.opt_g.param_groups[0]["lr"]) == pytest.approx(cfg.lr_g / 4)
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.generator.parameters(), strict=True))

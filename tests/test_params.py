@@ -43,6 +43,10 @@ def test_values_are_coerced_to_field_types(tmp_path: Path) -> None:
     # An optional integer: null (the default, base.seed) or a number.
     assert load_params(write(tmp_path, "train:\n  seed: null\n")).train.seed is None
     assert load_params(write(tmp_path, "train:\n  seed: 3\n")).train.seed == 3
+    # A switch with an automatic setting: true, false or auto.
+    for value in (True, False, "auto"):
+        text = f"train:\n  compile: {str(value).lower()}\n"
+        assert load_params(write(tmp_path, text)).train.compile == value
 
 
 def test_params_are_frozen() -> None:
@@ -64,6 +68,11 @@ def test_params_are_frozen() -> None:
         ("base:\n  seed: -1\n", "base.seed: must be >= 0"),
         ("train:\n  seed: -1\n", "train.seed: must be >= 0 (or null: base.seed)"),
         ("train:\n  seed: one\n", "train.seed: must be an integer, got 'one'"),
+        (
+            "train:\n  compile: yes please\n",
+            "train.compile: must be true, false or 'auto', got 'yes please'",
+        ),
+        ("train:\n  compile: 1\n", "train.compile: must be true, false or 'auto', got 1"),
         ("base:\n  threads: -2\n", "base.threads: must be >= 0"),
         ("fetch:\n  timeout: 0\n", "fetch.timeout: must be > 0"),
         ("fetch:\n  retries: 0\n", "fetch.retries: must be >= 1"),

@@ -148,7 +148,9 @@ class TrainParams:
     spectral_norm: bool = False  # spectral norm on D's layers
     label_smoothing: float = 0.1  # one-sided: real targets become 1 - label_smoothing
     amp: bool = True  # bf16: autocast on CUDA, matmul math on CPUs with AMX/AVX512-BF16
-    compile: bool = False  # torch.compile the networks (fuses their kernels)
+    # torch.compile the step (fuses its kernels): true | false | auto (where it pays: the mlp's
+    # written-out step on a CUDA GPU).
+    compile: bool | Literal["auto"] = "auto"
     cuda_graph: bool = True  # on CUDA, capture the whole D+G step once and replay it
     # How lr_g and lr_d (tuned for batch 128) change with batch_size: none | sqrt | linear.
     lr_scaling: Literal["none", "sqrt", "linear"] = "none"
@@ -249,12 +251,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
-        if len(args) != 2 or type(None) not in args:
+        if type(None) in args:
+            if len(args) != 2:
+                raise TypeError(f"unsupported field type {hint}")  # pragma: no cover
+            if value is None:  # YAML's null
+                return None
+            (inner,) = (a for a in args if a is not type(None))
+            return _coerce(value, inner, where)
+        if args != (bool, Literal["auto"]):
             raise TypeError(f"unsupported field type {hint}")  # pragma: no cover
-        if value is None:  # YAML's null
-            return None
-        (inner,) = (a for a in args if a is not type(None))
-        return _coerce(value, inner, where)
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ParamsError(f"{where}: must be true, false or 'auto', got {value!r}")
     if hint is bool:
         if not isinstance(value, bool):
             raise ParamsError(f"{where}: must be true or false, got {value!r}")
