@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with only PyTorch (and torchvision, PyYAML) installed, no pip
-# install, no MLflow, no DVC, within about 8 minutes:
-#   1. print the GPU (nvidia-smi and torch);
-#   2. benchmark the trainer against the tutorial baseline on CUDA (mlp and dcgan, batch 128);
-#   3. train the configuration of params.yaml for 100 epochs on the full MNIST, once per model in
-#      GPU_CHECK_MODELS (default mlp): the training seconds, the final sample grid and the
-#      trained networks (models/gan form, for the evaluate stage to score elsewhere);
-#   4. where a step's time goes (benchmarks/step_profile.py): FLOPs, achieved GFLOP/s against a
-#      large GEMM, kernels per eager step and their GPU time;
-#   5. the reference and evaluate stages' scoring on the CPU and on the GPU: seconds, and how far
-#      the GPU's metrics are from the CPU's;
-#   6. optionally (GPU_CHECK_FID=1): FID of the fast path against the plain eager path, 2 seeds;
-#   7. while the budget lasts (GPU_CHECK_EXTRAS=0 skips them): the variants the fast path was
-#      chosen from: mlp with torch.compile, dcgan without channels_last, mlp at batch 1024.
+# install, no MLflow, no DVC, within about 8 minutes, each part in GPU_CHECK_PARTS (default all):
+#   (info) print the GPU (nvidia-smi and torch);
+#   step_variants: the step strategies (autograd, written-out, each eager or compiled) side by
+#      side: their gradients against autograd's, ms per step in the CUDA graph, kernels per step;
+#   train_full, train_full_uncompiled: train the configuration of params.yaml for 100 epochs on
+#      the full MNIST, once per model in GPU_CHECK_MODELS (default mlp), as configured and with
+#      train.compile false (for mlp, autograd's step uncompiled): the training seconds, the
+#      final sample grid and the trained networks (models/gan form, for the evaluate stage to
+#      score elsewhere);
+#   bench: the trainer against the tutorial baseline on CUDA (mlp and dcgan, batch 128);
+#   step_profile: where a step's time goes (benchmarks/step_profile.py): FLOPs, achieved GFLOP/s
+#      against a large GEMM, kernels per step (without the graph) and their GPU time;
+#   evaluate_device: the reference and evaluate stages' scoring on the CPU and on the GPU:
+#      seconds, and how far the GPU's metrics are from the CPU's;
+#   fid_check, with GPU_CHECK_FID=1: FID of the fast path against the plain eager path, 2 seeds;
+#   extras (GPU_CHECK_EXTRAS=0 skips them too): the variants the fast path was chosen from:
+#      dcgan without channels_last, mlp at batch 1024.
 # Every part runs under its own time bound, and a failing part does not stop the next one.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR] [MNIST_DIR]
-#   OUT_DIR    results (default: $OUT, else bench/gpu_check): throughput.json, full_MODEL/
-#              (train_full.json, samples.png, gan/), step_profile.json, evaluate_device.json,
-#              fid_check.json, one .log per part, summary.txt
+#   OUT_DIR    results (default: $OUT, else bench/gpu_check): step_variants.json, full_MODEL/
+#              and full_MODEL_uncompiled/ (train_full.json, samples.png, gan/), throughput.json,
+#              step_profile.json, evaluate_device.json, fid_check.json, one .log per part,
+#              summary.txt
 #   MNIST_DIR  the four MNIST IDX files, decompressed or .gz (default: $MNIST_DATA, else
 #              .gpucheck/mnist, else data/raw); relative paths start at the repository root
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for all parts, default 450),
-#   GPU_CHECK_MODELS (the models part 3 trains, default mlp), GPU_CHECK_FID=1 to run part 6,
-#   BENCH_ARGS / TRAIN_ARGS / PROFILE_ARGS / EVAL_ARGS / FID_ARGS extra arguments per part,
-#   GPU_CHECK_DEVICE (default cuda; cpu only to try the script's plumbing on a CPU machine).
+#   GPU_CHECK_PARTS (space-separated part names), GPU_CHECK_MODELS (default mlp),
+#   GPU_CHECK_FID=1 to run fid_check, VARIANTS_ARGS / BENCH_ARGS / TRAIN_ARGS / PROFILE_ARGS /
+#   EVAL_ARGS / FID_ARGS extra arguments per part, GPU_CHECK_DEVICE (default cuda; cpu only to
+#   try the script's plumbing on a CPU machine).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -84,29 +90,49 @@ else:
 import mnist_gan.training  # noqa: F401 - the library imports without installation
 EOF
 
+# want PART: whether GPU_CHECK_PARTS (default: every part) names PART.
+want() { [[ " ${GPU_CHECK_PARTS:-$ALL_PARTS} " == *" $1 "* ]]; }
+ALL_PARTS="step_variants train_full train_full_uncompiled bench step_profile evaluate_device \
+fid_check extras"
+
 # shellcheck disable=SC2086  # the *_ARGS variables are word lists on purpose
 {
-  part bench 200 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" --models mlp,dcgan \
-    --data "$DATA" --out "$OUT_DIR/throughput.json" ${BENCH_ARGS:-}
+  if want step_variants; then
+    part step_variants 200 "$PY" benchmarks/step_variants.py --data "$DATA" --device "$DEVICE" \
+      --out "$OUT_DIR" ${VARIANTS_ARGS:-}
+  fi
   for model in ${GPU_CHECK_MODELS:-mlp}; do
-    part "train_full_$model" 200 "$PY" benchmarks/train_full.py --data "$DATA" \
-      --out "$OUT_DIR/full_$model" --save-gan "$OUT_DIR/full_$model/gan" --set "model=$model" \
-      --device "$DEVICE" --time-limit 150 ${TRAIN_ARGS:-}
+    if want train_full; then
+      part "train_full_$model" 200 "$PY" benchmarks/train_full.py --data "$DATA" \
+        --out "$OUT_DIR/full_$model" --save-gan "$OUT_DIR/full_$model/gan" \
+        --set "model=$model" --device "$DEVICE" --time-limit 150 ${TRAIN_ARGS:-}
+    fi
+    if want train_full_uncompiled; then
+      part "train_full_${model}_uncompiled" 200 "$PY" benchmarks/train_full.py --data "$DATA" \
+        --out "$OUT_DIR/full_${model}_uncompiled" \
+        --save-gan "$OUT_DIR/full_${model}_uncompiled/gan" --set "model=$model" \
+        --set compile=false --device "$DEVICE" --time-limit 150 ${TRAIN_ARGS:-}
+    fi
   done
-  part step_profile 90 "$PY" benchmarks/step_profile.py --device "$DEVICE" \
-    --out "$OUT_DIR/step_profile.json" ${PROFILE_ARGS:-}
-  part evaluate_device 120 "$PY" benchmarks/evaluate_device.py --data "$DATA" \
-    --devices "cpu,$DEVICE" --out "$OUT_DIR" ${EVAL_ARGS:-}
-  if [[ ${GPU_CHECK_FID:-0} == 1 ]]; then
+  if want bench; then
+    part bench 200 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" --models mlp,dcgan \
+      --data "$DATA" --out "$OUT_DIR/throughput.json" ${BENCH_ARGS:-}
+  fi
+  if want step_profile; then
+    part step_profile 90 "$PY" benchmarks/step_profile.py --device "$DEVICE" \
+      --out "$OUT_DIR/step_profile.json" ${PROFILE_ARGS:-}
+  fi
+  if want evaluate_device; then
+    part evaluate_device 120 "$PY" benchmarks/evaluate_device.py --data "$DATA" \
+      --devices "cpu,$DEVICE" --out "$OUT_DIR" ${EVAL_ARGS:-}
+  fi
+  if want fid_check && [[ ${GPU_CHECK_FID:-0} == 1 ]]; then
     part fid_check 150 "$PY" benchmarks/fid_check.py --data "$DATA" --out "$OUT_DIR" \
       --device "$DEVICE" --time-limit 100 ${FID_ARGS:-}
   else
     note "fid_check: not asked for (GPU_CHECK_FID=1 runs it)"
   fi
-  if [[ ${GPU_CHECK_EXTRAS:-1} == 1 ]]; then
-    part bench_mlp_compile 120 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
-      --models mlp --set compile=true --data "$DATA" \
-      --out "$OUT_DIR/throughput_mlp_compile.json" ${BENCH_ARGS:-}
+  if want extras && [[ ${GPU_CHECK_EXTRAS:-1} == 1 ]]; then
     part bench_dcgan_nchw 90 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
       --models dcgan --trainer-option channels_last=false --data "$DATA" \
       --out "$OUT_DIR/throughput_dcgan_nchw.json" ${BENCH_ARGS:-}
@@ -126,8 +152,7 @@ def load(name):
         return json.loads((out / name).read_text())
     except (OSError, ValueError):
         return None
-for name in ("throughput", "throughput_dcgan_nchw", "throughput_mlp_compile",
-             "throughput_mlp_b1024"):
+for name in ("throughput", "throughput_dcgan_nchw", "throughput_mlp_b1024"):
     bench = load(f"{name}.json") or {}
     extra = {k: v for k, v in bench.items() if k in ("trainer_options", "batch_size")}
     for r in bench.get("results", []):
@@ -138,11 +163,20 @@ for name in ("throughput", "throughput_dcgan_nchw", "throughput_mlp_compile",
               f"compiled {r['trainer']['compiled']}")
 for path in sorted(out.glob("full_*/train_full.json")):
     full = json.loads(path.read_text())
-    print(f"train_full {full['train_params']['model']}: {full['epochs_done']}/"
+    print(f"train_full {path.parent.name}: {full['epochs_done']}/"
           f"{full['epochs_asked']} epochs in "
           f"{full['train_seconds']} s ({full['images_per_sec']:,.0f} img/s; first epoch "
           f"{full['first_epoch_seconds']} s, median epoch {full['median_epoch_seconds']} s) "
           f"on {full['device']}")
+variants = load("step_variants.json") or {}
+for name, row in variants.get("speed", {}).items():
+    agree = variants["agreement"]["by_strategy"].get(name, {})
+    kern = variants.get("kernels", {}).get(name, {})
+    print(f"step_variants {name}: {row['ms_per_step']} ms/step ({row['seconds_per_100_epochs']} s "
+          f"per 100 epochs; warm-up {row['warmup_seconds']} s), gradients vs autograd "
+          f"{agree.get('max_rel_grad_diff', float('nan')):.1e}, metrics "
+          f"{agree.get('max_abs_metric_diff', float('nan')):.1e}; "
+          f"{kern.get('kernels_per_step')} kernels/step ({kern.get('kernel_us_per_step')} us)")
 profile = load("step_profile.json")
 for r in (profile or {}).get("results", []):
     print(f"step_profile {r['model']}: {r['ms_per_step']} ms/step, {r['achieved_gflops']} GFLOP/s "

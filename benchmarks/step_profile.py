@@ -15,8 +15,9 @@ For each model (the train params of ``params.yaml``, batch 128 unless ``--batch-
   uses (``gemm_dtype``: with ``amp``, bf16 operands on CUDA and in the CPU's written-out mlp
   step, float32 in oneDNN's bf16 math in the CPU's autograd step), which is what the step could
   reach if it did nothing but its matmuls;
-- on CUDA: kernels launched per eager step and their summed GPU time (``torch.profiler``), to
-  tell launch-bound steps (GPU idle between kernels) from compute-bound ones;
+- on CUDA: kernels launched per step run without the CUDA graph (compiled where
+  ``train.compile``) and their summed GPU time (``torch.profiler``), to tell launch-bound steps
+  (GPU idle between kernels) from compute-bound ones;
 - on the CPU: where the step's time goes, op by op (``op_us_per_step``): each ATen op the step
   runs is timed through a Python dispatch mode and summed by kind (matmuls, the optimizer,
   dropout draws, the EMA, gradient norms, everything else). The mode adds a few microseconds
@@ -106,13 +107,13 @@ def step_flops(trainer: GANTrainer) -> int:
     return int(counter.get_total_flops())
 
 
-def cuda_kernels(cfg: TrainParams, images: torch.Tensor, device: torch.device,
-                 steps: int = 20) -> dict[str, float]:  # fmt: skip
-    """Kernels per eager step and their summed GPU time (microseconds), by torch.profiler."""
+def profile_kernels(trainer: GANTrainer, device: torch.device, steps: int = 20,
+                    top_n: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Kernels per step of ``trainer`` and their summed GPU time (microseconds), by
+    torch.profiler, after 10 untimed steps; with ``top_n``, also the ``top_n`` kernels that take
+    the most GPU time (per step: how many and how long)."""
     from torch.profiler import ProfilerActivity, profile
 
-    eager = dataclasses.replace(cfg, cuda_graph=False, compile=False)
-    trainer = GANTrainer(eager, images, seed=0, device=device, progress=False)
     trainer.run_steps(10)
     _sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -120,7 +121,24 @@ def cuda_kernels(cfg: TrainParams, images: torch.Tensor, device: torch.device,
         _sync(device)
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy = sum(e.device_time for e in kernels)  # microseconds
-    return {"kernels_per_step": len(kernels) / steps, "kernel_us_per_step": busy / steps}
+    row: dict[str, Any] = {"kernels_per_step": len(kernels) / steps,
+                           "kernel_us_per_step": busy / steps}  # fmt: skip
+    if top_n:
+        by_name: dict[str, list[float]] = {}
+        for e in kernels:
+            by_name.setdefault(e.name, []).append(e.device_time)
+        top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top_n]
+        row["top"] = [{"kernel": k[:120], "per_step": len(t) / steps,
+                       "us_per_step": round(sum(t) / steps, 2)} for k, t in top]  # fmt: skip
+    return row
+
+
+def cuda_kernels(cfg: TrainParams, images: torch.Tensor, device: torch.device,
+                 steps: int = 20) -> dict[str, float]:  # fmt: skip
+    """Kernels per step run without the CUDA graph and their summed GPU time (microseconds)."""
+    eager = dataclasses.replace(cfg, cuda_graph=False)  # compiled where cfg.compile
+    trainer = GANTrainer(eager, images, seed=0, device=device, progress=False)
+    return profile_kernels(trainer, device, steps)
 
 
 # ATen ops by kind, for the CPU's op-by-op split (any other op counts as "other").
@@ -171,8 +189,10 @@ def profile_model(args: argparse.Namespace, model: str, device: torch.device,
                   images: torch.Tensor) -> dict[str, Any]:  # fmt: skip
     overrides = {**parse_set(args.overrides), "model": model, "batch_size": args.batch_size}
     cfg = train_config(args.params or None, overrides)
+    # The FLOPs of the step as written, counted op by op (a compiled step does the same work).
+    flops = step_flops(GANTrainer(dataclasses.replace(cfg, compile=False), images, seed=0,
+                                  device=device, progress=False))  # fmt: skip
     trainer = GANTrainer(cfg, images, seed=0, device=device, progress=False)
-    flops = step_flops(trainer)
     steps = args.steps or STEPS.get((device.type, model), 20)
     trainer.run_steps(max(5, steps // 5))  # warm-up (and the CUDA graph's capture)
     seconds = timed(lambda: trainer.run_steps(steps), device, args.repeats) / steps
@@ -191,7 +211,9 @@ def profile_model(args: argparse.Namespace, model: str, device: torch.device,
         fwd = sum(2.0 * m * k * n * times for m, k, n, times in shapes)
         # The trainer's math: bf16 autocast on CUDA; on a CPU, bf16 operands in the written-out
         # mlp step, oneDNN's bf16 math for float32 in the autograd step.
-        bf16_operands = trainer.amp and (device.type == "cuda" or trainer.step_kind == "mlp_cpu")
+        bf16_operands = trainer.amp and (
+            device.type == "cuda" or trainer.step_kind == "written_out"
+        )
         dtype = torch.bfloat16 if bf16_operands else torch.float32
         row["gemm_dtype"] = "bf16" if bf16_operands else "fp32"
         with _cpu_bf16_math(trainer.cpu_bf16_math):
@@ -200,7 +222,7 @@ def profile_model(args: argparse.Namespace, model: str, device: torch.device,
         row["model_gemms_alone_gflops"] = round(fwd / sum(per), 2)
     if device.type == "cuda":
         row.update(cuda_kernels(cfg, images, device))
-    else:
+    elif not trainer.compiled:  # op by op: a compiled step has no ATen ops to time
         row.update(cpu_op_split(trainer, steps))
     return row
 

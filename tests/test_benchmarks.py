@@ -328,7 +328,11 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
         "GPU_CHECK_DEVICE": "cpu",
         "GPU_CHECK_FID": "1",
         "GPU_CHECK_EXTRAS": "0",
+        # Every part but the second training (train_full's plumbing again, with one param set).
+        "GPU_CHECK_PARTS": "step_variants train_full bench step_profile evaluate_device fid_check",
         "PYTHON": sys.executable,
+        "VARIANTS_ARGS": "--strategies autograd,written_out --check-steps 2 --steps 2 "
+        f"--set batch_size=16 --warmup 1 --repeats 1 {tiny}",
         "BENCH_ARGS": f"--steps 2 --warmup 1 --repeats 1 --batch-size 16 {tiny}",
         "GPU_CHECK_MODELS": "mlp dcgan",
         "TRAIN_ARGS": f"--epochs 1 --set batch_size=16 {tiny}",
@@ -343,11 +347,16 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     summary = (out / "summary.txt").read_text()
-    for part in ("bench", "train_full_mlp", "train_full_dcgan", "step_profile",
+    for part in ("step_variants", "bench", "train_full_mlp", "train_full_dcgan", "step_profile",
                  "evaluate_device", "fid_check"):  # fmt: skip
         assert f"{part}: exit 0" in summary, summary
-    assert "throughput cpu mlp" in summary and "train_full mlp: 1/1 epochs" in summary
-    assert "train_full dcgan: 1/1 epochs" in summary and "step_profile mlp: " in summary
+    assert "train_full_mlp_uncompiled" not in summary  # not asked for
+    assert "throughput cpu mlp" in summary and "train_full full_mlp: 1/1 epochs" in summary
+    assert "train_full full_dcgan: 1/1 epochs" in summary and "step_profile mlp: " in summary
+    for name in ("autograd", "written_out"):
+        assert f"step_variants {name}: " in summary, summary
+    variants = json.loads((out / "step_variants.json").read_text())
+    assert variants["agreement"]["by_strategy"]["written_out"]["max_rel_grad_diff"] < 1e-4
     # The same computation on the same device twice: the same numbers.
     scoring = [line for line in summary.splitlines() if line.startswith("evaluate_device cpu:")]
     assert len(scoring) == 2 and scoring[0].endswith("the base"), summary

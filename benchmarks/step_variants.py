@@ -1,0 +1,263 @@
+"""The trainer's step strategies side by side on one device: do they agree, and how fast is each?
+
+The strategies (:class:`mnist_gan.training.GANTrainer`'s step and runner, as chosen by
+``--trainer-option step=...`` and ``train.compile``; on CUDA each runs as one CUDA graph when
+``train.cuda_graph`` is on, as by default):
+
+- ``autograd``: :func:`~mnist_gan.training.gan_step`, autograd's backward;
+- ``autograd_compiled``: the same with its forward passes compiled (``train.compile``);
+- ``written_out``: :class:`~mnist_gan.mlp_step.MLPStep`, the mlp step's backward written out;
+- ``written_out_compiled``: the same compiled as a whole (``train.compile``).
+
+1. **Agreement.** In float32 without dropout (the strategies draw dropout masks differently),
+   from the same weights: each weight's gradient in the first step against the ``autograd``
+   strategy's (``||g - g_autograd|| / ||g_autograd||``; float32 rounding gives about 1e-6, a
+   wrong gradient order 1), then the largest difference of the METRICS (losses, D's
+   probabilities, gradient norms) over ``--check-steps`` steps on the same batches.
+2. **Speed.** The train params as configured (bf16 and dropout included), ``--steps`` steps per
+   timed run after a warm-up that compiles and captures (its seconds are reported), median of
+   ``--repeats`` runs, strategies alternating; milliseconds per step and what 100 epochs of
+   468 steps would take at that pace.
+3. **Kernels** (CUDA only): kernels launched per step, and their summed GPU time, of each
+   strategy run without the CUDA graph (``torch.profiler``), and the kernels that take the most
+   of it; and whether a compiled function's random numbers (the compiled step's dropout masks)
+   are new at every replay of a CUDA graph that captured it.
+
+Writes ``step_variants.json`` into ``--out`` and prints a table. Needs only PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from step_profile import profile_kernels
+from train_throughput import (
+    BenchError,
+    _sync,
+    device_name,
+    parse_set,
+    resolve_raw_dir,
+    train_config,
+)
+
+from mnist_gan.data import DataError, normalize, read_raw_split
+from mnist_gan.params import TrainParams
+from mnist_gan.training import GANTrainer
+from mnist_gan.utils import resolve_device, write_json
+
+# name: (GANTrainer's step option, train.compile)
+STRATEGIES = {
+    "autograd": ("autograd", False),
+    "autograd_compiled": ("autograd", True),
+    "written_out": ("written_out", False),
+    "written_out_compiled": ("written_out", True),
+}
+STEPS_PER_EPOCH = 60_000 // 128
+
+
+def build(cfg: TrainParams, name: str, images: torch.Tensor, device: torch.device) -> GANTrainer:
+    """A trainer of strategy ``name`` (seed 0: the same initial weights for every strategy)."""
+    step, compiled = STRATEGIES[name]
+    run_cfg = dataclasses.replace(cfg, compile=compiled)
+    return GANTrainer(run_cfg, images, seed=0, device=device, progress=False, step=step)
+
+
+def _grads(t: GANTrainer) -> dict[str, torch.Tensor]:
+    nets = {"g": t.generator, "d": t.discriminator}
+    return {f"{n}.{k}": p.grad.detach().float().cpu().clone() for n, net in nets.items()
+            for k, p in net.named_parameters()}  # fmt: skip
+
+
+def agreement(cfg: TrainParams, names: list[str], images: torch.Tensor, device: torch.device,
+              steps: int) -> dict[str, Any]:  # fmt: skip
+    """Each strategy against ``autograd``: the first step's gradients (from the same weights),
+    then the metrics of ``steps`` steps on the same batches."""
+    exact = dataclasses.replace(cfg, amp=False, d_dropout=0.0, cuda_graph=False)
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        {"real": images[i * exact.batch_size : (i + 1) * exact.batch_size],
+         "z": torch.randn(exact.batch_size, exact.latent_dim, generator=gen)}
+        for i in range(steps)
+    ]  # fmt: skip
+    grads, metrics = {}, {}
+    for name in ["autograd", *[n for n in names if n != "autograd"]]:
+        t = build(exact, name, images, device)
+        rows = [t.train_step(batches[0]).cpu()]
+        grads[name] = _grads(t)
+        rows += [t.train_step(b).cpu() for b in batches[1:]]
+        metrics[name] = torch.stack(rows)
+        print(f"agreement: {name} trained {steps} steps (step {t.step_kind}, compiled "
+              f"{t.compiled})", file=sys.stderr)  # fmt: skip
+    ref = grads["autograd"]
+    scale = max(g.norm() for g in ref.values())
+    out: dict[str, Any] = {"steps": steps, "by_strategy": {}}
+    for name in names:
+        # ||g - g_ref|| / ||g_ref|| per weight; gradients that are zero but for rounding (a bias
+        # before BatchNorm, which the normalisation cancels) are compared at the largest norm.
+        rel = {k: float((g - ref[k]).norm() / max(ref[k].norm(), 1e-3 * scale))
+               for k, g in grads[name].items()}  # fmt: skip
+        worst = max(rel, key=rel.get)
+        out["by_strategy"][name] = {
+            "max_rel_grad_diff": rel[worst],
+            "worst_weight": worst,
+            "max_abs_metric_diff": float((metrics[name] - metrics["autograd"]).abs().max()),
+            "finite": bool(torch.isfinite(metrics[name]).all()),
+        }
+    return out
+
+
+def speed(cfg: TrainParams, names: list[str], images: torch.Tensor, device: torch.device,
+          steps: int, warmup: int, repeats: int) -> dict[str, Any]:  # fmt: skip
+    """Milliseconds per step of each strategy, median of ``repeats`` alternating runs."""
+    trainers, rows = {}, {}
+    for name in names:
+        start = time.perf_counter()
+        t = trainers[name] = build(cfg, name, images, device)
+        t.run_steps(warmup)  # compiles (where asked) and captures the CUDA graph
+        _sync(device)
+        rows[name] = {"warmup_seconds": round(time.perf_counter() - start, 2),
+                      "step": t.step_kind, "compiled": t.compiled, "amp": t.amp,
+                      "cuda_graph": t.cuda_graph, "runs_ms": []}  # fmt: skip
+        print(f"speed: {name} warmed up in {rows[name]['warmup_seconds']} s", file=sys.stderr)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            trainers[name].run_steps(steps)
+            _sync(device)
+            rows[name]["runs_ms"].append(round((time.perf_counter() - start) / steps * 1e3, 4))
+    for row in rows.values():
+        row["ms_per_step"] = statistics.median(row["runs_ms"])
+        row["seconds_per_100_epochs"] = round(row["ms_per_step"] * STEPS_PER_EPOCH * 100 / 1e3, 2)
+    return rows
+
+
+def kernels(cfg: TrainParams, names: list[str], images: torch.Tensor, device: torch.device,
+            steps: int = 20, top_n: int = 25) -> dict[str, Any]:  # fmt: skip
+    """Kernels per step and their GPU time (microseconds) of each strategy without the graph,
+    and its ``top_n`` costliest kernels."""
+    out = {}
+    for name in names:
+        t = build(dataclasses.replace(cfg, cuda_graph=False), name, images, device)
+        row = profile_kernels(t, device, steps, top_n)
+        row["kernel_us_per_step"] = round(row["kernel_us_per_step"], 1)
+        out[name] = row
+    return out
+
+
+def compiled_rng_per_replay(device: torch.device) -> bool:
+    """Whether a compiled function's random numbers are new at each replay of a CUDA graph that
+    captured it (as the compiled step's dropout masks must be): three replays, all different."""
+    from mnist_gan.training import capture_cuda_graph
+
+    fn = torch.compile(lambda x: x * (torch.rand_like(x) >= 0.5), dynamic=False, fullgraph=True)
+    x = torch.ones(4096, device=device)
+    out: dict[str, torch.Tensor] = {}
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(x)  # compiles
+    torch.cuda.current_stream(device).wait_stream(side)
+
+    def body() -> None:
+        out["y"] = fn(x)
+
+    replay = capture_cuda_graph(body)
+    draws = []
+    for _ in range(3):
+        replay()
+        draws.append(out["y"].clone())
+    return all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="MNIST IDX folder (decompressed or .gz)")
+    p.add_argument("--out", required=True, help="folder for step_variants.json")
+    p.add_argument("--params", default="params.yaml", help="train params ('' for defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
+    p.add_argument("--check-steps", type=int, default=20,
+                   help="steps of the agreement check (0: no check)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=0, help="steps per timed run (0: 2000 on CUDA)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [n for n in args.strategies.split(",") if n]
+    try:
+        unknown = sorted(set(names) - set(STRATEGIES))
+        if unknown:
+            raise BenchError(f"--strategies: unknown {unknown}; known: {sorted(STRATEGIES)}")
+        device = resolve_device(args.device)
+        cfg = train_config(args.params or None, parse_set(args.overrides))
+        with tempfile.TemporaryDirectory(prefix="mnist-variants-") as scratch:
+            pixels = read_raw_split(resolve_raw_dir(args.data, Path(scratch)), "train")[0]
+        images = normalize(pixels[: args.train_limit or None])
+    except (BenchError, DataError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    steps = args.steps or (2000 if device.type == "cuda" else 20)
+    report: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "train_params": {
+            "model": cfg.model,
+            "batch_size": cfg.batch_size,
+            "amp": cfg.amp,
+            "cuda_graph": cfg.cuda_graph,
+            "d_dropout": cfg.d_dropout,
+        },  # fmt: skip
+        "agreement": agreement(cfg, names, images, device, args.check_steps)
+        if args.check_steps
+        else {"steps": 0, "by_strategy": {}},
+        "speed": speed(cfg, names, images, device, steps, args.warmup, args.repeats),
+    }
+    if device.type == "cuda":
+        report["kernels"] = kernels(cfg, names, images, device)
+        try:
+            report["compiled_rng_new_per_replay"] = compiled_rng_per_replay(device)
+        except Exception as exc:  # a finding to report, not a reason to lose the rest
+            report["compiled_rng_new_per_replay"] = f"failed: {type(exc).__name__}: {exc}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "step_variants.json", report)
+    print(f"{report['device']}, torch {report['torch']}, {steps} steps per run")
+    for name in names:
+        a = report["agreement"]["by_strategy"].get(name, {"max_rel_grad_diff": float("nan")})
+        s = report["speed"][name]
+        k = report.get("kernels", {}).get(name, {})
+        print(
+            f"{name:21s} {s['ms_per_step']:8.4f} ms/step  100 epochs "
+            f"{s['seconds_per_100_epochs']:7.2f} s  warm-up {s['warmup_seconds']:6.2f} s  grads "
+            f"vs autograd {a['max_rel_grad_diff']:.1e}  kernels "
+            f"{k.get('kernels_per_step', '-')} ({k.get('kernel_us_per_step', '-')} us)"
+        )
+    if "kernels" in report:
+        print(f"compiled random numbers new at each graph replay: "
+              f"{report['compiled_rng_new_per_replay']}")  # fmt: skip
+        name = names[-1]
+        print(f"{name}: the kernels taking the most GPU time, per step")
+        for row in report["kernels"][name]["top"]:
+            print(f"  {row['us_per_step']:7.2f} us  {row['per_step']:5.2f} x  {row['kernel']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
