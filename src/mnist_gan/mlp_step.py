@@ -44,7 +44,8 @@ update, G's update, the EMA and metrics) into one graph (``fullgraph``), the opt
 updates inside (:func:`adam_math`, the fused Adam kernel's formula as foreach ops), and fuses
 their elementwise work into few kernels around the matmuls. The dropout masks then come from
 the compiled kernels' own random numbers, so a compiled run differs from an eager one (the
-same distribution; bit-identical run to run on one machine). Measured on an H200 (2026-12-04,
+same distribution; on the CPU bit-identical run to run, tested; on a GPU not checked, where
+inductor may pick kernels by timing them). Measured on an H200 (2026-12-04,
 mlp, batch 128, bf16, inside the CUDA graph): 0.230 ms a step and 119 kernels, against
 0.470 ms and 193 kernels for autograd's step. A part that fails to compile warns, and the step
 runs eagerly from then on.
@@ -75,6 +76,11 @@ def adam_inputs(opt: torch.optim.Optimizer) -> tuple:
     and step counters, and its settings. Creates the state where the optimizer has none yet, as
     its fused path does on its first step (so ``opt.step()`` and ``state_dict()`` take it)."""
     group = opt.param_groups[0]
+    unsupported = [k for k in ("amsgrad", "maximize") if group.get(k)]
+    if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or group["weight_decay"]:
+        unsupported.append("not a one-group Adam without weight decay")
+    if unsupported:
+        raise ValueError(f"the compiled mlp step's Adam update does not cover: {unsupported}")
     params = group["params"]
     for param in params:
         if not opt.state.get(param):
@@ -102,8 +108,10 @@ def adam_math(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps
     """``torch.optim.Adam``'s update (no weight decay, amsgrad or maximize) as foreach ops, for
     the compiled step: ``torch.compile`` fuses it into a few kernels, where the fused Adam
     kernel runs on few blocks (measured on an H200: 55 us a step for the two optimizers, a
-    fifth of the compiled step's GPU time). The same formula as the fused kernel's: moments by
-    lerp and by ``beta2 v + (1 - beta2) g^2``, bias corrections from the (equal) step counts."""
+    fifth of the compiled step's GPU time). The formula of Adam's foreach (capturable) path:
+    the first moment by lerp (the fused kernel's ``beta1 m + (1 - beta1) g``, equal but for
+    the last bits), the second by ``beta2 v + (1 - beta2) g^2``, bias corrections from the
+    (equal) step counts, ``eps`` added after the division by ``sqrt(1 - beta2^t)``."""
     torch._foreach_add_(steps, 1.0)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -219,7 +227,9 @@ class MLPStep:
     def _run(self, name: str, *args: Any) -> Any:
         """Part ``name`` of the step, compiled when asked. ``torch.compile`` compiles a part on
         its first call, before running it; where that fails (no compiler, an unsupported op)
-        the step warns once and runs every part eagerly from then on: the same computation."""
+        the step warns once and runs every part eagerly from then on: the same computation. Any
+        failure of a part's first call is taken for the compiler's (compiling comes first: a
+        part's update has not run); a later one is raised."""
         if self._compiled is not None:
             try:
                 out = self._compiled[name](*args)

@@ -762,11 +762,11 @@ class GANTrainer:
                 "norm, in one process"
             )
         asked = compile_asked(cfg, self.device, self.world_size, step)
-        self.compiled = asked and _can_compile(self.device)
+        compiling = asked and _can_compile(self.device)
         # The step itself, chosen once: the mlp's backward written out, or autograd.
         self.step_kind = step
         if step == "auto":
-            self.step_kind = select_step(cfg, self.device, self.world_size, self.compiled)
+            self.step_kind = select_step(cfg, self.device, self.world_size, compiling)
         # How the step runs, chosen once: under a CUDA graph, Adam's step counters (and a
         # decaying learning rate) must live on the GPU, where the graph reads them. The compiled
         # written-out step reads a decaying learning rate from a tensor too (a float would be
@@ -780,7 +780,7 @@ class GANTrainer:
         betas = (cfg.beta1, cfg.beta2)
         self.lr_g = scaled_lr(cfg.lr_g, cfg.batch_size, cfg.lr_scaling)
         self.lr_d = scaled_lr(cfg.lr_d, cfg.batch_size, cfg.lr_scaling)
-        in_graph_adam = self.compiled and self.step_kind == "written_out"
+        in_graph_adam = compiling and self.step_kind == "written_out"
         self._lr_as_tensor = (graph or in_graph_adam) and cfg.lr_decay != "none"
         self.opt_g = _adam(self._g_params, self._lr(self.lr_g), betas, graph)
         self.opt_d = _adam(self._d_params, self._lr(self.lr_d), betas, graph)
@@ -810,7 +810,8 @@ class GANTrainer:
             g_fwd = DDP(self.generator, device_ids=ids, **no_sync)
             d_fwd = DDP(self.discriminator, device_ids=ids, **no_sync)
         forwards = (g_fwd, d_fwd, self.discriminator)
-        if self.compiled and self.step_kind == "autograd":
+        self._compiled_forwards = compiling and self.step_kind == "autograd"
+        if self._compiled_forwards:
             forwards = _compiled(forwards)
         g_fwd, d_fwd, d_for_g = forwards
         self._parts = StepParts(
@@ -834,7 +835,7 @@ class GANTrainer:
         self._step_fn: Step = functools.partial(gan_step, self._parts)
         if self.step_kind == "written_out":
             self._step_fn = mlp_step.MLPStep(
-                self._parts, self.generator, self.discriminator, self.amp, self.compiled
+                self._parts, self.generator, self.discriminator, self.amp, compiling
             )
 
     # --- construction helpers -------------------------------------------------------------
@@ -898,6 +899,14 @@ class GANTrainer:
         """Whether the step runs under oneDNN's bf16 math for float32 matmuls: the autograd step
         on a CPU with ``amp`` (the written-out step takes bf16 operands instead)."""
         return self.amp and self.device.type == "cpu" and self.step_kind == "autograd"
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs compiled: the written-out step until a part of it fails to
+        compile (it then runs eagerly), or the autograd step's compiled forward passes."""
+        if isinstance(self._step_fn, mlp_step.MLPStep):
+            return self._step_fn.compiled
+        return self._compiled_forwards
 
     @property
     def cuda_graph(self) -> bool:
