@@ -94,6 +94,9 @@ EOF
 want() { [[ " ${GPU_CHECK_PARTS:-$ALL_PARTS} " == *" $1 "* ]]; }
 ALL_PARTS="step_variants train_full train_full_uncompiled bench step_profile evaluate_device \
 fid_check extras"
+for asked in ${GPU_CHECK_PARTS:-}; do
+  [[ " $ALL_PARTS " == *" $asked "* ]] || note "GPU_CHECK_PARTS: no part $asked (parts: $ALL_PARTS)"
+done
 
 # shellcheck disable=SC2086  # the *_ARGS variables are word lists on purpose
 {
@@ -129,7 +132,7 @@ fid_check extras"
   if want fid_check && [[ ${GPU_CHECK_FID:-0} == 1 ]]; then
     part fid_check 150 "$PY" benchmarks/fid_check.py --data "$DATA" --out "$OUT_DIR" \
       --device "$DEVICE" --time-limit 100 ${FID_ARGS:-}
-  else
+  elif want fid_check; then
     note "fid_check: not asked for (GPU_CHECK_FID=1 runs it)"
   fi
   if want extras && [[ ${GPU_CHECK_EXTRAS:-1} == 1 ]]; then
