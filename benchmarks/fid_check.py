@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from train_throughput import BenchError, parse_set, resolve_raw_dir, train_config
+from train_throughput import BenchError, parse_set, resolve_raw_dir, run_parser, train_config
 
 from mnist_gan.classifier import embed, train_classifier
 from mnist_gan.data import DataError, normalize, read_raw_split
@@ -82,17 +82,12 @@ def generate(trainer: GANTrainer, n: int, seed: int, batch: int = 1000) -> torch
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="MNIST IDX folder (decompressed or .gz)")
-    p.add_argument("--out", required=True, help="folder for fid_check.json")
-    p.add_argument("--params", default="params.yaml", help="train params ('' for defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = run_parser(__doc__, "folder for fid_check.json")
     p.add_argument("--epochs", type=int, default=15, help="GAN epochs per run")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds per variant")
     p.add_argument("--classifier-epochs", type=int, default=2)
     p.add_argument("--samples", type=int, default=10_000, help="generated images per FID")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--time-limit", type=float, default=0, help="seconds; 0 = no limit")
     return p.parse_args(argv)
 

@@ -47,6 +47,7 @@ from train_throughput import (
     device_name,
     parse_set,
     resolve_raw_dir,
+    run_parser,
     train_config,
 )
 
@@ -181,12 +182,7 @@ def compiled_rng_per_replay(device: torch.device) -> bool:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="MNIST IDX folder (decompressed or .gz)")
-    p.add_argument("--out", required=True, help="folder for step_variants.json")
-    p.add_argument("--params", default="params.yaml", help="train params ('' for defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p = run_parser(__doc__, "folder for step_variants.json")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     p.add_argument("--check-steps", type=int, default=20,
                    help="steps of the agreement check (0: no check)")  # fmt: skip

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
-from train_throughput import BenchError, parse_set, resolve_raw_dir, train_config
+from train_throughput import BenchError, parse_set, resolve_raw_dir, run_parser, train_config
 
 from mnist_gan.data import DataError, normalize, read_raw_split
 from mnist_gan.models import save_gan
@@ -39,13 +39,8 @@ GRID = 64  # samples in the grid (8 x 8)
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="MNIST IDX folder (decompressed or .gz)")
-    p.add_argument("--out", required=True, help="folder for samples.png and train_full.json")
-    p.add_argument("--params", default="params.yaml", help="train params ('' for defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = run_parser(__doc__, "folder for samples.png and train_full.json")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=0, help="seconds; 0 = no limit")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")

@@ -129,6 +129,19 @@ def resolve_raw_dir(data: str | Path | None, scratch: Path) -> Path:
 # --- configuration -----------------------------------------------------------------------------
 
 
+def run_parser(doc: str | None, out_help: str) -> argparse.ArgumentParser:
+    """A command line with the arguments every script that trains on MNIST takes: ``--data``,
+    ``--out`` (described by ``out_help``), ``--params``, ``--set`` and ``--device``; ``doc``'s
+    first paragraph describes the script."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    p.add_argument("--data", default=None, help="MNIST IDX folder (decompressed or .gz)")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--params", default="params.yaml", help="train params ('' for defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return p
+
+
 def parse_set(items: Sequence[str], option: str = "--set") -> dict[str, Any]:
     """``KEY=VALUE`` strings to train-param overrides (values read as YAML: 1e-3, true, [1, 2]).
 
