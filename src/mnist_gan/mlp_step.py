@@ -405,9 +405,10 @@ class MLPStep:
         return masks[:k], masks[k:]
 
     def _adam(self, opt: torch.optim.Optimizer, inputs: tuple | None) -> None:
-        """``opt``'s update: compiled, :func:`adam_math` on ``inputs``; eagerly, the fused
-        kernel (:func:`~mnist_gan.training.adam_step`)."""
-        if torch.compiler.is_compiling() and inputs is not None:
+        """``opt``'s update: compiled, :func:`adam_math` on ``inputs``; eagerly (and after a
+        failed compile, which passes them too), the fused kernel
+        (:func:`~mnist_gan.training.adam_step`)."""
+        if torch.compiler.is_compiling():
             adam_math(*inputs)
         else:
             self._adam_step(opt)

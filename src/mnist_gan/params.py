@@ -9,6 +9,7 @@ defaults equal it and serve the library and the tests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import types
@@ -235,6 +236,15 @@ class Params:
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
+def _spelled(hint: Any) -> list[str]:
+    """The values a union's alternative takes, as params.yaml spells them (for messages)."""
+    if hint is bool:
+        return ["true", "false"]
+    if typing.get_origin(hint) is Literal:
+        return [repr(choice) for choice in typing.get_args(hint)]
+    raise TypeError(f"unsupported union alternative {hint}")  # pragma: no cover
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against the type ``hint``, returning it in the field's own type."""
     origin = typing.get_origin(hint)
@@ -251,18 +261,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
-        if type(None) in args:
-            if len(args) != 2:
-                raise TypeError(f"unsupported field type {hint}")  # pragma: no cover
-            if value is None:  # YAML's null
-                return None
-            (inner,) = (a for a in args if a is not type(None))
-            return _coerce(value, inner, where)
-        if args != (bool, Literal["auto"]):
-            raise TypeError(f"unsupported field type {hint}")  # pragma: no cover
-        if isinstance(value, bool) or value == "auto":
-            return value
-        raise ParamsError(f"{where}: must be true, false or 'auto', got {value!r}")
+        if value is None and type(None) in args:  # YAML's null
+            return None
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1:  # optional: the one type's own message
+            return _coerce(value, alternatives[0], where)
+        for inner in alternatives:  # the first that takes the value, in the hint's order
+            with contextlib.suppress(ParamsError):
+                return _coerce(value, inner, where)
+        words = [word for inner in alternatives for word in _spelled(inner)]
+        raise ParamsError(f"{where}: must be {', '.join(words[:-1])} or {words[-1]}, got {value!r}")
     if hint is bool:
         if not isinstance(value, bool):
             raise ParamsError(f"{where}: must be true or false, got {value!r}")

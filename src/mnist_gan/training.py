@@ -70,7 +70,6 @@ __all__ = [
     "fixed_noise",
 ]
 
-CPU = torch.device("cpu")
 # Eager steps (on a side stream) before the whole step is captured as a CUDA graph: they
 # create the optimizer state, cuBLAS/cuDNN handles and any compiled kernels.
 GRAPH_WARMUP_STEPS = 3
@@ -525,14 +524,14 @@ def select_step(cfg: TrainParams, device: torch.device, world_size: int, compile
     everywhere else (its forward passes compiled where ``compiled``). A trainer whose
     ``fuse_d`` is switched off runs ``gan_step``.
     """
-    written_out = (
-        (device.type == "cpu" or (device.type == "cuda" and compiled))
-        and world_size == 1
-        and cfg.model == "mlp"
-        and not cfg.conditional
-        and not cfg.spectral_norm
-    )
-    return "written_out" if written_out else "autograd"
+    pays = device.type == "cpu" or (device.type == "cuda" and compiled)
+    return "written_out" if pays and written_out_covers(cfg, world_size) else "autograd"
+
+
+def written_out_covers(cfg: TrainParams, world_size: int) -> bool:
+    """Whether :class:`mnist_gan.mlp_step.MLPStep` computes this configuration's step: the mlp
+    networks, unconditional, without spectral norm, in one process."""
+    return world_size == 1 and cfg.model == "mlp" and not cfg.conditional and not cfg.spectral_norm
 
 
 def compile_asked(cfg: TrainParams, device: torch.device, world_size: int, step: str) -> bool:
@@ -541,11 +540,7 @@ def compile_asked(cfg: TrainParams, device: torch.device, world_size: int, step:
     costs seconds once; on the CPU it gains nothing and draws other dropout masks)."""
     if cfg.compile != "auto":
         return bool(cfg.compile)
-    return (
-        device.type == "cuda"
-        and step != "autograd"
-        and select_step(cfg, device, world_size, compiled=True) == "written_out"
-    )
+    return device.type == "cuda" and step != "autograd" and written_out_covers(cfg, world_size)
 
 
 class EagerRunner:
@@ -756,7 +751,7 @@ class GANTrainer:
         # train.compile: the whole written-out step, or the autograd step's forward passes.
         if step not in ("auto", "autograd", "written_out"):
             raise ValueError(f"step: {step!r} is not one of 'auto', 'autograd', 'written_out'")
-        if step == "written_out" and select_step(cfg, CPU, self.world_size, False) != step:
+        if step == "written_out" and not written_out_covers(cfg, self.world_size):
             raise ValueError(
                 "step: 'written_out' covers the mlp networks, unconditional, without spectral "
                 "norm, in one process"
