@@ -149,7 +149,8 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
             _lost_ranks(exc, world)
         sys.exit(f"error: {exc}")
     code = code_digest(Path(__file__))  # every project file this stage runs
-    parts = fingerprint(cfg, seed, data_sha, device.type, code, world.size, trainer.math)
+    parts = fingerprint(cfg, seed, data_sha, device.type, code, world.size, trainer.math,
+                        trainer.strategy)  # fmt: skip
     store = CheckpointStore(checkpoints, parts)
     # Rank 0 reads the checkpoint and hands it to the others (who may be on other machines).
     state = distributed.broadcast_object(store.load() if world.main else None)

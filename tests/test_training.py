@@ -23,6 +23,7 @@ from mnist_gan.training import (
     EagerRunner,
     GANTrainer,
     adam_step,
+    auto_steps_per_replay,
     fingerprint,
     fixed_noise,
     select_runner,
@@ -240,7 +241,7 @@ def test_a_checkpoint_that_does_not_fit_is_a_value_error() -> None:
 
 def test_fingerprint_has_one_part_per_cause() -> None:
     base = fingerprint(TINY, 0, "abc", "cpu", "code")
-    assert set(base) == {"params", "data", "device", "code", "world_size", "math"}
+    assert set(base) == {"params", "data", "device", "code", "world_size", "math", "strategy"}
     assert base == fingerprint(dataclasses.replace(TINY), 0, "abc", "cpu", "code")
     changes = {
         "params": [
@@ -253,10 +254,23 @@ def test_fingerprint_has_one_part_per_cause() -> None:
         "code": [fingerprint(TINY, 0, "abc", "cpu", "other code")],
         "world_size": [fingerprint(TINY, 0, "abc", "cpu", "code", world_size=2)],
         "math": [fingerprint(TINY, 0, "abc", "cpu", "code", math="bf16")],
+        "strategy": [fingerprint(TINY, 0, "abc", "cpu", "code", strategy="autograd compiled")],
     }
     for part, prints in changes.items():
         for other in prints:
             assert [k for k in base if base[k] != other[k]] == [part]
+
+
+def test_strategy_says_what_runs() -> None:
+    """The trainer's strategy, as the fingerprint takes it: the step, compiling, the graph."""
+    cpu = GANTrainer(TINY, images(), seed=0, progress=False)
+    assert cpu.strategy == "written_out" == fingerprint(TINY, 0, "d", "cpu", "c")["strategy"]
+    forced = GANTrainer(TINY, images(), seed=0, progress=False, step="autograd")
+    assert forced.strategy == "autograd"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # where this PyTorch cannot compile
+        compiled = GANTrainer(dataclasses.replace(TINY, compile=True), images(), seed=0)
+    assert compiled.strategy == ("written_out compiled" if compiled.compiled else "written_out")
 
 
 def test_linear_lr_decay_per_epoch_and_exact_resume(tmp_path: Path) -> None:
@@ -511,18 +525,23 @@ class StandIn:
     """A stand-in for CUDA graph capture on the CPU: the replay runs the recorded function."""
 
     def __init__(self, fail: bool = False) -> None:
-        self.fail, self.captures = fail, 0
+        self.fail, self.captures, self.replays = fail, 0, 0
 
     def __call__(self, fn):
         self.captures += 1
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        return fn
+
+        def replay() -> None:
+            self.replays += 1
+            fn()
+
+        return replay
 
 
-def graph_trainer(capture: StandIn) -> GANTrainer:
+def graph_trainer(capture: StandIn, cfg: TrainParams = TINY, **options: object) -> GANTrainer:
     """A CPU trainer whose step runs through CudaGraphRunner with a stand-in capture."""
-    t = GANTrainer(TINY, images(), seed=0, progress=False)
+    t = GANTrainer(cfg, images(), seed=0, progress=False, **options)
     t._runner = t._new_runner(True)
     assert isinstance(t._runner, CudaGraphRunner) and t.cuda_graph
     t._runner.capture = capture
@@ -565,6 +584,76 @@ def test_failed_capture_warns_and_trains_on_eagerly() -> None:
     assert capture.captures == 1
     assert_same_weights(graph, eager)  # no step lost or repeated
     assert torch.equal(graph._record, eager._record)
+
+
+def test_auto_steps_per_replay_divides_the_epoch_where_it_can() -> None:
+    assert auto_steps_per_replay(468) == 13  # MNIST's 60,000 images in batches of 128
+    assert auto_steps_per_replay(480) == 16
+    assert auto_steps_per_replay(467) == 16  # a prime: the epoch's last 3 steps run alone
+    assert auto_steps_per_replay(5) == 5 and auto_steps_per_replay(1) == 1  # the whole epoch
+    for bad in (0, 6, "many", 2.0):  # TINY's epoch has 5 steps
+        with pytest.raises(ValueError, match="steps_per_replay"):
+            GANTrainer(TINY, images(), seed=0, progress=False, steps_per_replay=bad)
+    t = GANTrainer(TINY, images(), seed=0, progress=False, steps_per_replay="auto")
+    assert t.steps_per_replay == 5
+
+
+def test_graph_runner_replays_several_steps_at_once() -> None:
+    """Two steps per replay: warm-up steps, one capture, replays of two steps, and steps left
+    over run one by one; the training of the eager runner, exactly (the noise of a replay's
+    steps is drawn at once: 64 x 100 values a batch, a multiple of 16, gives the same numbers
+    on the CPU as one draw a step)."""
+    capture = StandIn()
+    graph = graph_trainer(capture, steps_per_replay=2)
+    eager = GANTrainer(TINY, images(), seed=0, progress=False)
+    assert graph._runner.steps == 2 and graph._runner.static["z"].shape == (2, 64, 100)
+    first = [t.run_epoch().as_dict() for t in (graph, eager)]
+    # 5 steps: 3 warm-up, then 2 left over at the epoch's end (no room for a replay)
+    assert capture.captures == 0 and graph._runner.warmup_left == 0
+    second = [t.run_epoch().as_dict() for t in (graph, eager)]
+    assert (capture.captures, capture.replays) == (1, 2)  # steps 1-2, 3-4; step 5 alone
+    assert without_timing(first[:1]) == without_timing(first[1:])
+    assert without_timing(second[:1]) == without_timing(second[1:])
+    assert torch.equal(graph._record, eager._record)
+    assert_same_weights(graph, eager)
+    graph.run_steps(7)  # across an epoch's end: whole replays where they fit
+    eager.run_steps(7)
+    assert (capture.captures, capture.replays) == (1, 5)  # 1-2, 3-4, 5 alone; the next 1-2
+    assert_same_weights(graph, eager)
+
+
+def test_failed_capture_of_several_steps_runs_their_batches_eagerly() -> None:
+    capture = StandIn(fail=True)
+    graph = graph_trainer(capture, steps_per_replay=2)
+    eager = GANTrainer(TINY, images(), seed=0, progress=False)
+    graph.run_steps(GRAPH_WARMUP_STEPS)
+    with pytest.warns(RuntimeWarning, match="capturing the training step failed"):
+        graph.run_steps(4)  # the capture of 2 steps fails: those 2, then 2 more, eagerly
+    assert isinstance(graph._runner, EagerRunner) and capture.captures == 1
+    eager.run_steps(GRAPH_WARMUP_STEPS + 4)
+    assert_same_weights(graph, eager)  # no step lost or repeated, no batch redrawn
+    assert torch.equal(graph._record, eager._record)
+
+
+@pytest.mark.slow
+def test_compiled_step_replays_several_steps_as_it_runs_one() -> None:
+    """The compiled written-out step in a graph of 3 steps (a stand-in capture on the CPU):
+    each slot of the graph's inputs is a view at another offset, and the parts compile once
+    each all the same (no recompiling per slot), with the results of one step per replay."""
+    cfg = dataclasses.replace(TINY, compile=True, epochs=4)
+    graphs = torch._dynamo.utils.counters["stats"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would be a failure here
+        one = graph_trainer(StandIn(), cfg)
+        one.run_steps(10)
+        three = graph_trainer(StandIn(), cfg, steps_per_replay=3)
+        three.run_steps(GRAPH_WARMUP_STEPS)  # compiles each part (on slot 0)
+        compiled = graphs["unique_graphs"]
+        three.run_steps(10 - GRAPH_WARMUP_STEPS)  # 2 replays (slots 0-2), 1 step alone
+    assert one.compiled and three.compiled and three._runner.replay is not None
+    assert graphs["unique_graphs"] == compiled  # no part compiled again for another slot
+    assert torch.equal(one._record, three._record)
+    assert_same_weights(one, three)
 
 
 def test_step_runs_any_number_of_steps() -> None:

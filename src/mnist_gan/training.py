@@ -13,13 +13,13 @@ update, G's update, the EMA, the metrics) as one function of the parts it update
 backward passes written out (:class:`mnist_gan.mlp_step.MLPStep`: no autograd records; on the
 CPU op by op, and on a GPU compiled as a whole by ``train.compile``); the runners that execute
 it, chosen once by :func:`select_runner` (:class:`EagerRunner` op by op,
-:class:`CudaGraphRunner` as one replayed CUDA graph, which hands over to an eager runner if
-capture fails); then :class:`GANTrainer`, the whole state (networks, EMA, optimizers,
-generators) and the epoch loop. A benchmark can drive :meth:`GANTrainer.step` for a fixed
-number of steps; the train stage calls :meth:`GANTrainer.fit`, which runs epochs, reports each
-one to a callback and saves resumable checkpoints through a :class:`CheckpointStore`. Resuming
-from a checkpoint restores every RNG, so on the CPU the final weights are bit-identical to an
-uninterrupted run.
+:class:`CudaGraphRunner` as a replayed CUDA graph of one step or several, which hands over to an
+eager runner if capture fails); then :class:`GANTrainer`, the whole state (networks, EMA,
+optimizers, generators) and the epoch loop. A benchmark can drive :meth:`GANTrainer.run_steps`
+for a fixed number of steps; the train stage calls :meth:`GANTrainer.fit`, which runs epochs,
+reports each one to a callback and saves resumable checkpoints through a
+:class:`CheckpointStore`. Resuming from a checkpoint restores every RNG, so on the CPU the final
+weights are bit-identical to an uninterrupted run.
 
 This module uses only PyTorch (tqdm and numpy when installed), so it runs on a GPU machine that
 has nothing else.
@@ -73,6 +73,9 @@ __all__ = [
 # Eager steps (on a side stream) before the whole step is captured as a CUDA graph: they
 # create the optimizer state, cuBLAS/cuDNN handles and any compiled kernels.
 GRAPH_WARMUP_STEPS = 3
+# The most steps one CUDA graph replay runs under ``steps_per_replay="auto"``
+# (:func:`auto_steps_per_replay`).
+MAX_STEPS_PER_REPLAY = 16
 # The batch size lr_g and lr_d are tuned for (the article's); train.lr_scaling scales from it.
 REFERENCE_BATCH = 128
 
@@ -136,6 +139,7 @@ def fingerprint(
     code: str,
     world_size: int = 1,
     math: str = "float32",
+    strategy: str = "written_out",
 ) -> dict[str, str]:
     """What determines training, part by part: a checkpoint resumes only when every part matches.
 
@@ -151,10 +155,14 @@ def fingerprint(
         math: The trainer's matmul math (:attr:`GANTrainer.math`): ``bf16`` or ``float32``.
             ``train.amp`` gives bf16 only where the hardware has it, so the same params train
             in other math on another machine; a checkpoint resumes only in the same math.
+        strategy: How the trainer runs its step (:attr:`GANTrainer.strategy`): ``train.compile:
+            auto`` and the fallbacks choose it by device and by what this PyTorch can do, and
+            each strategy draws its dropout masks (and, with several steps a replay, its noise)
+            in its own way; a checkpoint resumes only under the same strategy.
 
     Returns:
         ``{"params": ..., "data": ..., "device": ..., "code": ..., "world_size": ..., "math":
-        ...}``, plain strings.
+        ..., "strategy": ...}``, plain strings.
     """
     blob = json.dumps({"train": params_to_dict(cfg), "seed": seed}, sort_keys=True)
     return {
@@ -164,6 +172,7 @@ def fingerprint(
         "code": code,
         "world_size": str(world_size),
         "math": math,
+        "strategy": strategy,
     }
 
 
@@ -488,9 +497,15 @@ def end_step(
 # --- how the step runs -----------------------------------------------------------------------
 
 Batch = dict[str, torch.Tensor]
-# fill(None) draws a new batch; fill(static) writes it into the tensors of ``static``.
-Fill = Callable[[Batch | None], Batch]
+# fill(j, n, out): the batches of steps j .. j+n-1 of a run, stacked ((n, B, ...) each): new
+# tensors when ``out`` is None, else written into ``out[name][:n]`` (a graph's inputs).
+Fill = Callable[[int, int, Batch | None], Batch]
 Step = Callable[[Mapping[str, torch.Tensor], torch.Tensor], None]
+
+
+def _slot(batches: Batch, k: int) -> Batch:
+    """Step ``k``'s batch from stacked batches: views, ``(B, ...)`` each."""
+    return {name: t[k] for name, t in batches.items()}
 
 
 def select_runner(
@@ -510,6 +525,15 @@ def select_runner(
             "all-reduce is not captured here); training without CUDA graphs"
         )
     return "cuda_graph", None
+
+
+def auto_steps_per_replay(steps_per_epoch: int, most: int = MAX_STEPS_PER_REPLAY) -> int:
+    """How many steps one CUDA graph replay runs under ``steps_per_replay="auto"``: the largest
+    divisor of ``steps_per_epoch`` from ``most // 2`` to ``most`` (13 for MNIST's 468 steps of
+    128), so that an epoch is whole replays; else ``most`` (the epoch's last few steps then run
+    one by one), or the whole epoch where it is shorter."""
+    fits = [k for k in range(most // 2, most + 1) if steps_per_epoch % k == 0]
+    return max(fits) if fits else min(most, steps_per_epoch)
 
 
 def select_step(cfg: TrainParams, device: torch.device, world_size: int, compiled: bool) -> str:
@@ -547,10 +571,13 @@ class EagerRunner:
     """Runs the step op by op, as Python calls it."""
 
     name = "eager"
+    steps = 1  # steps per call that it runs as one unit
 
-    def run(self, step: Step, fill: Fill, record: torch.Tensor) -> EagerRunner:
-        """One step on a new batch; returns the runner for the next step (itself)."""
-        step(fill(None), record)
+    def run(self, step: Step, fill: Fill, records: torch.Tensor) -> EagerRunner:
+        """``len(records)`` steps, each on a new batch, step ``j``'s METRICS into
+        ``records[j]``; returns the runner for the next steps (itself)."""
+        for j in range(len(records)):
+            step(_slot(fill(j, 1, None), 0), records[j])
         return self
 
 
@@ -578,18 +605,29 @@ def _side_stream(device: torch.device) -> Iterator[None]:
 
 
 class CudaGraphRunner:
-    """Runs the whole step (D and G updates, EMA, metrics) as one CUDA graph.
+    """Runs ``steps`` whole steps (D and G updates, EMA, metrics) as one CUDA graph.
 
     The first ``warmup`` steps run eagerly on a side stream (they create the optimizers'
-    state, the library handles and any compiled kernels, as capture requires); the next step
-    is captured and from then on every step replays the graph: three kernel launches from
-    Python instead of hundreds. The graph reads its batch from ``static`` (fixed addresses that
-    ``fill`` overwrites each step) and writes its metrics into ``static["record"]``. If capture
-    fails, the runner warns, runs that step eagerly and hands over to an :class:`EagerRunner`.
+    state, the library handles and any compiled kernels, as capture requires); then ``steps``
+    steps are captured, and from then on every ``steps`` steps replay the graph: one launch
+    from Python instead of hundreds per step. The graph reads its batches from ``static``
+    (``steps`` stacked batches at fixed addresses, which ``fill`` overwrites before each
+    replay) and writes each step's METRICS into a row of ``records``, which one copy per
+    replay hands on. Steps left over where a replay would run past what the caller asked for
+    run one by one, eagerly, like the warm-up. If capture fails, the runner warns, runs the
+    batches it drew eagerly and hands over to an :class:`EagerRunner`.
+
+    Replaying several steps saves what lies between replays: the launch, and the batch's
+    gather and noise kernels, drawn for all the replay's steps at once. On a GPU the noise
+    then depends on ``steps`` (one draw of ``steps`` batches is not ``steps`` draws of one), so
+    runs with different ``steps`` differ; on the CPU (tests, with a stand-in ``capture``) they
+    are the same numbers where a batch's noise is a multiple of 16 values.
 
     Args:
-        static: The graph's input and output tensors (``real``, ``z``, ``record``, and
-            ``y_real``, ``y_fake`` when conditional).
+        static: The graph's inputs, stacked: ``real`` (steps, B, 1, 28, 28), ``z``
+            (steps, B, latent_dim), and ``y_real``, ``y_fake`` (steps, B) when conditional.
+        records: (steps, 8) tensor whose rows' first METRICS values the graph's steps write
+            (rows of 8 floats keep each row 32-byte aligned for compiled kernels).
         device: The CUDA device (another device only in tests, with a stand-in ``capture``).
         before_capture: Called before capturing: sets the gradients to None, so that the
             captured backward passes allocate them in the graph's memory pool.
@@ -602,41 +640,69 @@ class CudaGraphRunner:
     def __init__(
         self,
         static: Batch,
+        records: torch.Tensor,
         device: torch.device,
         before_capture: Callable[[], None],
         capture: Callable[[Callable[[], None]], Callable[[], None]] = capture_cuda_graph,
         warmup: int = GRAPH_WARMUP_STEPS,
     ) -> None:
-        self.static, self.device = static, device
+        self.static, self.records, self.device = static, records, device
+        self.steps = records.shape[0]
         self.before_capture, self.capture = before_capture, capture
         self.warmup_left = warmup
         self.replay: Callable[[], None] | None = None
 
-    def run(self, step: Step, fill: Fill, record: torch.Tensor) -> EagerRunner | CudaGraphRunner:
-        """One step on a new batch; returns the runner for the next step."""
-        s = fill(self.static)
-        if self.replay is None and self.warmup_left > 0:
-            with _side_stream(self.device):
-                step(s, s["record"])
-            self.warmup_left -= 1
-        elif self.replay is None:
-            self.before_capture()
-            try:
-                self.replay = self.capture(lambda: step(s, s["record"]))
-            except Exception as exc:  # an op that cannot be captured, an old driver, ...
-                warnings.warn(
-                    f"train.cuda_graph: capturing the training step failed "
-                    f"({type(exc).__name__}: {exc}); training without CUDA graphs",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+    def _record(self, k: int) -> torch.Tensor:
+        return self.records[k, : len(METRICS)]
+
+    def _captured(self, step: Step) -> Callable[[], None]:
+        """The graph's work: its ``steps`` steps, each on its slot of ``static``."""
+
+        def steps() -> None:
+            for k in range(self.steps):
+                step(_slot(self.static, k), self._record(k))
+
+        return steps
+
+    def run(self, step: Step, fill: Fill, records: torch.Tensor) -> EagerRunner | CudaGraphRunner:
+        """``len(records)`` steps on new batches, step ``j``'s METRICS into ``records[j]``;
+        returns the runner for the next steps."""
+        n, k, j = len(records), self.steps, 0
+        while j < n:
+            if self.warmup_left > 0 or n - j < k:  # warm-up, or a step left over
+                fill(j, 1, self.static)
+                with _side_stream(self.device):
+                    step(_slot(self.static, 0), self._record(0))
+                records[j].copy_(self._record(0))
+                self.warmup_left = max(0, self.warmup_left - 1)
+                j += 1
+                continue
+            fill(j, k, self.static)
+            if self.replay is None:
                 self.before_capture()
-                return EagerRunner().run(step, lambda _: s, record)
+                try:
+                    self.replay = self.capture(self._captured(step))
+                except Exception as exc:  # an op that cannot be captured, an old driver, ...
+                    warnings.warn(
+                        f"train.cuda_graph: capturing the training step failed "
+                        f"({type(exc).__name__}: {exc}); training without CUDA graphs",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                    self.before_capture()
+                    for i in range(k):  # the batches already drawn, then new ones
+                        step(_slot(self.static, i), records[j + i])
+                    rest = functools.partial(_shifted, fill, j + k)
+                    return EagerRunner().run(step, rest, records[j + k :])
             self.replay()
-        else:
-            self.replay()
-        record.copy_(s["record"])
+            records[j : j + k].copy_(self.records[:, : len(METRICS)])
+            j += k
         return self
+
+
+def _shifted(fill: Fill, offset: int, j: int, n: int, out: Batch | None) -> Batch:
+    """``fill`` for the steps from ``offset`` on, numbered from 0."""
+    return fill(offset + j, n, out)
 
 
 class GANTrainer:
@@ -657,6 +723,9 @@ class GANTrainer:
         step: ``auto``: the step :func:`select_step` picks; ``autograd`` (:func:`gan_step`) or
             ``written_out`` (:class:`~mnist_gan.mlp_step.MLPStep`, where it covers the
             configuration) on any device, to compare the two.
+        steps_per_replay: Steps per CUDA graph replay (:class:`CudaGraphRunner`), from 1 to an
+            epoch's steps, or ``auto`` (:func:`auto_steps_per_replay`). 1, the default, until more
+            is measured on a GPU; runs with other values draw other noise on a GPU.
 
     The fast path, each part falling back where it is unavailable: the data on the device;
     fused Adam; one pass of D over the real and the fake batch together when D has neither
@@ -698,6 +767,7 @@ class GANTrainer:
         progress: bool | None = None,
         channels_last: bool | None = None,
         step: str = "auto",
+        steps_per_replay: int | str = 1,
     ) -> None:
         if images.dim() != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(
@@ -747,6 +817,16 @@ class GANTrainer:
         self.images = images[shard].to(self.device, torch.float32).contiguous()
         self.labels = labels[shard].to(self.device, torch.int64) if cfg.conditional else None
         self.steps_per_epoch = self.images.shape[0] // self.batch_size
+        if steps_per_replay == "auto":
+            steps_per_replay = auto_steps_per_replay(self.steps_per_epoch)
+        if not isinstance(steps_per_replay, int) or not (
+            1 <= steps_per_replay <= self.steps_per_epoch
+        ):
+            raise ValueError(
+                f"steps_per_replay: {steps_per_replay!r} is not 'auto' or a whole number of "
+                f"steps from 1 to an epoch's {self.steps_per_epoch}"
+            )
+        self.steps_per_replay = steps_per_replay
 
         # train.compile: the whole written-out step, or the autograd step's forward passes.
         if step not in ("auto", "autograd", "written_out"):
@@ -827,6 +907,12 @@ class GANTrainer:
             autocast=self._autocast,
         )
         self._runner: EagerRunner | CudaGraphRunner = self._new_runner(graph)
+        # What was chosen, in words (part of a checkpoint's fingerprint).
+        self.strategy = " ".join(
+            [self.step_kind]
+            + (["compiled"] if compiling else [])
+            + ([f"cuda_graph x{self.steps_per_replay}"] if graph else [])
+        )
         self._step_fn: Step = functools.partial(gan_step, self._parts)
         if self.step_kind == "written_out":
             self._step_fn = mlp_step.MLPStep(
@@ -868,16 +954,16 @@ class GANTrainer:
     def _new_runner(self, graph: bool) -> EagerRunner | CudaGraphRunner:
         if not graph:
             return EagerRunner()
-        b = self.batch_size
-        static = {  # the graph's inputs and output, at fixed addresses
-            "real": torch.empty(b, *IMAGE_SHAPE, device=self.device),
-            "z": torch.empty(b, self.cfg.latent_dim, device=self.device),
-            "record": torch.zeros(len(METRICS), device=self.device),
+        k, b, dev = self.steps_per_replay, self.batch_size, self.device
+        static = {  # the graph's inputs, at fixed addresses: one batch per step of a replay
+            "real": torch.empty(k, b, *IMAGE_SHAPE, device=dev),
+            "z": torch.empty(k, b, self.cfg.latent_dim, device=dev),
         }
         if self.labels is not None:
-            static["y_real"] = torch.empty(b, dtype=torch.int64, device=self.device)
-            static["y_fake"] = torch.empty(b, dtype=torch.int64, device=self.device)
-        return CudaGraphRunner(static, self.device, self._grads_to_none)
+            static["y_real"] = torch.empty(k, b, dtype=torch.int64, device=dev)
+            static["y_fake"] = torch.empty(k, b, dtype=torch.int64, device=dev)
+        records = torch.zeros(k, 8, device=dev)  # the graph's output: METRICS in rows of 8
+        return CudaGraphRunner(static, records, dev, self._grads_to_none)
 
     def _grads_to_none(self) -> None:
         _clear_grads(self._d_params)
@@ -967,13 +1053,13 @@ class GANTrainer:
         A new permutation of the data is drawn when the current one is used up.
         """
         with self._stepping():
-            self._step()
+            self._steps(1)
 
     def run_steps(self, n: int) -> None:
-        """``n`` steps, as :meth:`step` does them, swapping the RNG state once (for benchmarks)."""
+        """``n`` steps, as :meth:`step` does them, swapping the RNG state once (for benchmarks);
+        on a CUDA graph, whole replays where they fit."""
         with self._stepping():
-            for _ in range(n):
-                self._step()
+            self._steps(n)
 
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One D and one G update on a batch given by the caller, eagerly.
@@ -990,35 +1076,44 @@ class GANTrainer:
             self._step_fn({k: v.to(self.device) for k, v in batch.items()}, record)
         return record
 
-    def _step(self) -> None:
-        if self._perm is None or self._cursor >= self.steps_per_epoch:
-            self._new_permutation()
-        assert self._perm is not None
-        b, i = self.batch_size, self._cursor
-        idx = self._perm[i * b : (i + 1) * b]
-        fill = functools.partial(self._batch, idx)
-        self._runner = self._runner.run(self._step_fn, fill, self._record[i])
-        self._cursor += 1
+    def _steps(self, n: int, bar: Any = None) -> None:
+        """``n`` steps, handed to the runner a replay's worth at a time, within an epoch's
+        permutation (a new one is drawn where the current one is used up)."""
+        b = self.batch_size
+        while n > 0:
+            if self._perm is None or self._cursor >= self.steps_per_epoch:
+                self._new_permutation()
+            assert self._perm is not None
+            i = self._cursor
+            k = min(n, self._runner.steps, self.steps_per_epoch - i)
+            fill = functools.partial(self._batches, self._perm[i * b : (i + k) * b])
+            self._runner = self._runner.run(self._step_fn, fill, self._record[i : i + k])
+            self._cursor, n = i + k, n - k
+            if bar is not None:
+                bar.update(k)
 
-    def _batch(self, idx: torch.Tensor, out: dict[str, torch.Tensor] | None = None) -> dict:
-        """A step's inputs: ``real`` images (B, 1, 28, 28) and ``z`` (B, latent_dim); when
-        conditional, also ``y_real`` (B,), the real images' digits, and ``y_fake`` (B,), the
-        digits asked of G, drawn uniformly. Written into ``out`` (a graph's inputs) if given."""
-        gen, b = self.data_generator, self.batch_size
+    def _batches(self, idx: torch.Tensor, j: int, n: int, out: Batch | None = None) -> Batch:
+        """Steps ``j`` .. ``j+n-1``'s inputs (``idx``: the images of all the run's steps),
+        stacked: ``real`` images (n, B, 1, 28, 28) and ``z`` (n, B, latent_dim); when
+        conditional, also ``y_real`` (n, B), the real images' digits, and ``y_fake`` (n, B), the
+        digits asked of G, drawn uniformly. One gather and one draw of each for the n steps,
+        written into ``out[name][:n]`` (a graph's inputs) if given."""
+        gen, b, dev = self.data_generator, self.batch_size, self.device
+        idx = idx[j * b : (j + n) * b]
         if out is None:
             out = {
-                "real": self.images.index_select(0, idx),
-                "z": torch.randn(b, self.cfg.latent_dim, device=self.device, generator=gen),
+                "real": self.images.index_select(0, idx).view(n, b, *IMAGE_SHAPE),
+                "z": torch.randn(n, b, self.cfg.latent_dim, device=dev, generator=gen),
             }
             if self.labels is not None:
-                out["y_real"] = self.labels.index_select(0, idx)
-                out["y_fake"] = torch.randint(NUM_CLASSES, (b,), device=self.device, generator=gen)
+                out["y_real"] = self.labels.index_select(0, idx).view(n, b)
+                out["y_fake"] = torch.randint(NUM_CLASSES, (n, b), device=dev, generator=gen)
             return out
-        torch.index_select(self.images, 0, idx, out=out["real"])
-        torch.randn(out["z"].shape, generator=gen, out=out["z"])
+        torch.index_select(self.images, 0, idx, out=out["real"][:n].view(n * b, *IMAGE_SHAPE))
+        torch.randn(out["z"][:n].shape, generator=gen, out=out["z"][:n])
         if self.labels is not None:
-            torch.index_select(self.labels, 0, idx, out=out["y_real"])
-            torch.randint(NUM_CLASSES, (b,), generator=gen, out=out["y_fake"])
+            torch.index_select(self.labels, 0, idx, out=out["y_real"][:n].view(n * b))
+            torch.randint(NUM_CLASSES, (n, b), generator=gen, out=out["y_fake"][:n])
         return out
 
     # --- epochs ------------------------------------------------------------------------------
@@ -1036,10 +1131,7 @@ class GANTrainer:
         self._set_lr(epoch)
         self._new_permutation()
         with self._stepping():
-            for _ in range(self.steps_per_epoch):
-                self._step()
-                if bar is not None:
-                    bar.update()
+            self._steps(self.steps_per_epoch, bar)
         # (steps, METRICS), averaged over the ranks: the epoch's one synchronisation.
         record = distributed.all_reduce_mean_(self._record).cpu()
         seconds = time.perf_counter() - start
