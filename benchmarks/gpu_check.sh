@@ -2,13 +2,16 @@
 # The GPU check: on a machine with only PyTorch (and torchvision, PyYAML) installed, no pip
 # install, no MLflow, no DVC, within about 8 minutes, each part in GPU_CHECK_PARTS (default all):
 #   (info) print the GPU (nvidia-smi and torch);
-#   step_variants: the step strategies (autograd, written-out, each eager or compiled) side by
-#      side: their gradients against autograd's, ms per step in the CUDA graph, kernels per step;
-#   train_full, train_full_uncompiled: train the configuration of params.yaml for 100 epochs on
-#      the full MNIST, once per model in GPU_CHECK_MODELS (default mlp), as configured and with
-#      train.compile false (for mlp, autograd's step uncompiled): the training seconds, the
-#      final sample grid and the trained networks (models/gan form, for the evaluate stage to
-#      score elsewhere);
+#   step_variants: the step strategies (autograd, written-out, each eager or compiled, and the
+#      compiled one with several steps per CUDA graph replay) side by side: their gradients
+#      against autograd's, ms per step in the CUDA graph, kernels per step;
+#   train_full, train_full_uncompiled, train_full_replays: train the configuration of
+#      params.yaml for 100 epochs on the full MNIST, once per model in GPU_CHECK_MODELS (default
+#      mlp), as configured, with train.compile false (for mlp, autograd's step uncompiled), and
+#      with steps_per_replay=auto (several steps per CUDA graph replay): the training seconds,
+#      the final sample grid, a hash of the weights and the trained networks (models/gan form,
+#      for the evaluate stage to score elsewhere);
+#   repeat: train as configured twice for 5 epochs: are the weights bit-identical run to run?
 #   bench: the trainer against the tutorial baseline on CUDA (mlp and dcgan, batch 128);
 #   step_profile: where a step's time goes (benchmarks/step_profile.py): FLOPs, achieved GFLOP/s
 #      against a large GEMM, kernels per step (without the graph) and their GPU time;
@@ -20,15 +23,17 @@
 # Every part runs under its own time bound, and a failing part does not stop the next one.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR] [MNIST_DIR]
-#   OUT_DIR    results (default: $OUT, else bench/gpu_check): step_variants.json, full_MODEL/
-#              and full_MODEL_uncompiled/ (train_full.json, samples.png, gan/), throughput.json,
+#   OUT_DIR    results (default: $OUT, else bench/gpu_check): step_variants.json, full_MODEL/,
+#              full_MODEL_uncompiled/ and full_MODEL_replays/ (train_full.json, samples.png,
+#              gan/), repeat_1/ and repeat_2/ (train_full.json, samples.png), throughput.json,
 #              step_profile.json, evaluate_device.json, fid_check.json, one .log per part,
 #              summary.txt
 #   MNIST_DIR  the four MNIST IDX files, decompressed or .gz (default: $MNIST_DATA, else
 #              .gpucheck/mnist, else data/raw); relative paths start at the repository root
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for all parts, default 450),
 #   GPU_CHECK_PARTS (space-separated part names), GPU_CHECK_MODELS (default mlp),
-#   GPU_CHECK_FID=1 to run fid_check, VARIANTS_ARGS / BENCH_ARGS / TRAIN_ARGS / PROFILE_ARGS /
+#   GPU_CHECK_FID=1 to run fid_check (GPU_CHECK_FID_CAP: its bound in seconds, default 150; 100
+#   epochs a run, 4 seeds a side: FID_ARGS="--epochs 100 --seeds 0,1,2,3"), VARIANTS_ARGS / BENCH_ARGS / TRAIN_ARGS / PROFILE_ARGS /
 #   EVAL_ARGS / FID_ARGS extra arguments per part, GPU_CHECK_DEVICE (default cuda; cpu only to
 #   try the script's plumbing on a CPU machine).
 set -uo pipefail
@@ -92,8 +97,8 @@ EOF
 
 # want PART: whether GPU_CHECK_PARTS (default: every part) names PART.
 want() { [[ " ${GPU_CHECK_PARTS:-$ALL_PARTS} " == *" $1 "* ]]; }
-ALL_PARTS="step_variants train_full train_full_uncompiled bench step_profile evaluate_device \
-fid_check extras"
+ALL_PARTS="step_variants train_full train_full_uncompiled train_full_replays repeat bench \
+step_profile evaluate_device fid_check extras"
 for asked in ${GPU_CHECK_PARTS:-}; do
   [[ " $ALL_PARTS " == *" $asked "* ]] || note "GPU_CHECK_PARTS: no part $asked (parts: $ALL_PARTS)"
 done
@@ -116,7 +121,19 @@ done
         --save-gan "$OUT_DIR/full_${model}_uncompiled/gan" --set "model=$model" \
         --set compile=false --device "$DEVICE" --time-limit 150 ${TRAIN_ARGS:-}
     fi
+    if want train_full_replays; then
+      part "train_full_${model}_replays" 200 "$PY" benchmarks/train_full.py --data "$DATA" \
+        --out "$OUT_DIR/full_${model}_replays" --save-gan "$OUT_DIR/full_${model}_replays/gan" \
+        --set "model=$model" --trainer-option steps_per_replay=auto --device "$DEVICE" \
+        --time-limit 150 ${TRAIN_ARGS:-}
+    fi
   done
+  if want repeat; then
+    for run in 1 2; do
+      part "repeat_$run" 90 "$PY" benchmarks/train_full.py --data "$DATA" \
+        --out "$OUT_DIR/repeat_$run" --epochs 5 --device "$DEVICE" ${TRAIN_ARGS:-}
+    done
+  fi
   if want bench; then
     part bench 200 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" --models mlp,dcgan \
       --data "$DATA" --out "$OUT_DIR/throughput.json" ${BENCH_ARGS:-}
@@ -130,8 +147,9 @@ done
       --devices "cpu,$DEVICE" --out "$OUT_DIR" ${EVAL_ARGS:-}
   fi
   if want fid_check && [[ ${GPU_CHECK_FID:-0} == 1 ]]; then
-    part fid_check 150 "$PY" benchmarks/fid_check.py --data "$DATA" --out "$OUT_DIR" \
-      --device "$DEVICE" --time-limit 100 ${FID_ARGS:-}
+    fid_cap=${GPU_CHECK_FID_CAP:-150}
+    part fid_check "$fid_cap" "$PY" benchmarks/fid_check.py --data "$DATA" --out "$OUT_DIR" \
+      --device "$DEVICE" --time-limit $((fid_cap - 50)) ${FID_ARGS:-}
   elif want fid_check; then
     note "fid_check: not asked for (GPU_CHECK_FID=1 runs it)"
   fi
@@ -170,7 +188,13 @@ for path in sorted(out.glob("full_*/train_full.json")):
           f"{full['epochs_asked']} epochs in "
           f"{full['train_seconds']} s ({full['images_per_sec']:,.0f} img/s; first epoch "
           f"{full['first_epoch_seconds']} s, median epoch {full['median_epoch_seconds']} s) "
-          f"on {full['device']}")
+          f"on {full['device']}, {full['steps_per_replay']} steps per replay, compiled "
+          f"{full['compiled']}, weights {full['weights_sha256'][:12]}")
+repeats = [load(f"repeat_{run}/train_full.json") for run in (1, 2)]
+if all(repeats):
+    hashes = [r["weights_sha256"][:12] for r in repeats]
+    print(f"repeat: {repeats[0]['epochs_done']} epochs twice, weights {hashes[0]} and "
+          f"{hashes[1]}: bit-identical run to run: {hashes[0] == hashes[1]}")
 variants = load("step_variants.json") or {}
 for name, row in variants.get("speed", {}).items():
     agree = variants["agreement"]["by_strategy"].get(name, {})

@@ -7,7 +7,9 @@ The strategies (:class:`mnist_gan.training.GANTrainer`'s step and runner, as cho
 - ``autograd``: :func:`~mnist_gan.training.gan_step`, autograd's backward;
 - ``autograd_compiled``: the same with its forward passes compiled (``train.compile``);
 - ``written_out``: :class:`~mnist_gan.mlp_step.MLPStep`, the mlp step's backward written out;
-- ``written_out_compiled``: the same compiled as a whole (``train.compile``).
+- ``written_out_compiled``: the same compiled as a whole (``train.compile``);
+- ``written_out_compiled_replays``: the same, several steps per CUDA graph replay
+  (``steps_per_replay="auto"``: 13 for MNIST; the others replay one step at a time).
 
 1. **Agreement.** In float32 without dropout (the strategies draw dropout masks differently),
    from the same weights: each weight's gradient in the first step against the ``autograd``
@@ -56,21 +58,23 @@ from mnist_gan.params import TrainParams
 from mnist_gan.training import GANTrainer
 from mnist_gan.utils import resolve_device, write_json
 
-# name: (GANTrainer's step option, train.compile)
+# name: (GANTrainer's step option, train.compile, its steps_per_replay option)
 STRATEGIES = {
-    "autograd": ("autograd", False),
-    "autograd_compiled": ("autograd", True),
-    "written_out": ("written_out", False),
-    "written_out_compiled": ("written_out", True),
+    "autograd": ("autograd", False, 1),
+    "autograd_compiled": ("autograd", True, 1),
+    "written_out": ("written_out", False, 1),
+    "written_out_compiled": ("written_out", True, 1),
+    "written_out_compiled_replays": ("written_out", True, "auto"),
 }
 STEPS_PER_EPOCH = 60_000 // 128
 
 
 def build(cfg: TrainParams, name: str, images: torch.Tensor, device: torch.device) -> GANTrainer:
     """A trainer of strategy ``name`` (seed 0: the same initial weights for every strategy)."""
-    step, compiled = STRATEGIES[name]
+    step, compiled, replay = STRATEGIES[name]
     run_cfg = dataclasses.replace(cfg, compile=compiled)
-    return GANTrainer(run_cfg, images, seed=0, device=device, progress=False, step=step)
+    return GANTrainer(run_cfg, images, seed=0, device=device, progress=False, step=step,
+                      steps_per_replay=replay)  # fmt: skip
 
 
 def _grads(t: GANTrainer) -> dict[str, torch.Tensor]:
@@ -119,23 +123,28 @@ def agreement(cfg: TrainParams, names: list[str], images: torch.Tensor, device: 
 
 def speed(cfg: TrainParams, names: list[str], images: torch.Tensor, device: torch.device,
           steps: int, warmup: int, repeats: int) -> dict[str, Any]:  # fmt: skip
-    """Milliseconds per step of each strategy, median of ``repeats`` alternating runs."""
+    """Milliseconds per step of each strategy, median of ``repeats`` alternating runs. Each
+    strategy warms up and times whole replays: its step counts are rounded up to a multiple of
+    its steps per replay."""
     trainers, rows = {}, {}
     for name in names:
         start = time.perf_counter()
         t = trainers[name] = build(cfg, name, images, device)
-        t.run_steps(warmup)  # compiles (where asked) and captures the CUDA graph
+        whole = lambda n, k=t.steps_per_replay: -(-n // k) * k  # noqa: E731
+        t.run_steps(whole(warmup))  # compiles (where asked) and captures the CUDA graph
         _sync(device)
         rows[name] = {"warmup_seconds": round(time.perf_counter() - start, 2),
                       "step": t.step_kind, "compiled": t.compiled, "amp": t.amp,
-                      "cuda_graph": t.cuda_graph, "runs_ms": []}  # fmt: skip
+                      "cuda_graph": t.cuda_graph, "steps_per_replay": t.steps_per_replay,
+                      "steps": whole(steps), "runs_ms": []}  # fmt: skip
         print(f"speed: {name} warmed up in {rows[name]['warmup_seconds']} s", file=sys.stderr)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
+            n = rows[name]["steps"]
             start = time.perf_counter()
-            trainers[name].run_steps(steps)
+            trainers[name].run_steps(n)
             _sync(device)
-            rows[name]["runs_ms"].append(round((time.perf_counter() - start) / steps * 1e3, 4))
+            rows[name]["runs_ms"].append(round((time.perf_counter() - start) / n * 1e3, 4))
     for row in rows.values():
         row["ms_per_step"] = statistics.median(row["runs_ms"])
         row["seconds_per_100_epochs"] = round(row["ms_per_step"] * STEPS_PER_EPOCH * 100 / 1e3, 2)
@@ -148,6 +157,8 @@ def kernels(cfg: TrainParams, names: list[str], images: torch.Tensor, device: to
     and its ``top_n`` costliest kernels."""
     out = {}
     for name in names:
+        if STRATEGIES[name][2] != 1:  # without the graph, the same kernels as one step a replay
+            continue
         t = build(dataclasses.replace(cfg, cuda_graph=False), name, images, device)
         row = profile_kernels(t, device, steps, top_n)
         row["kernel_us_per_step"] = round(row["kernel_us_per_step"], 1)
@@ -237,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         s = report["speed"][name]
         k = report.get("kernels", {}).get(name, {})
         print(
-            f"{name:21s} {s['ms_per_step']:8.4f} ms/step  100 epochs "
+            f"{name:28s} {s['ms_per_step']:8.4f} ms/step  100 epochs "
             f"{s['seconds_per_100_epochs']:7.2f} s  warm-up {s['warmup_seconds']:6.2f} s  grads "
             f"vs autograd {a['max_rel_grad_diff']:.1e}  kernels "
             f"{k.get('kernels_per_step', '-')} ({k.get('kernel_us_per_step', '-')} us)"
@@ -245,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "kernels" in report:
         print(f"compiled random numbers new at each graph replay: "
               f"{report['compiled_rng_new_per_replay']}")  # fmt: skip
-        name = names[-1]
+        name = [n for n in names if n in report["kernels"]][-1]
         print(f"{name}: the kernels taking the most GPU time, per step")
         for row in report["kernels"][name]["top"]:
             print(f"  {row['us_per_step']:7.2f} us  {row['per_step']:5.2f} x  {row['kernel']}")

@@ -4,7 +4,8 @@ What ``benchmarks/gpu_check.sh`` runs on a bare GPU machine (PyTorch, torchvisio
 MLflow, no DVC): the train params of ``params.yaml`` (the article's mlp, batch 128, 100 epochs)
 on the full MNIST training set, through :meth:`mnist_gan.training.GANTrainer.run_epoch`. It
 writes ``samples.png`` (an 8x8 grid from a fixed noise batch) and ``train_full.json`` (training
-seconds, images per second, per-epoch stats) into ``--out``; with ``--save-gan DIR`` also the
+seconds, images per second, per-epoch stats, a hash of the trained weights) into ``--out``;
+``--trainer-option KEY=VALUE`` passes GANTrainer options; with ``--save-gan DIR`` also the
 trained networks, as the train stage writes ``models/gan`` (so the evaluate stage can score
 weights trained on another machine).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import statistics
 import sys
@@ -35,6 +37,17 @@ from mnist_gan.training import GANTrainer, fixed_noise
 from mnist_gan.utils import atomic_dir, resolve_device, write_json
 
 GRID = 64  # samples in the grid (8 x 8)
+
+
+def weights_sha256(trainer: GANTrainer) -> str:
+    """SHA-256 of the trained networks' state (G's, D's and the EMA G's weights and buffers, by
+    name): two runs have the same hash exactly when they trained the same numbers."""
+    digest = hashlib.sha256()
+    for net in (trainer.generator, trainer.discriminator, trainer.ema_generator):
+        for name, tensor in ({} if net is None else net.state_dict()).items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if params_file and not Path(params_file).is_file():
             raise BenchError(f"{params_file}: params file not found")
         cfg = train_config(params_file, overrides)
+        options = parse_set(args.trainer_options, "--trainer-option")
         with tempfile.TemporaryDirectory(prefix="mnist-full-") as scratch:
             raw_dir = resolve_raw_dir(args.data, Path(scratch))
             pixels = read_raw_split(raw_dir, "train")[0]
@@ -70,7 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"training {cfg.model} for {cfg.epochs} epochs on {device}", file=sys.stderr)
     setup = time.perf_counter()
-    trainer = GANTrainer(cfg, images, seed=args.seed, device=device, progress=False)
+    try:
+        trainer = GANTrainer(cfg, images, seed=args.seed, device=device, progress=False,
+                             **options)  # fmt: skip
+    except (TypeError, ValueError) as exc:  # an option GANTrainer does not take, or a bad value
+        print(f"error: --trainer-option: {exc}", file=sys.stderr)
+        return 2
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     setup = time.perf_counter() - setup
@@ -108,8 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "first_epoch_seconds": round(epoch_seconds[0], 3),
         "median_epoch_seconds": round(statistics.median(epoch_seconds), 3),
         "final": trainer.history[-1],
+        "weights_sha256": weights_sha256(trainer),
         "compiled": trainer.compiled,
         "amp": trainer.amp,
+        "cuda_graph": trainer.cuda_graph,
+        "steps_per_replay": trainer.steps_per_replay,
+        "trainer_options": options,
         "train_params": json.loads(json.dumps(dataclasses.asdict(cfg))),
     }
     write_json(out / "train_full.json", report)

@@ -139,7 +139,21 @@ def run_parser(doc: str | None, out_help: str) -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="train params ('' for defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_trainer_option(p)
     return p
+
+
+def add_trainer_option(p: argparse.ArgumentParser) -> None:
+    """``--trainer-option KEY=VALUE``: keyword arguments for GANTrainer (``parse_set`` reads
+    them), e.g. ``steps_per_replay=auto`` or ``channels_last=false``."""
+    p.add_argument(
+        "--trainer-option",
+        dest="trainer_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword argument for GANTrainer only (repeatable)",
+    )
 
 
 def parse_set(items: Sequence[str], option: str = "--set") -> dict[str, Any]:
@@ -391,14 +405,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a train param for both loops, e.g. --set compile=true (repeatable)",
     )
-    p.add_argument(
-        "--trainer-option",
-        dest="trainer_options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a keyword argument for GANTrainer only (repeatable)",
-    )
+    add_trainer_option(p)
     p.add_argument(
         "--baseline-workers",
         type=int,

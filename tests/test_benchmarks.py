@@ -210,10 +210,15 @@ def test_train_full_writes_grid_and_stops_at_time_limit(bench, tmp_path: Path) -
     out = tmp_path / "out"
     args = ["--data", str(raw), "--out", str(out), "--device", "cpu", "--params", "",
             "--set", "batch_size=32", "--epochs", "3", "--time-limit", "1e-9", *TINY,
-            "--save-gan", str(tmp_path / "gan")]  # fmt: skip
+            "--save-gan", str(tmp_path / "gan"),
+            "--trainer-option", "steps_per_replay=auto"]  # fmt: skip
     assert train_full.main(args) == 0
     report = json.loads((out / "train_full.json").read_text())
     assert report["epochs_done"] == 1 and report["epochs_asked"] == 3
+    # 96 images in batches of 32: an epoch of 3 steps, all in one replay (no graph on a CPU)
+    assert report["steps_per_replay"] == 3 and report["cuda_graph"] is False
+    assert report["trainer_options"] == {"steps_per_replay": "auto"}
+    assert len(report["weights_sha256"]) == 64
     assert report["stopped_at_time_limit"] is True
     assert report["train_seconds"] > 0 and report["images_per_sec"] > 0
     assert np.isfinite(report["final"]["loss_d"])
@@ -224,6 +229,21 @@ def test_train_full_writes_grid_and_stops_at_time_limit(bench, tmp_path: Path) -
     assert cfg.hidden == (32, 32) and cfg.batch_size == 32
     with torch.no_grad():
         assert generator(torch.zeros(2, cfg.latent_dim)).shape == (2, 1, 28, 28)
+
+
+def test_train_full_refuses_a_bad_trainer_option(
+    bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = write_idx(tmp_path / "raw")
+    out = tmp_path / "out"
+    for option, why in (("bogus=1", "bogus"), ("steps_per_replay=0", "steps_per_replay")):
+        args = ["--data", str(raw), "--out", str(out), "--device", "cpu", "--params", "",
+                "--set", "batch_size=32", "--epochs", "1", *TINY,
+                "--trainer-option", option]  # fmt: skip
+        assert bench[2].main(args) == 2
+        err = capsys.readouterr().err
+        assert "--trainer-option" in err and why in err
+        assert not out.exists()
 
 
 def test_step_profile_counts_flops_and_times_the_step(
@@ -329,7 +349,8 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
         "GPU_CHECK_FID": "1",
         "GPU_CHECK_EXTRAS": "0",
         # Every part but the second training (train_full's plumbing again, with one param set).
-        "GPU_CHECK_PARTS": "step_variants train_full bench step_profile evaluate_device fid_check",
+        "GPU_CHECK_PARTS": "step_variants train_full train_full_replays repeat bench step_profile "
+        "evaluate_device fid_check",
         "PYTHON": sys.executable,
         "VARIANTS_ARGS": "--strategies autograd,written_out --check-steps 2 --steps 2 "
         f"--set batch_size=16 --warmup 1 --repeats 1 {tiny}",
@@ -348,9 +369,12 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
     assert res.returncode == 0, res.stderr
     summary = (out / "summary.txt").read_text()
     for part in ("step_variants", "bench", "train_full_mlp", "train_full_dcgan", "step_profile",
-                 "evaluate_device", "fid_check"):  # fmt: skip
+                 "evaluate_device", "fid_check", "train_full_mlp_replays", "repeat_1",
+                 "repeat_2"):  # fmt: skip
         assert f"{part}: exit 0" in summary, summary
     assert "train_full_mlp_uncompiled" not in summary  # not asked for
+    assert "train_full full_mlp_replays: 1/1 epochs" in summary
+    assert "bit-identical run to run: True" in summary  # on the CPU, run to run
     assert "throughput cpu mlp" in summary and "train_full full_mlp: 1/1 epochs" in summary
     assert "train_full full_dcgan: 1/1 epochs" in summary and "step_profile mlp: " in summary
     for name in ("autograd", "written_out"):
