@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from train_throughput import BenchError, parse_set, resolve_raw_dir, run_parser, train_config
+from train_throughput import (
+    BenchError,
+    parse_set,
+    parse_trainer_options,
+    resolve_raw_dir,
+    run_parser,
+    train_config,
+)
 
 from mnist_gan.classifier import embed, train_classifier
 from mnist_gan.data import DataError, normalize, read_raw_split
@@ -104,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if params_file and not Path(params_file).is_file():
             raise BenchError(f"{params_file}: params file not found")
         cfg = train_config(params_file, {**parse_set(args.overrides), "epochs": args.epochs})
-        fast_options = parse_set(args.trainer_options, "--trainer-option")  # the fast variant's
+        fast_options = parse_trainer_options(args.trainer_options)  # the fast variant's
         with tempfile.TemporaryDirectory(prefix="mnist-fid-") as scratch:
             raw_dir = resolve_raw_dir(args.data, Path(scratch))
             train_u8, train_labels = read_raw_split(raw_dir, "train")

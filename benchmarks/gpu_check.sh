@@ -32,8 +32,9 @@
 #              .gpucheck/mnist, else data/raw); relative paths start at the repository root
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for all parts, default 450),
 #   GPU_CHECK_PARTS (space-separated part names), GPU_CHECK_MODELS (default mlp),
-#   GPU_CHECK_FID=1 to run fid_check (GPU_CHECK_FID_CAP: its bound in seconds, default 150; 100
-#   epochs a run, 4 seeds a side: FID_ARGS="--epochs 100 --seeds 0,1,2,3"), VARIANTS_ARGS / BENCH_ARGS / TRAIN_ARGS / PROFILE_ARGS /
+#   GPU_CHECK_FID=1 to run fid_check (GPU_CHECK_FID_CAP: its bound in seconds, default 150;
+#   e.g. 100 epochs a run, 4 seeds a side: FID_ARGS="--epochs 100 --seeds 0,1,2,3"),
+#   VARIANTS_ARGS / BENCH_ARGS / TRAIN_ARGS / PROFILE_ARGS /
 #   EVAL_ARGS / FID_ARGS extra arguments per part, GPU_CHECK_DEVICE (default cuda; cpu only to
 #   try the script's plumbing on a CPU machine).
 set -uo pipefail
@@ -147,9 +148,10 @@ done
       --devices "cpu,$DEVICE" --out "$OUT_DIR" ${EVAL_ARGS:-}
   fi
   if want fid_check && [[ ${GPU_CHECK_FID:-0} == 1 ]]; then
-    fid_cap=${GPU_CHECK_FID_CAP:-150}
+    fid_cap=${GPU_CHECK_FID_CAP:-150}  # its training stops starting runs 50 s (or a third) early
+    fid_limit=$((fid_cap > 150 ? fid_cap - 50 : fid_cap * 2 / 3))
     part fid_check "$fid_cap" "$PY" benchmarks/fid_check.py --data "$DATA" --out "$OUT_DIR" \
-      --device "$DEVICE" --time-limit $((fid_cap - 50)) ${FID_ARGS:-}
+      --device "$DEVICE" --time-limit "$((fid_limit > 1 ? fid_limit : 1))" ${FID_ARGS:-}
   elif want fid_check; then
     note "fid_check: not asked for (GPU_CHECK_FID=1 runs it)"
   fi
@@ -188,11 +190,11 @@ for path in sorted(out.glob("full_*/train_full.json")):
           f"{full['epochs_asked']} epochs in "
           f"{full['train_seconds']} s ({full['images_per_sec']:,.0f} img/s; first epoch "
           f"{full['first_epoch_seconds']} s, median epoch {full['median_epoch_seconds']} s) "
-          f"on {full['device']}, {full['steps_per_replay']} steps per replay, compiled "
-          f"{full['compiled']}, weights {full['weights_sha256'][:12]}")
+          f"on {full['device']}, {full.get('steps_per_replay')} steps per replay, compiled "
+          f"{full['compiled']}, weights {full.get('weights_sha256', '?')[:12]}")
 repeats = [load(f"repeat_{run}/train_full.json") for run in (1, 2)]
 if all(repeats):
-    hashes = [r["weights_sha256"][:12] for r in repeats]
+    hashes = [r.get("weights_sha256", "?")[:12] for r in repeats]
     print(f"repeat: {repeats[0]['epochs_done']} epochs twice, weights {hashes[0]} and "
           f"{hashes[1]}: bit-identical run to run: {hashes[0] == hashes[1]}")
 variants = load("step_variants.json") or {}

@@ -48,6 +48,7 @@ from train_throughput import (
     _sync,
     device_name,
     parse_set,
+    parse_trainer_options,
     resolve_raw_dir,
     run_parser,
     train_config,
@@ -69,12 +70,14 @@ STRATEGIES = {
 STEPS_PER_EPOCH = 60_000 // 128
 
 
-def build(cfg: TrainParams, name: str, images: torch.Tensor, device: torch.device) -> GANTrainer:
-    """A trainer of strategy ``name`` (seed 0: the same initial weights for every strategy)."""
+def build(cfg: TrainParams, name: str, images: torch.Tensor, device: torch.device,
+          options: dict[str, Any] | None = None) -> GANTrainer:  # fmt: skip
+    """A trainer of strategy ``name`` (seed 0: the same initial weights for every strategy),
+    with GANTrainer ``options`` beside those the strategy sets."""
     step, compiled, replay = STRATEGIES[name]
     run_cfg = dataclasses.replace(cfg, compile=compiled)
-    return GANTrainer(run_cfg, images, seed=0, device=device, progress=False, step=step,
-                      steps_per_replay=replay)  # fmt: skip
+    return GANTrainer(run_cfg, images, seed=0, device=device, progress=False,
+                      **{**(options or {}), "step": step, "steps_per_replay": replay})  # fmt: skip
 
 
 def _grads(t: GANTrainer) -> dict[str, torch.Tensor]:
@@ -84,7 +87,7 @@ def _grads(t: GANTrainer) -> dict[str, torch.Tensor]:
 
 
 def agreement(cfg: TrainParams, names: list[str], images: torch.Tensor, device: torch.device,
-              steps: int) -> dict[str, Any]:  # fmt: skip
+              steps: int, options: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Each strategy against ``autograd``: the first step's gradients (from the same weights),
     then the metrics of ``steps`` steps on the same batches."""
     exact = dataclasses.replace(cfg, amp=False, d_dropout=0.0, cuda_graph=False)
@@ -96,7 +99,7 @@ def agreement(cfg: TrainParams, names: list[str], images: torch.Tensor, device: 
     ]  # fmt: skip
     grads, metrics = {}, {}
     for name in ["autograd", *[n for n in names if n != "autograd"]]:
-        t = build(exact, name, images, device)
+        t = build(exact, name, images, device, options)
         rows = [t.train_step(batches[0]).cpu()]
         grads[name] = _grads(t)
         rows += [t.train_step(b).cpu() for b in batches[1:]]
@@ -122,14 +125,15 @@ def agreement(cfg: TrainParams, names: list[str], images: torch.Tensor, device: 
 
 
 def speed(cfg: TrainParams, names: list[str], images: torch.Tensor, device: torch.device,
-          steps: int, warmup: int, repeats: int) -> dict[str, Any]:  # fmt: skip
+          steps: int, warmup: int, repeats: int,
+          options: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Milliseconds per step of each strategy, median of ``repeats`` alternating runs. Each
     strategy warms up and times whole replays: its step counts are rounded up to a multiple of
     its steps per replay."""
     trainers, rows = {}, {}
     for name in names:
         start = time.perf_counter()
-        t = trainers[name] = build(cfg, name, images, device)
+        t = trainers[name] = build(cfg, name, images, device, options)
         whole = lambda n, k=t.steps_per_replay: -(-n // k) * k  # noqa: E731
         t.run_steps(whole(warmup))  # compiles (where asked) and captures the CUDA graph
         _sync(device)
@@ -152,14 +156,15 @@ def speed(cfg: TrainParams, names: list[str], images: torch.Tensor, device: torc
 
 
 def kernels(cfg: TrainParams, names: list[str], images: torch.Tensor, device: torch.device,
-            steps: int = 20, top_n: int = 25) -> dict[str, Any]:  # fmt: skip
+            options: dict[str, Any], steps: int = 20,
+            top_n: int = 25) -> dict[str, Any]:  # fmt: skip
     """Kernels per step and their GPU time (microseconds) of each strategy without the graph,
     and its ``top_n`` costliest kernels."""
     out = {}
     for name in names:
         if STRATEGIES[name][2] != 1:  # without the graph, the same kernels as one step a replay
             continue
-        t = build(dataclasses.replace(cfg, cuda_graph=False), name, images, device)
+        t = build(dataclasses.replace(cfg, cuda_graph=False), name, images, device, options)
         row = profile_kernels(t, device, steps, top_n)
         row["kernel_us_per_step"] = round(row["kernel_us_per_step"], 1)
         out[name] = row
@@ -210,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError(f"--strategies: unknown {unknown}; known: {sorted(STRATEGIES)}")
         device = resolve_device(args.device)
         cfg = train_config(args.params or None, parse_set(args.overrides))
+        options = parse_trainer_options(args.trainer_options)
+        if {"step", "steps_per_replay"} & set(options):
+            raise BenchError("--trainer-option: step and steps_per_replay are the strategies' own")
         with tempfile.TemporaryDirectory(prefix="mnist-variants-") as scratch:
             pixels = read_raw_split(resolve_raw_dir(args.data, Path(scratch)), "train")[0]
         images = normalize(pixels[: args.train_limit or None])
@@ -228,13 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cuda_graph": cfg.cuda_graph,
             "d_dropout": cfg.d_dropout,
         },  # fmt: skip
-        "agreement": agreement(cfg, names, images, device, args.check_steps)
+        "trainer_options": options,
+        "agreement": agreement(cfg, names, images, device, args.check_steps, options)
         if args.check_steps
         else {"steps": 0, "by_strategy": {}},
-        "speed": speed(cfg, names, images, device, steps, args.warmup, args.repeats),
+        "speed": speed(cfg, names, images, device, steps, args.warmup, args.repeats, options),
     }
     if device.type == "cuda":
-        report["kernels"] = kernels(cfg, names, images, device)
+        report["kernels"] = kernels(cfg, names, images, device, options)
         try:
             report["compiled_rng_new_per_replay"] = compiled_rng_per_replay(device)
         except Exception as exc:  # a finding to report, not a reason to lose the rest
@@ -256,10 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "kernels" in report:
         print(f"compiled random numbers new at each graph replay: "
               f"{report['compiled_rng_new_per_replay']}")  # fmt: skip
-        name = [n for n in names if n in report["kernels"]][-1]
-        print(f"{name}: the kernels taking the most GPU time, per step")
-        for row in report["kernels"][name]["top"]:
-            print(f"  {row['us_per_step']:7.2f} us  {row['per_step']:5.2f} x  {row['kernel']}")
+        for name in [n for n in names if n in report["kernels"]][-1:]:
+            print(f"{name}: the kernels taking the most GPU time, per step")
+            for row in report["kernels"][name]["top"]:
+                print(f"  {row['us_per_step']:7.2f} us  {row['per_step']:5.2f} x  {row['kernel']}")
     return 0
 
 

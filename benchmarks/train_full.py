@@ -29,7 +29,14 @@ from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
-from train_throughput import BenchError, parse_set, resolve_raw_dir, run_parser, train_config
+from train_throughput import (
+    BenchError,
+    parse_set,
+    parse_trainer_options,
+    resolve_raw_dir,
+    run_parser,
+    train_config,
+)
 
 from mnist_gan.data import DataError, normalize, read_raw_split
 from mnist_gan.models import save_gan
@@ -73,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if params_file and not Path(params_file).is_file():
             raise BenchError(f"{params_file}: params file not found")
         cfg = train_config(params_file, overrides)
-        options = parse_set(args.trainer_options, "--trainer-option")
+        options = parse_trainer_options(args.trainer_options)
         with tempfile.TemporaryDirectory(prefix="mnist-full-") as scratch:
             raw_dir = resolve_raw_dir(args.data, Path(scratch))
             pixels = read_raw_split(raw_dir, "train")[0]
@@ -87,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trainer = GANTrainer(cfg, images, seed=args.seed, device=device, progress=False,
                              **options)  # fmt: skip
-    except (TypeError, ValueError) as exc:  # an option GANTrainer does not take, or a bad value
-        print(f"error: --trainer-option: {exc}", file=sys.stderr)
+    except ValueError as exc:  # a value that does not fit (it names its param or option)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if device.type == "cuda":
         torch.cuda.synchronize(device)

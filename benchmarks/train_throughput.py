@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import gc
 import gzip
+import inspect
 import json
 import os
 import platform
@@ -144,8 +145,8 @@ def run_parser(doc: str | None, out_help: str) -> argparse.ArgumentParser:
 
 
 def add_trainer_option(p: argparse.ArgumentParser) -> None:
-    """``--trainer-option KEY=VALUE``: keyword arguments for GANTrainer (``parse_set`` reads
-    them), e.g. ``steps_per_replay=auto`` or ``channels_last=false``."""
+    """``--trainer-option KEY=VALUE``: keyword arguments for GANTrainer
+    (:func:`parse_trainer_options` reads them), e.g. ``steps_per_replay=auto``."""
     p.add_argument(
         "--trainer-option",
         dest="trainer_options",
@@ -154,6 +155,20 @@ def add_trainer_option(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a keyword argument for GANTrainer only (repeatable)",
     )
+
+
+def parse_trainer_options(items: Sequence[str]) -> dict[str, Any]:
+    """``--trainer-option`` values as GANTrainer keyword arguments; a name GANTrainer does not
+    take (or one a script sets itself: the images, the config, the seed, the device) is a
+    BenchError, before any work starts."""
+    options = parse_set(items, "--trainer-option")
+    own = {"self", "cfg", "images", "labels", "seed", "device", "progress"}
+    takes = set(inspect.signature(GANTrainer.__init__).parameters) - own
+    unknown = sorted(set(options) - takes)
+    if unknown:
+        raise BenchError(f"--trainer-option: GANTrainer takes none of {unknown}; it takes "
+                         f"{sorted(takes)}")  # fmt: skip
+    return options
 
 
 def parse_set(items: Sequence[str], option: str = "--set") -> dict[str, Any]:
@@ -437,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params_file = None  # run from anywhere with the built-in defaults
     try:
         overrides = parse_set(args.overrides)
-        trainer_options = parse_set(args.trainer_options, "--trainer-option")
+        trainer_options = parse_trainer_options(args.trainer_options)
         for name in devices:
             if name not in ("cpu", "cuda"):
                 raise BenchError(f"--devices: unknown device {name!r} (cpu or cuda)")

@@ -150,7 +150,7 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
         sys.exit(f"error: {exc}")
     code = code_digest(Path(__file__))  # every project file this stage runs
     parts = fingerprint(cfg, seed, data_sha, device.type, code, world.size, trainer.math,
-                        trainer.strategy)  # fmt: skip
+                        strategy=trainer.strategy)  # fmt: skip
     store = CheckpointStore(checkpoints, parts)
     # Rank 0 reads the checkpoint and hands it to the others (who may be on other machines).
     state = distributed.broadcast_object(store.load() if world.main else None)
@@ -219,6 +219,7 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
                     "data.train_sha256": data_sha,
                     "train.world_size": world.size,
                     "train.math": trainer.math,
+                    "train.strategy": trainer.strategy,
                 }
             )
             tracking.log_training_data(data, images)

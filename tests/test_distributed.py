@@ -116,10 +116,12 @@ def test_a_batch_the_ranks_do_not_divide_is_an_error(tmp_path: Path) -> None:
 def test_a_checkpoint_of_another_world_size_is_not_resumed(tmp_path: Path) -> None:
     cfg = TrainParams(hidden=(16,), batch_size=32, epochs=1)
     trainer = GANTrainer(cfg, ddpkit.blobs(64), seed=0, progress=False)
-    CheckpointStore(tmp_path, fingerprint(cfg, 0, "d", "cpu", "c", world_size=2)).save(
+    CheckpointStore(tmp_path, fingerprint(cfg, 0, "d", "cpu", "c", world_size=2, strategy="")).save(
         trainer.state_dict()
     )
-    store = CheckpointStore(tmp_path, fingerprint(cfg, 0, "d", "cpu", "c", world_size=1))
+    store = CheckpointStore(
+        tmp_path, fingerprint(cfg, 0, "d", "cpu", "c", world_size=1, strategy="")
+    )
     assert store.load() is None
     assert "made with other world_size; not resumed from" in store.note
 

@@ -37,6 +37,7 @@ from mnist_gan_cli import main as cli_main
 SCRIPT = ROOT / "pipeline" / "train.py"
 # The matmul math the stage's trainer uses here (train.amp is on): part of the fingerprint.
 MATH = "bf16" if cpu_has_bf16() else "float32"
+STRATEGY = "written_out"  # the mlp step the stage's trainer runs on a CPU: part of the fingerprint
 SMALL = {
     "hidden": [32],
     "batch_size": 64,
@@ -148,7 +149,7 @@ def test_stage_writes_every_output_and_logs_the_run(
     cfg = TrainParams(**{**SMALL, "hidden": (32,), "lr_g": 1e-3})
     foreign = GANTrainer(cfg, blobs(320), seed=5)
     data_sha = sha256_file(root / "data/normalized/train.safetensors")
-    foreign_fp = fingerprint(cfg, 0, data_sha, "cpu", "", math=MATH)
+    foreign_fp = fingerprint(cfg, 0, data_sha, "cpu", "", math=MATH, strategy=STRATEGY)
     CheckpointStore(root / "checkpoints/train", foreign_fp).save(
         {**foreign.state_dict(), "epoch": 2}, run_id="not-this-run"
     )
@@ -197,6 +198,7 @@ def test_stage_writes_every_output_and_logs_the_run(
     assert r.data.params["base.seed"] == "0" and r.data.params["train.model"] == "mlp"
     sha = sha256_file(root / "data/normalized/train.safetensors")
     assert r.data.params["data.train_sha256"] == sha
+    assert r.data.params["train.strategy"] == STRATEGY
     # The generator's hash links the weights to this run; the data is a dataset input, named
     # and digested as DVC knows it.
     assert r.data.tags["generator_sha256"] == sha256_file(gan / "generator.safetensors")
@@ -247,7 +249,9 @@ def test_a_conditional_run_registers_a_generator_that_draws_digits_on_request(
     cfg = load_params(root / "params.yaml").train
     sha = sha256_file(root / "data/normalized/train.safetensors")
     assert version.tags["generator_sha256"] == sha256_file(gan / "generator.safetensors")
-    assert version.tags["params_sha256"] == fingerprint(cfg, 0, sha, "cpu", "")["params"]
+    assert (
+        version.tags["params_sha256"] == fingerprint(cfg, 0, sha, "cpu", "", strategy="")["params"]
+    )
     uri = f"models:/mnist-gan-generator/{version.version}"
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
@@ -307,10 +311,10 @@ def test_checkpoints_of_other_code_or_that_do_not_fit_are_not_resumed(
     wide = GANTrainer(TrainParams(**{**SMALL, "hidden": (48,)}), blobs(320), seed=5)
     cases = {  # fingerprint, what the stage says
         "made with other code; not resumed from": fingerprint(
-            cfg, 0, data_sha, "cpu", "old", math=MATH
+            cfg, 0, data_sha, "cpu", "old", math=MATH, strategy=STRATEGY
         ),
         "not resumed from: checkpoint does not fit": fingerprint(
-            cfg, 0, data_sha, "cpu", code, math=MATH
+            cfg, 0, data_sha, "cpu", code, math=MATH, strategy=STRATEGY
         ),
         # compile: auto resolved otherwise (a GPU machine, or one where compiling fails)
         "made with other strategy; not resumed from": fingerprint(

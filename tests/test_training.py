@@ -33,7 +33,7 @@ from mnist_gan.utils import native_bf16
 TINY = TrainParams(
     hidden=(32,), batch_size=64, epochs=3, ema=0.9, label_smoothing=0.0, checkpoint_every=1
 )
-FP = fingerprint(TINY, 0, "data", "cpu", "code")
+FP = fingerprint(TINY, 0, "data", "cpu", "code", strategy="written_out")
 TIMING = ("images_per_sec", "epoch_seconds")
 
 
@@ -212,7 +212,8 @@ def test_fit_saves_checkpoints_on_schedule(tmp_path: Path) -> None:
 
 def test_checkpoint_with_other_fingerprint_is_not_resumed(tmp_path: Path) -> None:
     t = GANTrainer(TINY, images(), seed=0, progress=False)
-    other = fingerprint(dataclasses.replace(TINY, lr_g=1e-3), 0, "data", "cpu", "old code")
+    other = fingerprint(dataclasses.replace(TINY, lr_g=1e-3), 0, "data", "cpu", "old code",
+                        strategy="written_out")  # fmt: skip
     CheckpointStore(tmp_path, other).save(t.state_dict())
     store = CheckpointStore(tmp_path, FP)
     assert store.load() is None
@@ -240,21 +241,24 @@ def test_a_checkpoint_that_does_not_fit_is_a_value_error() -> None:
 
 
 def test_fingerprint_has_one_part_per_cause() -> None:
-    base = fingerprint(TINY, 0, "abc", "cpu", "code")
+    def fp(*args: object, **kwargs: object) -> dict[str, str]:
+        return fingerprint(*args, **{"strategy": "written_out", **kwargs})
+
+    base = fp(TINY, 0, "abc", "cpu", "code")
     assert set(base) == {"params", "data", "device", "code", "world_size", "math", "strategy"}
-    assert base == fingerprint(dataclasses.replace(TINY), 0, "abc", "cpu", "code")
+    assert base == fp(dataclasses.replace(TINY), 0, "abc", "cpu", "code")
     changes = {
         "params": [
-            fingerprint(dataclasses.replace(TINY, lr_g=1e-3), 0, "abc", "cpu", "code"),
-            fingerprint(dataclasses.replace(TINY, hidden=(32, 32)), 0, "abc", "cpu", "code"),
-            fingerprint(TINY, 1, "abc", "cpu", "code"),  # the seed
+            fp(dataclasses.replace(TINY, lr_g=1e-3), 0, "abc", "cpu", "code"),
+            fp(dataclasses.replace(TINY, hidden=(32, 32)), 0, "abc", "cpu", "code"),
+            fp(TINY, 1, "abc", "cpu", "code"),  # the seed
         ],
-        "data": [fingerprint(TINY, 0, "abd", "cpu", "code")],
-        "device": [fingerprint(TINY, 0, "abc", "cuda", "code")],
-        "code": [fingerprint(TINY, 0, "abc", "cpu", "other code")],
-        "world_size": [fingerprint(TINY, 0, "abc", "cpu", "code", world_size=2)],
-        "math": [fingerprint(TINY, 0, "abc", "cpu", "code", math="bf16")],
-        "strategy": [fingerprint(TINY, 0, "abc", "cpu", "code", strategy="autograd compiled")],
+        "data": [fp(TINY, 0, "abd", "cpu", "code")],
+        "device": [fp(TINY, 0, "abc", "cuda", "code")],
+        "code": [fp(TINY, 0, "abc", "cpu", "other code")],
+        "world_size": [fp(TINY, 0, "abc", "cpu", "code", world_size=2)],
+        "math": [fp(TINY, 0, "abc", "cpu", "code", math="bf16")],
+        "strategy": [fp(TINY, 0, "abc", "cpu", "code", strategy="autograd compiled")],
     }
     for part, prints in changes.items():
         for other in prints:
@@ -264,13 +268,18 @@ def test_fingerprint_has_one_part_per_cause() -> None:
 def test_strategy_says_what_runs() -> None:
     """The trainer's strategy, as the fingerprint takes it: the step, compiling, the graph."""
     cpu = GANTrainer(TINY, images(), seed=0, progress=False)
-    assert cpu.strategy == "written_out" == fingerprint(TINY, 0, "d", "cpu", "c")["strategy"]
+    assert cpu.strategy == "written_out"
     forced = GANTrainer(TINY, images(), seed=0, progress=False, step="autograd")
     assert forced.strategy == "autograd"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # where this PyTorch cannot compile
         compiled = GANTrainer(dataclasses.replace(TINY, compile=True), images(), seed=0)
     assert compiled.strategy == ("written_out compiled" if compiled.compiled else "written_out")
+    graph = graph_trainer(StandIn(fail=True), steps_per_replay=2)
+    assert graph.strategy == "written_out cuda_graph x2"
+    with pytest.warns(RuntimeWarning, match="capturing the training step failed"):
+        graph.run_steps(GRAPH_WARMUP_STEPS + 4)
+    assert graph.strategy == "written_out"  # what runs after the fallback
 
 
 def test_linear_lr_decay_per_epoch_and_exact_resume(tmp_path: Path) -> None:
@@ -522,17 +531,30 @@ def test_runner_selection() -> None:
 
 
 class StandIn:
-    """A stand-in for CUDA graph capture on the CPU: the replay runs the recorded function."""
+    """A stand-in for CUDA graph capture on the CPU: the replay runs the recorded function.
+
+    A real graph replays its kernels on the tensors it captured, so each replay checks that the
+    runner's inputs and outputs (``static``, ``records``) are still the tensors they were at
+    capture, at the same addresses.
+    """
 
     def __init__(self, fail: bool = False) -> None:
         self.fail, self.captures, self.replays = fail, 0, 0
+        self.runner: CudaGraphRunner | None = None
+
+    def _addresses(self) -> dict[str, int]:
+        assert self.runner is not None
+        tensors = {**self.runner.static, "records": self.runner.records}
+        return {name: t.data_ptr() for name, t in tensors.items()}
 
     def __call__(self, fn):
         self.captures += 1
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
+        captured = self._addresses()
 
         def replay() -> None:
+            assert self._addresses() == captured
             self.replays += 1
             fn()
 
@@ -544,7 +566,7 @@ def graph_trainer(capture: StandIn, cfg: TrainParams = TINY, **options: object) 
     t = GANTrainer(cfg, images(), seed=0, progress=False, **options)
     t._runner = t._new_runner(True)
     assert isinstance(t._runner, CudaGraphRunner) and t.cuda_graph
-    t._runner.capture = capture
+    t._runner.capture, capture.runner = capture, t._runner
     return t
 
 
@@ -608,7 +630,7 @@ def test_graph_runner_replays_several_steps_at_once() -> None:
     eager = GANTrainer(TINY, images(), seed=0, progress=False)
     assert graph._runner.steps == 2 and graph._runner.static["z"].shape == (2, 64, 100)
     first = [t.run_epoch().as_dict() for t in (graph, eager)]
-    # 5 steps: 3 warm-up, then 2 left over at the epoch's end (no room for a replay)
+    # 5 steps in pieces of 2, 2, 1: the warm-up (3 steps, 4 with its piece's), 1 left over
     assert capture.captures == 0 and graph._runner.warmup_left == 0
     second = [t.run_epoch().as_dict() for t in (graph, eager)]
     assert (capture.captures, capture.replays) == (1, 2)  # steps 1-2, 3-4; step 5 alone
@@ -626,9 +648,9 @@ def test_failed_capture_of_several_steps_runs_their_batches_eagerly() -> None:
     capture = StandIn(fail=True)
     graph = graph_trainer(capture, steps_per_replay=2)
     eager = GANTrainer(TINY, images(), seed=0, progress=False)
-    graph.run_steps(GRAPH_WARMUP_STEPS)
+    graph.run_steps(GRAPH_WARMUP_STEPS)  # pieces of 2 and 1
     with pytest.warns(RuntimeWarning, match="capturing the training step failed"):
-        graph.run_steps(4)  # the capture of 2 steps fails: those 2, then 2 more, eagerly
+        graph.run_steps(4)  # steps 4 and 5 alone; the next epoch's first 2 fail to capture
     assert isinstance(graph._runner, EagerRunner) and capture.captures == 1
     eager.run_steps(GRAPH_WARMUP_STEPS + 4)
     assert_same_weights(graph, eager)  # no step lost or repeated, no batch redrawn
@@ -646,11 +668,12 @@ def test_compiled_step_replays_several_steps_as_it_runs_one() -> None:
         warnings.simplefilter("error", RuntimeWarning)  # a fallback would be a failure here
         one = graph_trainer(StandIn(), cfg)
         one.run_steps(10)
-        three = graph_trainer(StandIn(), cfg, steps_per_replay=3)
-        three.run_steps(GRAPH_WARMUP_STEPS)  # compiles each part (on slot 0)
+        capture = StandIn()
+        three = graph_trainer(capture, cfg, steps_per_replay=3)
+        three.run_steps(GRAPH_WARMUP_STEPS)  # one piece, eagerly: compiles each part (slots 0-2)
         compiled = graphs["unique_graphs"]
-        three.run_steps(10 - GRAPH_WARMUP_STEPS)  # 2 replays (slots 0-2), 1 step alone
-    assert one.compiled and three.compiled and three._runner.replay is not None
+        three.run_steps(7)  # steps 4-5 (the epoch's end), a replay of 1-3 (slots 0-2), then 4-5
+    assert one.compiled and three.compiled and capture.replays == 1
     assert graphs["unique_graphs"] == compiled  # no part compiled again for another slot
     assert torch.equal(one._record, three._record)
     assert_same_weights(one, three)

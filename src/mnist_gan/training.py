@@ -139,7 +139,8 @@ def fingerprint(
     code: str,
     world_size: int = 1,
     math: str = "float32",
-    strategy: str = "written_out",
+    *,
+    strategy: str,
 ) -> dict[str, str]:
     """What determines training, part by part: a checkpoint resumes only when every part matches.
 
@@ -590,12 +591,14 @@ def capture_cuda_graph(fn: Callable[[], None]) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def _side_stream(device: torch.device) -> Iterator[None]:
-    """On CUDA, run on a side stream ordered after the current one (as warm-up for a graph)."""
+def _side_stream(device: torch.device, side: Any = None) -> Iterator[None]:
+    """On CUDA, run on a side stream (``side``, else a new one) ordered after the current one
+    (as warm-up for a graph)."""
     if device.type != "cuda":
         yield
         return
-    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    side = side or torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
     side.wait_stream(main)
     try:
         with torch.cuda.stream(side):
@@ -607,21 +610,23 @@ def _side_stream(device: torch.device) -> Iterator[None]:
 class CudaGraphRunner:
     """Runs ``steps`` whole steps (D and G updates, EMA, metrics) as one CUDA graph.
 
-    The first ``warmup`` steps run eagerly on a side stream (they create the optimizers'
-    state, the library handles and any compiled kernels, as capture requires); then ``steps``
-    steps are captured, and from then on every ``steps`` steps replay the graph: one launch
-    from Python instead of hundreds per step. The graph reads its batches from ``static``
-    (``steps`` stacked batches at fixed addresses, which ``fill`` overwrites before each
-    replay) and writes each step's METRICS into a row of ``records``, which one copy per
-    replay hands on. Steps left over where a replay would run past what the caller asked for
-    run one by one, eagerly, like the warm-up. If capture fails, the runner warns, runs the
-    batches it drew eagerly and hands over to an :class:`EagerRunner`.
+    The trainer hands it an epoch in pieces of up to ``steps`` steps. Each piece's batches are
+    drawn at once (one gather of the images, one draw of the noise) into ``static``: ``steps``
+    stacked batches at fixed addresses, one slot per step. A whole piece, once ``warmup`` steps
+    have run, is one replay of the graph: one launch from Python instead of hundreds per step.
+    Before that (the warm-up: it creates the optimizers' state, the library handles and any
+    compiled kernels, as capture requires), and for a piece cut short (an epoch's last steps
+    where ``steps`` does not divide it), the piece's steps run one by one, eagerly, on a side
+    stream, from the same slots. The first whole piece after the warm-up is captured, then
+    replayed. Each step writes its METRICS into a row of ``records``; one copy per piece hands
+    them on. If capture fails, the runner warns, runs the piece eagerly and hands over to an
+    :class:`EagerRunner`.
 
     Replaying several steps saves what lies between replays: the launch, and the batch's
-    gather and noise kernels, drawn for all the replay's steps at once. On a GPU the noise
-    then depends on ``steps`` (one draw of ``steps`` batches is not ``steps`` draws of one), so
-    runs with different ``steps`` differ; on the CPU (tests, with a stand-in ``capture``) they
-    are the same numbers where a batch's noise is a multiple of 16 values.
+    gather and noise kernels. The noise of a piece is one draw of ``steps`` batches, which on a
+    GPU is not ``steps`` draws of one, so runs with other ``steps`` differ; on the CPU (tests,
+    with a stand-in ``capture``) they are the same numbers where a batch's noise is a multiple
+    of 16 values. Whether a piece is replayed or run eagerly does not change its draws.
 
     Args:
         static: The graph's inputs, stacked: ``real`` (steps, B, 1, 28, 28), ``z``
@@ -651,58 +656,46 @@ class CudaGraphRunner:
         self.before_capture, self.capture = before_capture, capture
         self.warmup_left = warmup
         self.replay: Callable[[], None] | None = None
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _record(self, k: int) -> torch.Tensor:
         return self.records[k, : len(METRICS)]
 
-    def _captured(self, step: Step) -> Callable[[], None]:
-        """The graph's work: its ``steps`` steps, each on its slot of ``static``."""
-
-        def steps() -> None:
-            for k in range(self.steps):
+    def _one_by_one(self, step: Step, n: int, side: bool) -> None:
+        """The first ``n`` slots' steps, eagerly (on the side stream if ``side``)."""
+        with _side_stream(self.device, self._side) if side else contextlib.nullcontext():
+            for k in range(n):
                 step(_slot(self.static, k), self._record(k))
 
-        return steps
-
     def run(self, step: Step, fill: Fill, records: torch.Tensor) -> EagerRunner | CudaGraphRunner:
-        """``len(records)`` steps on new batches, step ``j``'s METRICS into ``records[j]``;
-        returns the runner for the next steps."""
-        n, k, j = len(records), self.steps, 0
-        while j < n:
-            if self.warmup_left > 0 or n - j < k:  # warm-up, or a step left over
-                fill(j, 1, self.static)
-                with _side_stream(self.device):
-                    step(_slot(self.static, 0), self._record(0))
-                records[j].copy_(self._record(0))
-                self.warmup_left = max(0, self.warmup_left - 1)
-                j += 1
-                continue
-            fill(j, k, self.static)
-            if self.replay is None:
+        """One piece: ``len(records)`` (at most ``steps``) steps on new batches, step ``j``'s
+        METRICS into ``records[j]``; returns the runner for the next piece."""
+        n = len(records)
+        assert n <= self.steps, f"a piece of {n} steps for a graph of {self.steps}"
+        fill(0, n, self.static)
+        if n < self.steps or self.warmup_left > 0:  # the warm-up, or a piece cut short
+            self._one_by_one(step, n, side=True)
+            self.warmup_left = max(0, self.warmup_left - n)
+        elif self.replay is None:
+            self.before_capture()
+            try:
+                self.replay = self.capture(functools.partial(self._one_by_one, step, n, False))
+            except Exception as exc:  # an op that cannot be captured, an old driver, ...
+                warnings.warn(
+                    f"train.cuda_graph: capturing the training step failed "
+                    f"({type(exc).__name__}: {exc}); training without CUDA graphs",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
                 self.before_capture()
-                try:
-                    self.replay = self.capture(self._captured(step))
-                except Exception as exc:  # an op that cannot be captured, an old driver, ...
-                    warnings.warn(
-                        f"train.cuda_graph: capturing the training step failed "
-                        f"({type(exc).__name__}: {exc}); training without CUDA graphs",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-                    self.before_capture()
-                    for i in range(k):  # the batches already drawn, then new ones
-                        step(_slot(self.static, i), records[j + i])
-                    rest = functools.partial(_shifted, fill, j + k)
-                    return EagerRunner().run(step, rest, records[j + k :])
+                self._one_by_one(step, n, side=False)  # the batches already drawn
+                records.copy_(self.records[:n, : len(METRICS)])
+                return EagerRunner()
             self.replay()
-            records[j : j + k].copy_(self.records[:, : len(METRICS)])
-            j += k
+        else:
+            self.replay()
+        records.copy_(self.records[:n, : len(METRICS)])
         return self
-
-
-def _shifted(fill: Fill, offset: int, j: int, n: int, out: Batch | None) -> Batch:
-    """``fill`` for the steps from ``offset`` on, numbered from 0."""
-    return fill(offset + j, n, out)
 
 
 class GANTrainer:
@@ -907,12 +900,6 @@ class GANTrainer:
             autocast=self._autocast,
         )
         self._runner: EagerRunner | CudaGraphRunner = self._new_runner(graph)
-        # What was chosen, in words (part of a checkpoint's fingerprint).
-        self.strategy = " ".join(
-            [self.step_kind]
-            + (["compiled"] if compiling else [])
-            + ([f"cuda_graph x{self.steps_per_replay}"] if graph else [])
-        )
         self._step_fn: Step = functools.partial(gan_step, self._parts)
         if self.step_kind == "written_out":
             self._step_fn = mlp_step.MLPStep(
@@ -988,6 +975,17 @@ class GANTrainer:
         if isinstance(self._step_fn, mlp_step.MLPStep):
             return self._step_fn.compiled
         return self._compiled_forwards
+
+    @property
+    def strategy(self) -> str:
+        """How the step runs, in words: the step, ``compiled`` where it is, and ``cuda_graph xK``
+        where K steps are one replay (e.g. ``written_out compiled cuda_graph x1``). Before the
+        first step, what was chosen; after a fallback (compiling or capture failed), what runs.
+        Part of a checkpoint's :func:`fingerprint`."""
+        words = [self.step_kind] + (["compiled"] if self.compiled else [])
+        if self.cuda_graph:
+            words.append(f"cuda_graph x{self.steps_per_replay}")
+        return " ".join(words)
 
     @property
     def cuda_graph(self) -> bool:
@@ -1077,15 +1075,16 @@ class GANTrainer:
         return record
 
     def _steps(self, n: int, bar: Any = None) -> None:
-        """``n`` steps, handed to the runner a replay's worth at a time, within an epoch's
-        permutation (a new one is drawn where the current one is used up)."""
+        """``n`` steps, handed to the runner in pieces of up to a replay's worth, counted from
+        the epoch's start, within an epoch's permutation (a new one is drawn where the current
+        one is used up)."""
         b = self.batch_size
         while n > 0:
             if self._perm is None or self._cursor >= self.steps_per_epoch:
                 self._new_permutation()
             assert self._perm is not None
-            i = self._cursor
-            k = min(n, self._runner.steps, self.steps_per_epoch - i)
+            i, per = self._cursor, self._runner.steps
+            k = min(n, per - i % per, self.steps_per_epoch - i)  # pieces from the epoch's start
             fill = functools.partial(self._batches, self._perm[i * b : (i + k) * b])
             self._runner = self._runner.run(self._step_fn, fill, self._record[i : i + k])
             self._cursor, n = i + k, n - k
