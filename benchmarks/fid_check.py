@@ -29,14 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from train_throughput import (
-    BenchError,
-    parse_set,
-    parse_trainer_options,
-    resolve_raw_dir,
-    run_parser,
-    train_config,
-)
+from train_throughput import BenchError, resolve_raw_dir, run_parser, run_settings
 
 from mnist_gan.classifier import embed, train_classifier
 from mnist_gan.data import DataError, normalize, read_raw_split
@@ -107,11 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        params_file = args.params or None
-        if params_file and not Path(params_file).is_file():
-            raise BenchError(f"{params_file}: params file not found")
-        cfg = train_config(params_file, {**parse_set(args.overrides), "epochs": args.epochs})
-        fast_options = parse_trainer_options(args.trainer_options)  # the fast variant's
+        cfg, fast_options = run_settings(args, epochs=args.epochs)  # options: the fast side's
         with tempfile.TemporaryDirectory(prefix="mnist-fid-") as scratch:
             raw_dir = resolve_raw_dir(args.data, Path(scratch))
             train_u8, train_labels = read_raw_split(raw_dir, "train")

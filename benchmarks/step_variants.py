@@ -47,11 +47,9 @@ from train_throughput import (
     BenchError,
     _sync,
     device_name,
-    parse_set,
-    parse_trainer_options,
     resolve_raw_dir,
     run_parser,
-    train_config,
+    run_settings,
 )
 
 from mnist_gan.data import DataError, normalize, read_raw_split
@@ -214,8 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise BenchError(f"--strategies: unknown {unknown}; known: {sorted(STRATEGIES)}")
         device = resolve_device(args.device)
-        cfg = train_config(args.params or None, parse_set(args.overrides))
-        options = parse_trainer_options(args.trainer_options)
+        cfg, options = run_settings(args)
         if {"step", "steps_per_replay"} & set(options):
             raise BenchError("--trainer-option: step and steps_per_replay are the strategies' own")
         with tempfile.TemporaryDirectory(prefix="mnist-variants-") as scratch:

@@ -29,14 +29,7 @@ from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
-from train_throughput import (
-    BenchError,
-    parse_set,
-    parse_trainer_options,
-    resolve_raw_dir,
-    run_parser,
-    train_config,
-)
+from train_throughput import BenchError, resolve_raw_dir, run_parser, run_settings
 
 from mnist_gan.data import DataError, normalize, read_raw_split
 from mnist_gan.models import save_gan
@@ -73,14 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)
-        overrides = parse_set(args.overrides)
-        if args.epochs is not None:
-            overrides["epochs"] = args.epochs
-        params_file = args.params or None
-        if params_file and not Path(params_file).is_file():
-            raise BenchError(f"{params_file}: params file not found")
-        cfg = train_config(params_file, overrides)
-        options = parse_trainer_options(args.trainer_options)
+        epochs = {} if args.epochs is None else {"epochs": args.epochs}
+        cfg, options = run_settings(args, **epochs)
         with tempfile.TemporaryDirectory(prefix="mnist-full-") as scratch:
             raw_dir = resolve_raw_dir(args.data, Path(scratch))
             pixels = read_raw_split(raw_dir, "train")[0]

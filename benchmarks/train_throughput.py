@@ -195,6 +195,21 @@ def parse_set(items: Sequence[str], option: str = "--set") -> dict[str, Any]:
     return out
 
 
+def run_settings(args: argparse.Namespace, **fixed: Any) -> tuple[TrainParams, dict[str, Any]]:
+    """What a :func:`run_parser` command line asks for: the train params (``--params``, a file
+    that must exist, or '' for the defaults; then ``--set``; then ``fixed``) and the GANTrainer
+    options (``--trainer-option``).
+
+    Raises:
+        BenchError: A missing params file, or an invalid param, override or option.
+    """
+    params_file = args.params or None
+    if params_file and not Path(params_file).is_file():
+        raise BenchError(f"{params_file}: params file not found")
+    cfg = train_config(params_file, {**parse_set(args.overrides), **fixed})
+    return cfg, parse_trainer_options(args.trainer_options)
+
+
 def train_config(params_file: str | Path | None, overrides: dict[str, Any]) -> TrainParams:
     """The train params of ``params_file`` (or the built-in defaults), with ``overrides``.
 
