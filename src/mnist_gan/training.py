@@ -1092,7 +1092,7 @@ class GANTrainer:
                 bar.update(k)
 
     def _batches(self, idx: torch.Tensor, j: int, n: int, out: Batch | None = None) -> Batch:
-        """Steps ``j`` .. ``j+n-1``'s inputs (``idx``: the images of all the run's steps),
+        """Steps ``j`` .. ``j+n-1``'s inputs (``idx``: the images of all the piece's steps),
         stacked: ``real`` images (n, B, 1, 28, 28) and ``z`` (n, B, latent_dim); when
         conditional, also ``y_real`` (n, B), the real images' digits, and ``y_fake`` (n, B), the
         digits asked of G, drawn uniformly. One gather and one draw of each for the n steps,
