@@ -8,7 +8,9 @@ fast-path switch turned off (``amp``, ``compile`` and ``cuda_graph``) and autogr
 makes ``--samples`` images whose classifier features are compared with the test set's by
 ``mnist_gan.metrics.frechet_distance`` (FID in the evaluator's feature space, as the evaluate
 stage measures it). ``--trainer-option KEY=VALUE`` passes GANTrainer options to the fast
-variant (e.g. ``steps_per_replay=auto``).
+variant (e.g. ``steps_per_replay=auto``); ``--eager-off compile`` turns only compiling off on the
+eager side (autograd's step, in bf16 and the CUDA graph: the fast path before compiling; 100
+epochs took 24.2 s on an H100, where the plain eager path took 29 s for 10 epochs on an H200).
 
 The verdict: the fast path's quality is "the same" when the gap between the two variants' mean
 FIDs is no larger than the run-to-run spread (max - min over seeds) of either variant. Writes
@@ -44,11 +46,12 @@ EAGER_OFF = ("amp", "compile", "cuda_graph")
 VARIANT_STEP = {"fast": "auto", "eager": "autograd"}
 
 
-def variant_params(cfg: TrainParams, variant: str) -> TrainParams:
-    """``fast``: ``cfg`` as is; ``eager``: every fast-path switch turned off."""
+def variant_params(cfg: TrainParams, variant: str, off: Sequence[str] = EAGER_OFF) -> TrainParams:
+    """``fast``: ``cfg`` as is; ``eager``: the fast-path switches ``off`` (default: every one)
+    turned off."""
     if variant == "fast":
         return cfg
-    return dataclasses.replace(cfg, **dict.fromkeys(EAGER_OFF, False))
+    return dataclasses.replace(cfg, **dict.fromkeys(off, False))
 
 
 def summarise(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -90,6 +93,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=10_000, help="generated images per FID")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")
     p.add_argument("--time-limit", type=float, default=0, help="seconds; 0 = no limit")
+    p.add_argument("--eager-off", default=",".join(EAGER_OFF),
+                   help="the fast-path switches the eager variant turns off (comma-separated; "
+                   "compile alone: autograd's step uncompiled, in the graph, bf16)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -101,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         cfg, fast_options = run_settings(args, epochs=args.epochs)  # options: the fast side's
+        eager_off = [name for name in args.eager_off.split(",") if name]
+        if not eager_off or set(eager_off) - set(EAGER_OFF):
+            raise BenchError(f"--eager-off: {args.eager_off!r}; choose from {', '.join(EAGER_OFF)}")
         with tempfile.TemporaryDirectory(prefix="mnist-fid-") as scratch:
             raw_dir = resolve_raw_dir(args.data, Path(scratch))
             train_u8, train_labels = read_raw_split(raw_dir, "train")
@@ -131,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.time_limit and time.perf_counter() - start > args.time_limit:
                 print("time limit reached; stopping", file=sys.stderr)
                 break
-            run_cfg = variant_params(cfg, variant)
+            run_cfg = variant_params(cfg, variant, eager_off)
             t0 = time.perf_counter()
             options = {"step": VARIANT_STEP[variant], **(fast_options if variant == "fast" else {})}
             trainer = GANTrainer(run_cfg, train_images, seed=seed, device=device, progress=False,
@@ -159,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "epochs": args.epochs,
         "samples": args.samples,
         "classifier_test_accuracy": round(cstats.test_accuracy, 4),
-        "eager_switches_off": list(EAGER_OFF),
+        "eager_switches_off": list(eager_off),
         "fast_trainer_options": fast_options,
         "runs": runs,
         "summary": summary,

@@ -33,7 +33,8 @@
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for all parts, default 450),
 #   GPU_CHECK_PARTS (space-separated part names), GPU_CHECK_MODELS (default mlp),
 #   GPU_CHECK_FID=1 to run fid_check (GPU_CHECK_FID_CAP: its bound in seconds, default 150;
-#   e.g. 100 epochs a run, 4 seeds a side: FID_ARGS="--epochs 100 --seeds 0,1,2,3"),
+#   e.g. 100 epochs, 4 seeds a side, against the uncompiled step in the graph:
+#   GPU_CHECK_FID_CAP=300 FID_ARGS="--epochs 100 --seeds 0,1,2,3 --eager-off compile"),
 #   VARIANTS_ARGS / BENCH_ARGS / TRAIN_ARGS / PROFILE_ARGS /
 #   EVAL_ARGS / FID_ARGS extra arguments per part, GPU_CHECK_DEVICE (default cuda; cpu only to
 #   try the script's plumbing on a CPU machine).

@@ -313,6 +313,10 @@ def test_eager_variant_turns_every_fast_switch_off(bench) -> None:
     eager = fid_check.variant_params(cfg, "eager")
     assert (eager.amp, eager.compile, eager.cuda_graph) == (False, False, False)
     assert eager == dataclasses.replace(cfg, amp=False, compile=False, cuda_graph=False)
+    # --eager-off compile: the uncompiled step, with bf16 and the CUDA graph
+    assert fid_check.variant_params(cfg, "eager", ["compile"]) == dataclasses.replace(
+        cfg, compile=False
+    )
 
 
 def test_fid_verdict_compares_the_gap_with_the_seeds_spread(bench) -> None:
