@@ -498,9 +498,9 @@ def end_step(
 # --- how the step runs -----------------------------------------------------------------------
 
 Batch = dict[str, torch.Tensor]
-# fill(j, n, out): the batches of steps j .. j+n-1 of a run, stacked ((n, B, ...) each): new
-# tensors when ``out`` is None, else written into ``out[name][:n]`` (a graph's inputs).
-Fill = Callable[[int, int, Batch | None], Batch]
+# fill(out): the batches of a piece's n steps, stacked ((n, B, ...) each): new tensors when
+# ``out`` is None, else written into ``out[name][:n]`` (a graph's inputs).
+Fill = Callable[[Batch | None], Batch]
 Step = Callable[[Mapping[str, torch.Tensor], torch.Tensor], None]
 
 
@@ -575,10 +575,11 @@ class EagerRunner:
     steps = 1  # steps per call that it runs as one unit
 
     def run(self, step: Step, fill: Fill, records: torch.Tensor) -> EagerRunner:
-        """``len(records)`` steps, each on a new batch, step ``j``'s METRICS into
-        ``records[j]``; returns the runner for the next steps (itself)."""
+        """One piece: ``len(records)`` steps on new batches, step ``j``'s METRICS into
+        ``records[j]``; returns the runner for the next piece (itself)."""
+        batches = fill(None)
         for j in range(len(records)):
-            step(_slot(fill(j, 1, None), 0), records[j])
+            step(_slot(batches, j), records[j])
         return self
 
 
@@ -672,30 +673,34 @@ class CudaGraphRunner:
         METRICS into ``records[j]``; returns the runner for the next piece."""
         n = len(records)
         assert n <= self.steps, f"a piece of {n} steps for a graph of {self.steps}"
-        fill(0, n, self.static)
+        fill(self.static)
+        runner: EagerRunner | CudaGraphRunner = self
         if n < self.steps or self.warmup_left > 0:  # the warm-up, or a piece cut short
             self._one_by_one(step, n, side=True)
             self.warmup_left = max(0, self.warmup_left - n)
-        elif self.replay is None:
-            self.before_capture()
-            try:
-                self.replay = self.capture(functools.partial(self._one_by_one, step, n, False))
-            except Exception as exc:  # an op that cannot be captured, an old driver, ...
-                warnings.warn(
-                    f"train.cuda_graph: capturing the training step failed "
-                    f"({type(exc).__name__}: {exc}); training without CUDA graphs",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self.before_capture()
-                self._one_by_one(step, n, side=False)  # the batches already drawn
-                records.copy_(self.records[:n, : len(METRICS)])
-                return EagerRunner()
+        elif self.replay is not None or self._capture(step):
             self.replay()
-        else:
-            self.replay()
+        else:  # capture failed: the batches already drawn, eagerly, and eagerly from now on
+            self._one_by_one(step, n, side=False)
+            runner = EagerRunner()
         records.copy_(self.records[:n, : len(METRICS)])
-        return self
+        return runner
+
+    def _capture(self, step: Step) -> bool:
+        """Capture the graph of ``steps`` steps; False, after a warning, where that fails."""
+        self.before_capture()
+        try:
+            self.replay = self.capture(functools.partial(self._one_by_one, step, self.steps, False))
+        except Exception as exc:  # an op that cannot be captured, an old driver, ...
+            warnings.warn(
+                f"train.cuda_graph: capturing the training step failed "
+                f"({type(exc).__name__}: {exc}); training without CUDA graphs",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            self.before_capture()
+            return False
+        return True
 
 
 class GANTrainer:
@@ -1091,14 +1096,14 @@ class GANTrainer:
             if bar is not None:
                 bar.update(k)
 
-    def _batches(self, idx: torch.Tensor, j: int, n: int, out: Batch | None = None) -> Batch:
-        """Steps ``j`` .. ``j+n-1``'s inputs (``idx``: the images of all the piece's steps),
-        stacked: ``real`` images (n, B, 1, 28, 28) and ``z`` (n, B, latent_dim); when
-        conditional, also ``y_real`` (n, B), the real images' digits, and ``y_fake`` (n, B), the
-        digits asked of G, drawn uniformly. One gather and one draw of each for the n steps,
-        written into ``out[name][:n]`` (a graph's inputs) if given."""
+    def _batches(self, idx: torch.Tensor, out: Batch | None = None) -> Batch:
+        """A piece's inputs (``idx``: its steps' images, n batches of B), stacked: ``real``
+        images (n, B, 1, 28, 28) and ``z`` (n, B, latent_dim); when conditional, also ``y_real``
+        (n, B), the real images' digits, and ``y_fake`` (n, B), the digits asked of G, drawn
+        uniformly. One gather and one draw of each for the n steps, written into
+        ``out[name][:n]`` (a graph's inputs) if given."""
         gen, b, dev = self.data_generator, self.batch_size, self.device
-        idx = idx[j * b : (j + n) * b]
+        n = len(idx) // b
         if out is None:
             out = {
                 "real": self.images.index_select(0, idx).view(n, b, *IMAGE_SHAPE),
