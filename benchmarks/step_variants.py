@@ -172,12 +172,12 @@ def kernels(cfg: TrainParams, names: list[str], images: torch.Tensor, device: to
 def compiled_rng_per_replay(device: torch.device) -> bool:
     """Whether a compiled function's random numbers are new at each replay of a CUDA graph that
     captured it (as the compiled step's dropout masks must be): three replays, all different."""
-    from mnist_gan.training import _side_stream, capture_cuda_graph
+    from mnist_gan.runners import capture_cuda_graph, side_stream
 
     fn = torch.compile(lambda x: x * (torch.rand_like(x) >= 0.5), dynamic=False, fullgraph=True)
     x = torch.ones(4096, device=device)
     out: dict[str, torch.Tensor] = {}
-    with _side_stream(device):  # as the trainer warms up before a capture
+    with side_stream(device):  # as the trainer warms up before a capture
         for _ in range(2):
             fn(x)  # compiles
 

@@ -36,17 +36,11 @@ from common import PARAMS_OPTION, code_digest, file_option, folder_option, load_
 from torchvision.utils import save_image
 
 from mnist_gan import distributed
+from mnist_gan.checkpoint import CheckpointStore, fingerprint
 from mnist_gan.data import DataError, load_normalized
 from mnist_gan.models import GENERATOR_FILE, save_gan
 from mnist_gan.params import Params, params_to_dict
-from mnist_gan.training import (
-    CheckpointStore,
-    DivergenceError,
-    EpochStats,
-    GANTrainer,
-    fingerprint,
-    fixed_noise,
-)
+from mnist_gan.training import DivergenceError, EpochStats, GANTrainer, fixed_noise
 from mnist_gan.utils import (
     atomic_dir,
     atomic_path,

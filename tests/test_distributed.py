@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from mnist_gan import distributed
+from mnist_gan.checkpoint import CheckpointStore, fingerprint
 from mnist_gan.params import ParamsError, TrainParams, load_params
-from mnist_gan.training import CheckpointStore, GANTrainer, fingerprint
+from mnist_gan.training import GANTrainer
 
 # The article's networks without BatchNorm in G (per-rank statistics on the CPU), without
 # dropout (masks drawn per rank) and in float32 math (bf16 rounding would differ with the

@@ -27,10 +27,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from servers import free_port, mlflow_server
 
+from mnist_gan.checkpoint import CheckpointStore, fingerprint
 from mnist_gan.data import save_normalized
 from mnist_gan.models import load_generator
 from mnist_gan.params import TrainParams, load_params
-from mnist_gan.training import METRICS, CheckpointStore, GANTrainer, cpu_has_bf16, fingerprint
+from mnist_gan.training import METRICS, GANTrainer, cpu_has_bf16
 from mnist_gan.utils import set_threads, sha256_file
 from mnist_gan_cli import main as cli_main
 

@@ -13,21 +13,17 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mnist_gan.checkpoint import CheckpointStore, fingerprint
+from mnist_gan.optim import adam_step
 from mnist_gan.params import TrainParams
-from mnist_gan.training import (
+from mnist_gan.runners import (
     GRAPH_WARMUP_STEPS,
-    METRICS,
-    CheckpointStore,
     CudaGraphRunner,
-    DivergenceError,
     EagerRunner,
-    GANTrainer,
-    adam_step,
     auto_steps_per_replay,
-    fingerprint,
-    fixed_noise,
     select_runner,
 )
+from mnist_gan.training import METRICS, DivergenceError, GANTrainer, fixed_noise
 from mnist_gan.utils import native_bf16
 
 TINY = TrainParams(

@@ -63,6 +63,7 @@ from torch import nn
 
 from mnist_gan.losses import discriminator_loss, generator_loss
 from mnist_gan.models import MLPDiscriminator, MLPGenerator, _dropout_masks
+from mnist_gan.optim import adam_step
 
 if TYPE_CHECKING:
     from mnist_gan.training import StepParts
@@ -190,7 +191,7 @@ class MLPStep:
         bf16: bool,
         compile: bool = False,
     ) -> None:
-        from mnist_gan.training import adam_step, end_step  # training imports this module
+        from mnist_gan.training import end_step  # training imports this module
 
         self._adam_step, self._end_step = adam_step, end_step
         # The hidden layers' matmul operands: bf16 copies of weights and activations where the
@@ -407,7 +408,7 @@ class MLPStep:
     def _adam(self, opt: torch.optim.Optimizer, inputs: tuple | None) -> None:
         """``opt``'s update: compiled, :func:`adam_math` on ``inputs``; eagerly (and after a
         failed compile, which passes them too), the fused kernel
-        (:func:`~mnist_gan.training.adam_step`)."""
+        (:func:`~mnist_gan.optim.adam_step`)."""
         if torch.compiler.is_compiling():
             adam_math(*inputs)
         else:

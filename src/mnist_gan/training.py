@@ -9,17 +9,17 @@ first step whose loss was not finite (the divergence guard), at no cost inside t
 
 The module reads top to bottom: small helpers; :func:`gan_step`, the whole training step (D's
 update, G's update, the EMA, the metrics) as one function of the parts it updates
-(:class:`StepParts`), and :func:`select_step`, which for the mlp picks the same step with its
+(:class:`StepParts`); :func:`select_step`, which for the mlp picks the same step with its
 backward passes written out (:class:`mnist_gan.mlp_step.MLPStep`: no autograd records; on the
-CPU op by op, and on a GPU compiled as a whole by ``train.compile``); the runners that execute
-it, chosen once by :func:`select_runner` (:class:`EagerRunner` op by op,
-:class:`CudaGraphRunner` as a replayed CUDA graph of one step or several, which hands over to an
-eager runner if capture fails); then :class:`GANTrainer`, the whole state (networks, EMA,
-optimizers, generators) and the epoch loop. A benchmark can drive :meth:`GANTrainer.run_steps`
-for a fixed number of steps; the train stage calls :meth:`GANTrainer.fit`, which runs epochs,
-reports each one to a callback and saves resumable checkpoints through a
-:class:`CheckpointStore`. Resuming from a checkpoint restores every RNG, so on the CPU the final
-weights are bit-identical to an uninterrupted run.
+CPU op by op, and on a GPU compiled as a whole by ``train.compile``); then :class:`GANTrainer`,
+the whole state (networks, EMA, optimizers, generators) and the epoch loop. How the step runs
+(op by op, or as a replayed CUDA graph of one step or several) is :mod:`mnist_gan.runners`,
+chosen once at construction; Adam and its fast step are :mod:`mnist_gan.optim`. A benchmark can
+drive :meth:`GANTrainer.run_steps` for a fixed number of steps; the train stage calls
+:meth:`GANTrainer.fit`, which runs epochs, reports each one to a callback and saves resumable
+checkpoints through a :class:`~mnist_gan.checkpoint.CheckpointStore`. Resuming from a
+checkpoint restores every RNG, so on the CPU the final weights are bit-identical to an
+uninterrupted run.
 
 This module uses only PyTorch (tqdm and numpy when installed), so it runs on a GPU machine that
 has nothing else.
@@ -30,24 +30,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
 import inspect
-import json
-import operator
 import random
 import sys
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from mnist_gan import distributed, mlp_step
+from mnist_gan.checkpoint import CHECKPOINT_FORMAT, CheckpointStore
 from mnist_gan.losses import discriminator_loss, generator_loss
 from mnist_gan.models import (
     IMAGE_SHAPE,
@@ -57,31 +53,22 @@ from mnist_gan.models import (
     cpu_matmul_math,
     cpu_matmul_precision,
 )
-from mnist_gan.params import TrainParams, params_to_dict
-from mnist_gan.utils import atomic_path, native_bf16, seed_everything
+from mnist_gan.optim import adam_step, make_adam, scaled_lr
+from mnist_gan.params import TrainParams
+from mnist_gan.runners import (
+    Batch,
+    CudaGraphRunner,
+    EagerRunner,
+    Step,
+    auto_steps_per_replay,
+    select_runner,
+)
+from mnist_gan.utils import native_bf16, seed_everything
 
-__all__ = [
-    "METRICS",
-    "CheckpointStore",
-    "DivergenceError",
-    "EpochStats",
-    "GANTrainer",
-    "fingerprint",
-    "fixed_noise",
-]
-
-# Eager steps (on a side stream) before the whole step is captured as a CUDA graph: they
-# create the optimizer state, cuBLAS/cuDNN handles and any compiled kernels.
-GRAPH_WARMUP_STEPS = 3
-# The most steps one CUDA graph replay runs under ``steps_per_replay="auto"``
-# (:func:`auto_steps_per_replay`).
-MAX_STEPS_PER_REPLAY = 16
-# The batch size lr_g and lr_d are tuned for (the article's); train.lr_scaling scales from it.
-REFERENCE_BATCH = 128
+__all__ = ["METRICS", "DivergenceError", "EpochStats", "GANTrainer", "fixed_noise"]
 
 # What each step records, in this order (one row per step of the epoch).
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_g", "grad_norm_d")
-CHECKPOINT_FORMAT = 2  # 2: the fingerprint is a dict of parts
 
 
 def _no_buffer_sync() -> dict[str, bool]:
@@ -129,165 +116,6 @@ class EpochStats:
     def as_dict(self) -> dict[str, float]:
         """The stats as a plain dict (``epoch`` included)."""
         return asdict(self)
-
-
-def fingerprint(
-    cfg: TrainParams,
-    seed: int,
-    data_sha256: str,
-    device: str,
-    code: str,
-    world_size: int = 1,
-    math: str = "float32",
-    *,
-    strategy: str,
-) -> dict[str, str]:
-    """What determines training, part by part: a checkpoint resumes only when every part matches.
-
-    Args:
-        cfg: The train params.
-        seed: ``base.seed`` (part of ``params``).
-        data_sha256: SHA-256 of the training data file.
-        device: The device type (``cpu`` or ``cuda``): RNG states do not carry across them.
-        code: A hash of the project code that trains (the train stage's code deps), so that
-            weights trained by old code are never continued by new code.
-        world_size: The number of training processes: each has its own share of the data and
-            its own RNG streams, so a checkpoint resumes only in a world of the same size.
-        math: The trainer's matmul math (:attr:`GANTrainer.math`): ``bf16`` or ``float32``.
-            ``train.amp`` gives bf16 only where the hardware has it, so the same params train
-            in other math on another machine; a checkpoint resumes only in the same math.
-        strategy: How the trainer runs its step (:attr:`GANTrainer.strategy`): ``train.compile:
-            auto`` and the fallbacks choose it by device and by what this PyTorch can do, and
-            each strategy draws its dropout masks (and, with several steps a replay, its noise)
-            in its own way; a checkpoint resumes only under the same strategy.
-
-    Returns:
-        ``{"params": ..., "data": ..., "device": ..., "code": ..., "world_size": ..., "math":
-        ..., "strategy": ...}``, plain strings.
-    """
-    blob = json.dumps({"train": params_to_dict(cfg), "seed": seed}, sort_keys=True)
-    return {
-        "params": hashlib.sha256(blob.encode()).hexdigest(),
-        "data": data_sha256,
-        "device": device,
-        "code": code,
-        "world_size": str(world_size),
-        "math": math,
-        "strategy": strategy,
-    }
-
-
-def scaled_lr(lr: float, batch_size: int, rule: str) -> float:
-    """The learning rate for ``batch_size`` under ``train.lr_scaling``.
-
-    ``lr_g`` and ``lr_d`` are tuned for batch 128. A larger batch gives fewer, less noisy
-    steps; ``sqrt`` multiplies the rate by ``sqrt(batch_size / 128)``, the square-root rule that
-    keeps Adam's update noise the same (Malladi et al., "On the SDEs and Scaling Rules for
-    Adaptive Gradient Algorithms", NeurIPS 2022); ``linear`` by ``batch_size / 128`` (Goyal et
-    al. 2017, for SGD; usually too aggressive for Adam); ``none`` keeps it.
-    """
-    ratio = batch_size / REFERENCE_BATCH
-    if rule == "sqrt":
-        return lr * ratio**0.5
-    if rule == "linear":
-        return lr * ratio
-    return lr
-
-
-def _adam(
-    params: list[nn.Parameter],
-    lr: float | torch.Tensor,
-    betas: tuple[float, float],
-    capturable: bool,
-):
-    """Fused Adam (one kernel per step, also on the CPU) where this PyTorch has it."""
-    try:
-        return torch.optim.Adam(params, lr, betas, fused=True, capturable=capturable)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.Adam(params, lr, betas, capturable=capturable)
-
-
-# Per optimizer: the tensor holding its step counters, and the views of it that its state holds.
-_STEP_COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _step_counters(
-    opt: torch.optim.Optimizer, states: list[dict[str, Any]]
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """One tensor whose elements are the ``step`` counters of ``states`` (``opt``'s state), and
-    the counters themselves: the views of it that the states hold, in order.
-
-    Adam keeps a 0-d float32 ``step`` per weight, all equal, which its fused path increments
-    one tensor at a time (measured: 13 us for G's 14 on the CPU, against 2 us for one add). The
-    first call stacks them into one tensor and puts a view of it in each state, so that one
-    in-place add increments them all; later calls reuse it while the state still holds exactly
-    those views (``opt.load_state_dict`` replaces them: the next call stacks again). The views
-    are ordinary 0-d tensors to ``opt.step()``, ``state_dict()`` and ``torch.save``.
-    """
-    steps = [s["step"] for s in states]
-    cached = _STEP_COUNTERS.get(opt)
-    if (
-        cached is not None
-        and len(cached[1]) == len(steps)
-        and all(map(operator.is_, cached[1], steps))
-    ):
-        return cached
-    counters = torch.stack(steps)
-    views = counters.unbind()
-    for state, view in zip(states, views, strict=True):
-        state["step"] = view
-    _STEP_COUNTERS[opt] = (counters, views)
-    return counters, views
-
-
-def adam_step(opt: torch.optim.Optimizer) -> None:
-    """``opt.step()``; for a fused Adam on the CPU, its kernel called without the wrapping.
-
-    ``torch.optim.Adam(fused=True).step()`` wraps its one kernel (``torch._fused_adam_``) in
-    hooks, profiling and the grouping of its tensors by device and dtype: measured on one
-    thread of this project's Xeon for D's 333k weights, 432 us a step, of which the step
-    counters and the kernel take 292 us. Once the optimizer has state for every weight, this
-    calls the same kernel with the same arguments on the optimizer's own state tensors, so the
-    update is bit-identical and ``opt.state_dict()`` stays the whole state (tested). Anything
-    else (the first step, which creates the state; a GPU; a tensor learning rate or betas, as
-    a CUDA graph's capturable Adam has; several parameter groups; options the trainer does not
-    use) goes through ``opt.step()``. It runs no optimizer hooks: the trainer registers none.
-    """
-    group = opt.param_groups[0]
-    params = group["params"]
-    if not (
-        type(opt) is torch.optim.Adam
-        and len(opt.param_groups) == 1
-        and group["fused"]
-        and not any(group[k] for k in ("amsgrad", "maximize", "capturable", "differentiable"))
-        and not group.get("decoupled_weight_decay", False)
-        and not any(isinstance(v, torch.Tensor) for v in (group["lr"], *group["betas"]))
-        and hasattr(torch, "_fused_adam_")
-    ):
-        opt.step()
-        return
-    states = [opt.state.get(p) for p in params]
-    if not all(states) or any(p.grad is None or p.device.type != "cpu" for p in params):
-        opt.step()
-        return
-    counters, steps = _step_counters(opt, states)
-    counters.add_(1)  # as Adam's fused path does, before the kernel
-    beta1, beta2 = group["betas"]
-    torch._fused_adam_(
-        params,
-        [p.grad for p in params],
-        [s["exp_avg"] for s in states],
-        [s["exp_avg_sq"] for s in states],
-        [],
-        list(steps),
-        amsgrad=False,
-        lr=group["lr"],
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=group["weight_decay"],
-        eps=group["eps"],
-        maximize=False,
-    )
 
 
 def fixed_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
@@ -495,46 +323,7 @@ def end_step(
     record.copy_(torch.stack([loss_d, loss_g, d_real, d_fake, grad_norm_g, grad_norm_d]))
 
 
-# --- how the step runs -----------------------------------------------------------------------
-
-Batch = dict[str, torch.Tensor]
-# fill(out): the batches of a piece's n steps, stacked ((n, B, ...) each): new tensors when
-# ``out`` is None, else written into ``out[name][:n]`` (a graph's inputs).
-Fill = Callable[[Batch | None], Batch]
-Step = Callable[[Mapping[str, torch.Tensor], torch.Tensor], None]
-
-
-def _slot(batches: Batch, k: int) -> Batch:
-    """Step ``k``'s batch from stacked batches: views, ``(B, ...)`` each."""
-    return {name: t[k] for name, t in batches.items()}
-
-
-def select_runner(
-    cfg: TrainParams, device: torch.device, world_size: int
-) -> tuple[str, str | None]:
-    """How the trainer runs its step: ``eager`` or ``cuda_graph``; and a warning, or None.
-
-    The whole step is one CUDA graph when ``train.cuda_graph`` asks for it, on a CUDA device,
-    in a single process. Elsewhere the step runs eagerly: silently on a CPU (the param is on by
-    default), with a warning under DDP (its gradient all-reduce is not captured here).
-    """
-    if not cfg.cuda_graph or device.type != "cuda":
-        return "eager", None
-    if world_size > 1:
-        return "eager", (
-            "train.cuda_graph: not used with several training processes (DDP's gradient "
-            "all-reduce is not captured here); training without CUDA graphs"
-        )
-    return "cuda_graph", None
-
-
-def auto_steps_per_replay(steps_per_epoch: int, most: int = MAX_STEPS_PER_REPLAY) -> int:
-    """How many steps one CUDA graph replay runs under ``steps_per_replay="auto"``: the largest
-    divisor of ``steps_per_epoch`` from ``most // 2`` to ``most`` (13 for MNIST's 468 steps of
-    128), so that an epoch is whole replays; else ``most`` (the epoch's last few steps then run
-    one by one), or the whole epoch where it is shorter."""
-    fits = [k for k in range(most // 2, most + 1) if steps_per_epoch % k == 0]
-    return max(fits) if fits else min(most, steps_per_epoch)
+# --- which step, compiled or not -------------------------------------------------------------
 
 
 def select_step(cfg: TrainParams, device: torch.device, world_size: int, compiled: bool) -> str:
@@ -566,141 +355,6 @@ def compile_asked(cfg: TrainParams, device: torch.device, world_size: int, step:
     if cfg.compile != "auto":
         return bool(cfg.compile)
     return device.type == "cuda" and step != "autograd" and written_out_covers(cfg, world_size)
-
-
-class EagerRunner:
-    """Runs the step op by op, as Python calls it."""
-
-    name = "eager"
-    steps = 1  # steps per call that it runs as one unit
-
-    def run(self, step: Step, fill: Fill, records: torch.Tensor) -> EagerRunner:
-        """One piece: ``len(records)`` steps on new batches, step ``j``'s METRICS into
-        ``records[j]``; returns the runner for the next piece (itself)."""
-        batches = fill(None)
-        for j in range(len(records)):
-            step(_slot(batches, j), records[j])
-        return self
-
-
-def capture_cuda_graph(fn: Callable[[], None]) -> Callable[[], None]:
-    """Record ``fn``'s kernels as a CUDA graph (without running them); returns its replay."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-@contextlib.contextmanager
-def _side_stream(device: torch.device, side: Any = None) -> Iterator[None]:
-    """On CUDA, run on a side stream (``side``, else a new one) ordered after the current one
-    (as warm-up for a graph)."""
-    if device.type != "cuda":
-        yield
-        return
-    side = side or torch.cuda.Stream(device)
-    main = torch.cuda.current_stream(device)
-    side.wait_stream(main)
-    try:
-        with torch.cuda.stream(side):
-            yield
-    finally:
-        main.wait_stream(side)
-
-
-class CudaGraphRunner:
-    """Runs ``steps`` whole steps (D and G updates, EMA, metrics) as one CUDA graph.
-
-    The trainer hands it an epoch in pieces of up to ``steps`` steps. Each piece's batches are
-    drawn at once (one gather of the images, one draw of the noise) into ``static``: ``steps``
-    stacked batches at fixed addresses, one slot per step. A whole piece, once ``warmup`` steps
-    have run, is one replay of the graph: one launch from Python instead of hundreds per step.
-    Before that (the warm-up: it creates the optimizers' state, the library handles and any
-    compiled kernels, as capture requires), and for a piece cut short (an epoch's last steps
-    where ``steps`` does not divide it), the piece's steps run one by one, eagerly, on a side
-    stream, from the same slots. The first whole piece after the warm-up is captured, then
-    replayed. Each step writes its METRICS into a row of ``records``; one copy per piece hands
-    them on. If capture fails, the runner warns, runs the piece eagerly and hands over to an
-    :class:`EagerRunner`.
-
-    Replaying several steps saves what lies between replays: the launch, and the batch's
-    gather and noise kernels. The noise of a piece is one draw of ``steps`` batches, which on a
-    GPU is not ``steps`` draws of one, so runs with other ``steps`` differ; on the CPU (tests,
-    with a stand-in ``capture``) they are the same numbers where a batch's noise is a multiple
-    of 16 values. Whether a piece is replayed or run eagerly does not change its draws.
-
-    Args:
-        static: The graph's inputs, stacked: ``real`` (steps, B, 1, 28, 28), ``z``
-            (steps, B, latent_dim), and ``y_real``, ``y_fake`` (steps, B) when conditional.
-        records: (steps, 8) tensor whose rows' first METRICS values the graph's steps write
-            (rows of 8 floats keep each row 32-byte aligned for compiled kernels).
-        device: The CUDA device (another device only in tests, with a stand-in ``capture``).
-        before_capture: Called before capturing: sets the gradients to None, so that the
-            captured backward passes allocate them in the graph's memory pool.
-        capture: Records a function and returns its replay (default :func:`capture_cuda_graph`).
-        warmup: Eager steps before the capture.
-    """
-
-    name = "cuda_graph"
-
-    def __init__(
-        self,
-        static: Batch,
-        records: torch.Tensor,
-        device: torch.device,
-        before_capture: Callable[[], None],
-        capture: Callable[[Callable[[], None]], Callable[[], None]] = capture_cuda_graph,
-        warmup: int = GRAPH_WARMUP_STEPS,
-    ) -> None:
-        self.static, self.records, self.device = static, records, device
-        self.steps = records.shape[0]
-        self.before_capture, self.capture = before_capture, capture
-        self.warmup_left = warmup
-        self.replay: Callable[[], None] | None = None
-        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def _record(self, k: int) -> torch.Tensor:
-        return self.records[k, : len(METRICS)]
-
-    def _one_by_one(self, step: Step, n: int, side: bool) -> None:
-        """The first ``n`` slots' steps, eagerly (on the side stream if ``side``)."""
-        with _side_stream(self.device, self._side) if side else contextlib.nullcontext():
-            for k in range(n):
-                step(_slot(self.static, k), self._record(k))
-
-    def run(self, step: Step, fill: Fill, records: torch.Tensor) -> EagerRunner | CudaGraphRunner:
-        """One piece: ``len(records)`` (at most ``steps``) steps on new batches, step ``j``'s
-        METRICS into ``records[j]``; returns the runner for the next piece."""
-        n = len(records)
-        assert n <= self.steps, f"a piece of {n} steps for a graph of {self.steps}"
-        fill(self.static)
-        runner: EagerRunner | CudaGraphRunner = self
-        if n < self.steps or self.warmup_left > 0:  # the warm-up, or a piece cut short
-            self._one_by_one(step, n, side=True)
-            self.warmup_left = max(0, self.warmup_left - n)
-        elif self.replay is not None or self._capture(step):
-            self.replay()
-        else:  # capture failed: the batches already drawn, eagerly, and eagerly from now on
-            self._one_by_one(step, n, side=False)
-            runner = EagerRunner()
-        records.copy_(self.records[:n, : len(METRICS)])
-        return runner
-
-    def _capture(self, step: Step) -> bool:
-        """Capture the graph of ``steps`` steps; False, after a warning, where that fails."""
-        self.before_capture()
-        try:
-            self.replay = self.capture(functools.partial(self._one_by_one, step, self.steps, False))
-        except Exception as exc:  # an op that cannot be captured, an old driver, ...
-            warnings.warn(
-                f"train.cuda_graph: capturing the training step failed "
-                f"({type(exc).__name__}: {exc}); training without CUDA graphs",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-            self.before_capture()
-            return False
-        return True
 
 
 class GANTrainer:
@@ -855,8 +509,8 @@ class GANTrainer:
         self.lr_d = scaled_lr(cfg.lr_d, cfg.batch_size, cfg.lr_scaling)
         in_graph_adam = compiling and self.step_kind == "written_out"
         self._lr_as_tensor = (graph or in_graph_adam) and cfg.lr_decay != "none"
-        self.opt_g = _adam(self._g_params, self._lr(self.lr_g), betas, graph)
-        self.opt_d = _adam(self._d_params, self._lr(self.lr_d), betas, graph)
+        self.opt_g = make_adam(self._g_params, self._lr(self.lr_g), betas, graph)
+        self.opt_d = make_adam(self._d_params, self._lr(self.lr_d), betas, graph)
         # bf16 needs no loss scaling; GPUs before Ampere and CPUs without AMX or AVX512-BF16
         # lack it and train in float32.
         self.amp = cfg.amp and amp_bf16(self.device)
@@ -954,7 +608,9 @@ class GANTrainer:
         if self.labels is not None:
             static["y_real"] = torch.empty(k, b, dtype=torch.int64, device=dev)
             static["y_fake"] = torch.empty(k, b, dtype=torch.int64, device=dev)
-        records = torch.zeros(k, 8, device=dev)  # the graph's output: METRICS in rows of 8
+        # The graph's output: each step's METRICS, in rows of 8 floats (32-byte aligned for
+        # compiled kernels).
+        records = torch.zeros(k, 8, device=dev)[:, : len(METRICS)]
         return CudaGraphRunner(static, records, dev, self._grads_to_none)
 
     def _grads_to_none(self) -> None:
@@ -964,7 +620,8 @@ class GANTrainer:
     @property
     def math(self) -> str:
         """The matmul math the trainer uses here: ``bf16`` (``train.amp`` where the hardware
-        has it) or ``float32``. Part of a checkpoint's :func:`fingerprint`."""
+        has it) or ``float32``. Part of a checkpoint's
+        :func:`~mnist_gan.checkpoint.fingerprint`."""
         return "bf16" if self.amp else "float32"
 
     @property
@@ -986,7 +643,7 @@ class GANTrainer:
         """How the step runs, in words: the step, ``compiled`` where it is, and ``cuda_graph xK``
         where K steps are one replay (e.g. ``written_out compiled cuda_graph x1``). Before the
         first step, what was chosen; after a fallback (compiling or capture failed), what runs.
-        Part of a checkpoint's :func:`fingerprint`."""
+        Part of a checkpoint's :func:`~mnist_gan.checkpoint.fingerprint`."""
         words = [self.step_kind] + (["compiled"] if self.compiled else [])
         if self.cuda_graph:
             words.append(f"cuda_graph x{self.steps_per_replay}")
@@ -1293,72 +950,3 @@ class GANTrainer:
         # The optimizers now hold new state tensors: a captured graph would update the old ones.
         self._runner = self._new_runner(self.cuda_graph)
         self._perm, self._cursor = None, 0
-
-
-class CheckpointStore:
-    """One resumable checkpoint file in a folder kept outside the cached outputs.
-
-    Each save replaces ``checkpoint.pt`` atomically, so a kill at any moment leaves the previous
-    good checkpoint. A checkpoint carries the :func:`fingerprint` of the run that made it and is
-    resumed from only when every part matches; otherwise it is ignored (:attr:`note` says which
-    parts differ) and replaced by the next save.
-
-    Args:
-        folder: The folder (created on the first save).
-        fingerprint: :func:`fingerprint` of the current run.
-    """
-
-    FILE = "checkpoint.pt"
-
-    def __init__(self, folder: str | Path, fingerprint: Mapping[str, str]) -> None:
-        self.folder = Path(folder)
-        self.fingerprint = dict(fingerprint)
-        self.note = ""  # why load() returned None, for the log
-
-    @property
-    def path(self) -> Path:
-        """The checkpoint file."""
-        return self.folder / self.FILE
-
-    def load(self) -> dict[str, Any] | None:
-        """The checkpoint's contents when it exists and matches the fingerprint, else None.
-
-        Never raises for a bad file: an unreadable, foreign or older-format checkpoint is
-        ignored, and :attr:`note` says why.
-        """
-        if not self.path.is_file():
-            self.note = f"no checkpoint at {self.path}"
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated or foreign file: never resume from it
-            self.note = f"{self.path}: unreadable checkpoint ignored ({type(exc).__name__})"
-            return None
-        stored = state.get("fingerprint") if isinstance(state, dict) else None
-        if not isinstance(stored, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            self.note = f"{self.path}: not a checkpoint of this trainer's format; not resumed from"
-            return None
-        differ = [part for part, value in self.fingerprint.items() if stored.get(part) != value]
-        if differ:
-            self.note = (
-                f"{self.path}: made with other {', '.join(differ)}; not resumed from "
-                "(training starts afresh)"
-            )
-            return None
-        self.note = f"resuming from {self.path} (epoch {state.get('epoch')})"
-        return state
-
-    def save(self, state: dict[str, Any], **meta: Any) -> None:
-        """Write ``state`` plus ``meta`` and the fingerprint, atomically."""
-        with atomic_path(self.path) as tmp:
-            torch.save({**state, **meta, "fingerprint": self.fingerprint}, tmp)
-
-    def clear(self) -> None:
-        """Delete the checkpoint (and temporary files a kill left), then the folder if empty."""
-        if not self.folder.is_dir():
-            return
-        for f in self.folder.glob(f".{self.FILE}.*.tmp"):
-            f.unlink(missing_ok=True)
-        self.path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.folder.rmdir()
