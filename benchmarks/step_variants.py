@@ -4,7 +4,7 @@ The strategies (:class:`mnist_gan.training.GANTrainer`'s step and runner, as cho
 ``--trainer-option step=...`` and ``train.compile``; on CUDA each runs as one CUDA graph when
 ``train.cuda_graph`` is on, as by default):
 
-- ``autograd``: :func:`~mnist_gan.training.gan_step`, autograd's backward;
+- ``autograd``: :func:`~mnist_gan.step.gan_step`, autograd's backward;
 - ``autograd_compiled``: the same with its forward passes compiled (``train.compile``);
 - ``written_out``: :class:`~mnist_gan.mlp_step.MLPStep`, the mlp step's backward written out;
 - ``written_out_compiled``: the same compiled as a whole (``train.compile``);

@@ -12,13 +12,8 @@ from test_training import images
 
 from mnist_gan.mlp_step import MLPStep
 from mnist_gan.params import TrainParams
-from mnist_gan.training import (
-    GANTrainer,
-    compile_asked,
-    cpu_has_bf16,
-    gan_step,
-    select_step,
-)
+from mnist_gan.step import gan_step
+from mnist_gan.training import GANTrainer, compile_asked, cpu_has_bf16, select_step
 
 TINY = TrainParams(hidden=(32, 24), batch_size=64, ema=0.9, amp=False, latent_dim=16)
 CPU = torch.device("cpu")

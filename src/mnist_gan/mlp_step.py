@@ -1,7 +1,7 @@
 """The mlp GAN's training step with its backward passes written out: eager on the CPU, compiled
 as a whole on a GPU.
 
-:func:`mnist_gan.training.gan_step` is the step for every configuration: autograd records
+:func:`mnist_gan.step.gan_step` is the step for every configuration: autograd records
 each forward op and replays its backward. For the mlp networks that bookkeeping is a large
 part of a CPU step: batch 128 leaves each matmul and each elementwise op only tens to hundreds
 of microseconds, and the ~250 ops' autograd records, the engine's dispatch and its temporary
@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,9 +64,7 @@ from torch import nn
 from mnist_gan.losses import discriminator_loss, generator_loss
 from mnist_gan.models import MLPDiscriminator, MLPGenerator, _dropout_masks
 from mnist_gan.optim import adam_step
-
-if TYPE_CHECKING:
-    from mnist_gan.training import StepParts
+from mnist_gan.step import StepParts, end_step
 
 __all__ = ["MLPStep"]
 
@@ -170,7 +168,7 @@ class MLPStep:
     """One training step of the mlp GAN, D's update then G's then the EMA, without autograd.
 
     Args:
-        parts: The step's parts (:class:`~mnist_gan.training.StepParts`): settings,
+        parts: The step's parts (:class:`~mnist_gan.step.StepParts`): settings,
             weights, optimizers, EMA tensors (not its forward callables: this step runs the
             networks' layers itself).
         generator: The :class:`~mnist_gan.models.MLPGenerator`, in training mode.
@@ -191,8 +189,6 @@ class MLPStep:
         bf16: bool,
         compile: bool = False,
     ) -> None:
-        from mnist_gan.training import end_step  # training imports this module
-
         self._adam_step, self._end_step = adam_step, end_step
         # The hidden layers' matmul operands: bf16 copies of weights and activations where the
         # CPU computes bf16 natively, else the float32 tensors themselves (.to() is then a no-op).
@@ -453,7 +449,7 @@ class MLPStep:
 
     def __call__(self, batch: Mapping[str, torch.Tensor], record: torch.Tensor) -> None:
         """One step on ``batch`` (``real`` (B, 1, 28, 28), ``z`` (B, latent)); METRICS to
-        ``record`` (6,). What :func:`~mnist_gan.training.gan_step` does, without autograd."""
+        ``record`` (6,). What :func:`~mnist_gan.step.gan_step` does, without autograd."""
         p = self.parts
         with torch.no_grad():
             self.d_grads.attach()

@@ -7,19 +7,19 @@ its metrics (losses, mean discriminator probabilities, gradient norms) into a ro
 preallocated device tensor; the host reads that tensor once per epoch. The same read finds the
 first step whose loss was not finite (the divergence guard), at no cost inside the step.
 
-The module reads top to bottom: small helpers; :func:`gan_step`, the whole training step (D's
-update, G's update, the EMA, the metrics) as one function of the parts it updates
-(:class:`StepParts`); :func:`select_step`, which for the mlp picks the same step with its
-backward passes written out (:class:`mnist_gan.mlp_step.MLPStep`: no autograd records; on the
-CPU op by op, and on a GPU compiled as a whole by ``train.compile``); then :class:`GANTrainer`,
-the whole state (networks, EMA, optimizers, generators) and the epoch loop. How the step runs
-(op by op, or as a replayed CUDA graph of one step or several) is :mod:`mnist_gan.runners`,
-chosen once at construction; Adam and its fast step are :mod:`mnist_gan.optim`. A benchmark can
-drive :meth:`GANTrainer.run_steps` for a fixed number of steps; the train stage calls
-:meth:`GANTrainer.fit`, which runs epochs, reports each one to a callback and saves resumable
-checkpoints through a :class:`~mnist_gan.checkpoint.CheckpointStore`. Resuming from a
-checkpoint restores every RNG, so on the CPU the final weights are bit-identical to an
-uninterrupted run.
+The module reads top to bottom: small helpers; :func:`select_step`, which picks the step: the
+whole training step through autograd (:func:`mnist_gan.step.gan_step`: D's update, G's update,
+the EMA, the metrics, as one function of the parts it updates) or, for the mlp, the same step
+with its backward passes written out (:class:`mnist_gan.mlp_step.MLPStep`: no autograd records;
+on the CPU op by op, and on a GPU compiled as a whole by ``train.compile``); then
+:class:`GANTrainer`, the whole state (networks, EMA, optimizers, generators) and the epoch loop.
+How the step runs (op by op, or as a replayed CUDA graph of one step or several) is
+:mod:`mnist_gan.runners`, chosen once at construction; Adam and its fast step are
+:mod:`mnist_gan.optim`. A benchmark can drive :meth:`GANTrainer.run_steps` for a fixed number of
+steps; the train stage calls :meth:`GANTrainer.fit`, which runs epochs, reports each one to a
+callback and saves resumable checkpoints through a
+:class:`~mnist_gan.checkpoint.CheckpointStore`. Resuming from a checkpoint restores every RNG,
+so on the CPU the final weights are bit-identical to an uninterrupted run.
 
 This module uses only PyTorch (tqdm and numpy when installed), so it runs on a GPU machine that
 has nothing else.
@@ -44,7 +44,6 @@ from torch import nn
 
 from mnist_gan import distributed, mlp_step
 from mnist_gan.checkpoint import CHECKPOINT_FORMAT, CheckpointStore
-from mnist_gan.losses import discriminator_loss, generator_loss
 from mnist_gan.models import (
     IMAGE_SHAPE,
     NUM_CLASSES,
@@ -53,7 +52,7 @@ from mnist_gan.models import (
     cpu_matmul_math,
     cpu_matmul_precision,
 )
-from mnist_gan.optim import adam_step, make_adam, scaled_lr
+from mnist_gan.optim import make_adam, scaled_lr
 from mnist_gan.params import TrainParams
 from mnist_gan.runners import (
     Batch,
@@ -63,6 +62,7 @@ from mnist_gan.runners import (
     auto_steps_per_replay,
     select_runner,
 )
+from mnist_gan.step import StepParts, clear_grads, gan_step
 from mnist_gan.utils import native_bf16, seed_everything
 
 __all__ = ["METRICS", "DivergenceError", "EpochStats", "GANTrainer", "fixed_noise"]
@@ -192,18 +192,6 @@ def _has_batch_statistics(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def _clear_grads(params: list[nn.Parameter]) -> None:
-    """What ``opt.zero_grad(set_to_none=True)`` does, without its profiling wrapper (7 us)."""
-    for param in params:
-        param.grad = None
-
-
-def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """The global L2 norm of the gradients, as a device scalar (no synchronisation)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
 def _numpy_state() -> dict[str, Any] | None:
     try:
         import numpy as np
@@ -230,99 +218,6 @@ def _set_numpy_state(state: dict[str, Any] | None) -> None:
     np.random.set_state(legacy)  # noqa: NPY002
 
 
-# --- the step --------------------------------------------------------------------------------
-
-
-@dataclass
-class StepParts:
-    """Everything one training step reads and updates; :func:`gan_step` is the step."""
-
-    cfg: TrainParams
-    g_fwd: Callable[..., torch.Tensor]  # G's forward (DDP-wrapped or compiled where so)
-    d_fwd: Callable[..., torch.Tensor]  # D's forward in D's update (likewise)
-    d_for_g: Callable[..., torch.Tensor]  # D's forward in G's update: D's plain module
-    g_params: list[nn.Parameter]
-    d_params: list[nn.Parameter]
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    # (EMA's float tensors, G's matching ones, EMA's integer buffers, G's), or None without EMA.
-    ema: tuple[list[torch.Tensor], list[torch.Tensor], list, list] | None
-    fuse_d: bool  # D judges the real and the fake batch in one pass
-    autocast: Callable[[], contextlib.AbstractContextManager]
-
-
-def gan_step(p: StepParts, batch: Mapping[str, torch.Tensor], record: torch.Tensor) -> None:
-    """One training step: D's update, G's update through the updated D, then G's EMA.
-
-    Args:
-        p: The networks, optimizers and settings.
-        batch: ``real`` images (B, 1, 28, 28) and ``z`` (B, latent_dim); when conditional,
-            ``y_real`` (B,), the real images' digits, and ``y_fake`` (B,), the digits asked of G.
-        record: (6,) tensor that receives the step's METRICS.
-
-    Runs eagerly or under CUDA graph capture alike: it never synchronises with the host and
-    never branches on a tensor's value.
-    """
-    cfg = p.cfg
-    real, z = batch["real"], batch["z"]
-    y_real, y_fake = batch.get("y_real"), batch.get("y_fake")  # None unless conditional
-
-    # D's update. One generator pass serves both updates (as in pytorch/examples' DCGAN).
-    with p.autocast():
-        fake = p.g_fwd(z, y_fake)  # (B, 1, 28, 28)
-        if p.fuse_d:
-            both = torch.cat([real, fake.detach()])
-            y = None if y_real is None else torch.cat([y_real, y_fake])
-            logits = p.d_fwd(both, y)  # (2B,): the real batch's, then the fake batch's
-        else:
-            logits = torch.cat([p.d_fwd(real, y_real), p.d_fwd(fake.detach(), y_fake)])
-    real_logits, fake_logits = logits.chunk(2)  # (B,) each
-    loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
-    _clear_grads(p.d_params)
-    loss_d.backward(inputs=p.d_params)
-    grad_norm_d = _grad_norm(p.d_params)
-    adam_step(p.opt_d)
-
-    # G's update, through the updated D. inputs= limits backward to G's weights: D's weight
-    # gradients are never computed.
-    with p.autocast():
-        fake_logits_g = p.d_for_g(fake, y_fake)  # (B,)
-    loss_g = generator_loss(cfg.loss, fake_logits_g)
-    _clear_grads(p.g_params)
-    loss_g.backward(inputs=p.g_params)
-    grad_norm_g = _grad_norm(p.g_params)
-    adam_step(p.opt_g)
-
-    with torch.no_grad():
-        probs = torch.sigmoid(logits.detach().float())
-        end_step(p, probs, (loss_d.detach(), loss_g.detach(), grad_norm_g, grad_norm_d), record)
-
-
-def end_step(
-    p: StepParts,
-    probs: torch.Tensor,
-    values: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    record: torch.Tensor,
-) -> None:
-    """How every step ends: G's exponential moving average, then the step's METRICS.
-
-    Args:
-        p: The step's parts.
-        probs: D's probabilities (2B,) in D's update: the real batch's, then the fake batch's.
-        values: loss_d, loss_g, grad_norm_g, grad_norm_d (float32 scalars).
-        record: (6,) tensor that receives the METRICS.
-    """
-    if p.ema is not None:
-        ema_f, g_f, ema_i, g_i = p.ema
-        torch._foreach_lerp_(ema_f, g_f, 1.0 - p.cfg.ema)  # ema += (1 - decay)(g - ema)
-        for e, g in zip(ema_i, g_i, strict=True):
-            e.copy_(g)
-    # Mean D probabilities on the real and on the fake batch; every value is float32.
-    d_real, d_fake = probs.view(2, -1).mean(dim=1).unbind()
-    loss_d, loss_g, grad_norm_g, grad_norm_d = values
-    record.copy_(torch.stack([loss_d, loss_g, d_real, d_fake, grad_norm_g, grad_norm_d]))
-
-
 # --- which step, compiled or not -------------------------------------------------------------
 
 
@@ -334,9 +229,9 @@ def select_step(cfg: TrainParams, device: torch.device, world_size: int, compile
     process (the default configuration), where it pays: on the CPU, where it saves autograd's
     bookkeeping, and compiled on a CUDA GPU, where it compiles as a whole, optimizers included
     (measured on an H200: 0.230 ms a step against 0.470 for autograd's step; run eagerly it
-    launches as many kernels as autograd's, 0.472 ms). :func:`gan_step` through autograd
-    everywhere else (its forward passes compiled where ``compiled``). A trainer whose
-    ``fuse_d`` is switched off runs ``gan_step``.
+    launches as many kernels as autograd's, 0.472 ms). :func:`~mnist_gan.step.gan_step`
+    through autograd everywhere else (its forward passes compiled where ``compiled``). A
+    trainer whose ``fuse_d`` is switched off runs ``gan_step``.
     """
     pays = device.type == "cpu" or (device.type == "cuda" and compiled)
     return "written_out" if pays and written_out_covers(cfg, world_size) else "autograd"
@@ -372,9 +267,10 @@ class GANTrainer:
         progress: Show a per-epoch progress bar; None shows one when stderr is a terminal.
         channels_last: Keep the dcgan networks in the channels-last memory format (faster
             convolutions: measured 1.26x on the CPU); None: on for dcgan, off for mlp.
-        step: ``auto``: the step :func:`select_step` picks; ``autograd`` (:func:`gan_step`) or
-            ``written_out`` (:class:`~mnist_gan.mlp_step.MLPStep`, where it covers the
-            configuration) on any device, to compare the two.
+        step: ``auto``: the step :func:`select_step` picks; ``autograd``
+            (:func:`~mnist_gan.step.gan_step`) or ``written_out``
+            (:class:`~mnist_gan.mlp_step.MLPStep`, where it covers the configuration) on any
+            device, to compare the two.
         steps_per_replay: Steps per CUDA graph replay (:class:`CudaGraphRunner`), from 1 to an
             epoch's steps, or ``auto`` (:func:`auto_steps_per_replay`). 1, the default, until more
             is measured on a GPU; runs with other values draw other noise on a GPU.
@@ -614,8 +510,8 @@ class GANTrainer:
         return CudaGraphRunner(static, records, dev, self._grads_to_none)
 
     def _grads_to_none(self) -> None:
-        _clear_grads(self._d_params)
-        _clear_grads(self._g_params)
+        clear_grads(self._d_params)
+        clear_grads(self._g_params)
 
     @property
     def math(self) -> str:
