@@ -43,13 +43,13 @@ def fingerprint(
             weights trained by old code are never continued by new code.
         world_size: The number of training processes: each has its own share of the data and
             its own RNG streams, so a checkpoint resumes only in a world of the same size.
-        math: The trainer's matmul math (:attr:`GANTrainer.math`): ``bf16`` or ``float32``.
-            ``train.amp`` gives bf16 only where the hardware has it, so the same params train
-            in other math on another machine; a checkpoint resumes only in the same math.
-        strategy: How the trainer runs its step (:attr:`GANTrainer.strategy`): ``train.compile:
-            auto`` and the fallbacks choose it by device and by what this PyTorch can do, and
-            each strategy draws its dropout masks (and, with several steps a replay, its noise)
-            in its own way; a checkpoint resumes only under the same strategy.
+        math: The trainer's matmul math (:attr:`~mnist_gan.training.GANTrainer.math`): ``bf16`` or
+            ``float32``. ``train.amp`` gives bf16 only where the hardware has it, so the same params
+            train in other math on another machine; a checkpoint resumes only in the same math.
+        strategy: How the trainer runs its step (:attr:`~mnist_gan.training.GANTrainer.strategy`):
+            ``train.compile: auto`` and the fallbacks choose it by device and by what this PyTorch
+            can do, and each strategy draws its dropout masks (and, with several steps a replay, its
+            noise) in its own way; a checkpoint resumes only under the same strategy.
 
     Returns:
         ``{"params": ..., "data": ..., "device": ..., "code": ..., "world_size": ..., "math":

@@ -2,8 +2,9 @@
 
 :func:`make_adam` builds the fused Adam (one kernel for all of a network's weights, also on the
 CPU); :func:`adam_step` runs its step, on the CPU as the bare kernel (without the wrapping that
-costs more than the update itself for the mlp's small weights). Both training steps use them:
-:func:`mnist_gan.training.gan_step` and :class:`mnist_gan.mlp_step.MLPStep`.
+costs more than the update itself for the mlp's small weights). The trainer builds the
+optimizers; both training steps, :func:`mnist_gan.step.gan_step` and
+:class:`mnist_gan.mlp_step.MLPStep`, step them through :func:`adam_step`.
 """
 
 from __future__ import annotations

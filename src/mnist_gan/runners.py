@@ -1,10 +1,10 @@
 """How the training step runs: op by op (:class:`EagerRunner`), or as a replayed CUDA graph of
 one step or several (:class:`CudaGraphRunner`), chosen once by :func:`select_runner`.
 
-A runner takes the step as a function (``step(batch, record)``: one D and one G update on one
-batch, the step's metrics written into ``record``) and a ``fill`` that draws a piece's batches;
-it knows nothing of GANs. :class:`mnist_gan.training.GANTrainer` hands it an epoch in pieces and
-keeps the runner each piece returns (a graph that fails to capture hands over to an eager
+A runner takes the step as a function (``step(batch, record)``: one D and one G update on one batch,
+the step's metrics written into ``record``) and a ``fill`` that draws a piece's batches; what the
+step computes is the step's business. :class:`mnist_gan.training.GANTrainer` hands it an epoch in
+pieces and keeps the runner each piece returns (a graph that fails to capture hands over to an eager
 runner), so nothing is switched mid-run by a flag.
 """
 

@@ -21,7 +21,7 @@ callback and saves resumable checkpoints through a
 :class:`~mnist_gan.checkpoint.CheckpointStore`. Resuming from a checkpoint restores every RNG,
 so on the CPU the final weights are bit-identical to an uninterrupted run.
 
-This module uses only PyTorch (tqdm and numpy when installed), so it runs on a GPU machine that
+This module uses only PyTorch and numpy (tqdm when installed), so it runs on a GPU machine that
 has nothing else.
 """
 
@@ -271,20 +271,21 @@ class GANTrainer:
             (:func:`~mnist_gan.step.gan_step`) or ``written_out``
             (:class:`~mnist_gan.mlp_step.MLPStep`, where it covers the configuration) on any
             device, to compare the two.
-        steps_per_replay: Steps per CUDA graph replay (:class:`CudaGraphRunner`), from 1 to an
-            epoch's steps, or ``auto`` (:func:`auto_steps_per_replay`). 1, the default, until more
-            is measured on a GPU; runs with other values draw other noise on a GPU.
+        steps_per_replay: Steps per CUDA graph replay
+            (:class:`~mnist_gan.runners.CudaGraphRunner`), from 1 to an epoch's steps, or
+            ``auto`` (:func:`~mnist_gan.runners.auto_steps_per_replay`). 1, the default, until
+            more is measured on a GPU; runs with other values draw other noise on a GPU.
 
-    The fast path, each part falling back where it is unavailable: the data on the device;
-    fused Adam; one pass of D over the real and the fake batch together when D has neither
-    BatchNorm nor spectral norm (the default mlp D; not the dcgan D); ``train.amp``: bf16
-    autocast on CUDA GPUs that support bf16, and on CPUs with AMX or AVX512-BF16 bf16 operands
-    in the written-out mlp step (:mod:`mnist_gan.mlp_step`) and oneDNN's bf16 math for float32
-    matmuls in the autograd step (which engages only with AMX); on CUDA, the whole D+G step
-    captured once as a CUDA graph and replayed (``train.cuda_graph``,
-    :class:`CudaGraphRunner`), so a step costs three kernel launches from Python instead of
-    hundreds, and with ``train.compile`` (``auto``: there, for the mlp) that step is the
-    written-out mlp step compiled as a whole, optimizers included (119 kernels instead of 193).
+    The fast path, each part falling back where it is unavailable: the data on the device; fused
+    Adam; one pass of D over the real and the fake batch together when D has neither BatchNorm nor
+    spectral norm (the default mlp D; not the dcgan D); ``train.amp``: bf16 autocast on CUDA GPUs
+    that support bf16, and on CPUs with AMX or AVX512-BF16 bf16 operands in the written-out mlp step
+    (:mod:`mnist_gan.mlp_step`) and oneDNN's bf16 math for float32 matmuls in the autograd step
+    (which engages only with AMX); on CUDA, the whole D+G step captured once as a CUDA graph and
+    replayed (``train.cuda_graph``, :class:`~mnist_gan.runners.CudaGraphRunner`), so a step costs
+    three kernel launches from Python instead of hundreds, and with ``train.compile`` (``auto``:
+    there, for the mlp) that step is the written-out mlp step compiled as a whole, optimizers
+    included (119 kernels instead of 193).
 
     In a process group of several ranks (DDP, see :mod:`mnist_gan.distributed`), ``images`` is
     the whole training set and each rank keeps its shard (every ``size``-th image from its
