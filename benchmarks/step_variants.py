@@ -262,9 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "kernels" in report:
         print(f"compiled random numbers new at each graph replay: "
               f"{report['compiled_rng_new_per_replay']}")  # fmt: skip
-        for name in [n for n in names if n in report["kernels"]][-1:]:
-            print(f"{name}: the kernels taking the most GPU time, per step")
-            for row in report["kernels"][name]["top"]:
+        profiled = [n for n in names if n in report["kernels"]]
+        if profiled:
+            print(f"{profiled[-1]}: the kernels taking the most GPU time, per step")
+            for row in report["kernels"][profiled[-1]]["top"]:
                 print(f"  {row['us_per_step']:7.2f} us  {row['per_step']:5.2f} x  {row['kernel']}")
     return 0
 

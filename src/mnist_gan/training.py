@@ -497,14 +497,8 @@ class GANTrainer:
     def _new_runner(self, graph: bool) -> EagerRunner | CudaGraphRunner:
         if not graph:
             return EagerRunner()
-        k, b, dev = self.steps_per_replay, self.batch_size, self.device
-        static = {  # the graph's inputs, at fixed addresses: one batch per step of a replay
-            "real": torch.empty(k, b, *IMAGE_SHAPE, device=dev),
-            "z": torch.empty(k, b, self.cfg.latent_dim, device=dev),
-        }
-        if self.labels is not None:
-            static["y_real"] = torch.empty(k, b, dtype=torch.int64, device=dev)
-            static["y_fake"] = torch.empty(k, b, dtype=torch.int64, device=dev)
+        k, dev = self.steps_per_replay, self.device
+        static = self._empty_batches(k)  # the graph's inputs, at fixed addresses
         # The graph's output: each step's METRICS, in rows of 8 floats (32-byte aligned for
         # compiled kernels).
         records = torch.zeros(k, 8, device=dev)[:, : len(METRICS)]
@@ -650,23 +644,27 @@ class GANTrainer:
             if bar is not None:
                 bar.update(k)
 
+    def _empty_batches(self, n: int) -> Batch:
+        """Room for ``n`` steps' inputs, stacked, as :meth:`_batches` fills them."""
+        b, dev = self.batch_size, self.device
+        out = {
+            "real": torch.empty(n, b, *IMAGE_SHAPE, device=dev),
+            "z": torch.empty(n, b, self.cfg.latent_dim, device=dev),
+        }
+        if self.labels is not None:
+            out["y_real"] = torch.empty(n, b, dtype=torch.int64, device=dev)
+            out["y_fake"] = torch.empty(n, b, dtype=torch.int64, device=dev)
+        return out
+
     def _batches(self, idx: torch.Tensor, out: Batch | None = None) -> Batch:
         """A piece's inputs (``idx``: its steps' images, n batches of B), stacked: ``real``
         images (n, B, 1, 28, 28) and ``z`` (n, B, latent_dim); when conditional, also ``y_real``
         (n, B), the real images' digits, and ``y_fake`` (n, B), the digits asked of G, drawn
         uniformly. One gather and one draw of each for the n steps, written into
-        ``out[name][:n]`` (a graph's inputs) if given."""
-        gen, b, dev = self.data_generator, self.batch_size, self.device
+        ``out[name][:n]`` (a graph's inputs), else into new tensors."""
+        gen, b = self.data_generator, self.batch_size
         n = len(idx) // b
-        if out is None:
-            out = {
-                "real": self.images.index_select(0, idx).view(n, b, *IMAGE_SHAPE),
-                "z": torch.randn(n, b, self.cfg.latent_dim, device=dev, generator=gen),
-            }
-            if self.labels is not None:
-                out["y_real"] = self.labels.index_select(0, idx).view(n, b)
-                out["y_fake"] = torch.randint(NUM_CLASSES, (n, b), device=dev, generator=gen)
-            return out
+        out = self._empty_batches(n) if out is None else out
         torch.index_select(self.images, 0, idx, out=out["real"][:n].view(n * b, *IMAGE_SHAPE))
         torch.randn(out["z"][:n].shape, generator=gen, out=out["z"][:n])
         if self.labels is not None:
