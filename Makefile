@@ -36,13 +36,12 @@ help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 # The pipeline's packages and DVC's S3 remote (what `make run`, `ui`, `bench`, ... need), then
-# the extras for the tests. pip byte-compiles all it installs, one file after another on one
-# core (16,450 files; 121 s for a fresh venv's base install on a 2-core AMD EPYC, 55-65 s with
-# --no-compile). A whole `dvc repro` imports 4,740 of them, which Python compiles on first import
-# and caches, as long as PYTHONDONTWRITEBYTECODE is not set: where it is, every process would
-# compile torch's and mlflow's modules again (17.9 against 7.1 s to import them), so the targets
-# below run with it unset and the venv's caches fill as the pipeline first runs (about 16 s,
-# once, against 34 s for compiling the whole venv ahead on both cores).
+# the extras for the tests. pip would byte-compile every file it installs, one after another on
+# one core, though the pipeline imports only a fraction of them: so it installs with
+# --no-compile, and Python compiles and caches each module the first time the pipeline imports
+# it. That caching needs PYTHONDONTWRITEBYTECODE unset (where it is set, every process would
+# compile torch's and mlflow's modules again), so the targets below run with it unset.
+# Measured costs: docs/performance.md, "The other stages".
 unexport PYTHONDONTWRITEBYTECODE
 
 $(BASE_STAMP): pyproject.toml
