@@ -1,4 +1,8 @@
-"""MLflow glue shared by the train and evaluate stages (the library never imports MLflow)."""
+"""MLflow glue shared by the train and evaluate stages (the library never imports MLflow).
+
+The tracking URI comes from ``mnist_gan.project`` (the one resolver, shared with the
+``mnist-gan`` command).
+"""
 
 from __future__ import annotations
 
@@ -10,30 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
-def project_root() -> Path:
-    """The project's own root, also when DVC runs a stage in a temporary copy of the repository.
-
-    ``dvc repro`` runs stages from the project root, but queued and ``--temp`` experiments run
-    in a copy under ``<root>/.dvc/tmp/exps/<tmpdir>/`` that is deleted afterwards. DVC passes the
-    original root to every stage as ``DVC_ROOT``; the path of the copy is the fallback.
-    """
-    cwd = Path.cwd().resolve()
-    env = os.environ.get("DVC_ROOT", "").strip()
-    if env and Path(env).is_dir():
-        return Path(env).resolve()
-    parts = cwd.parts
-    for i in range(len(parts) - 3, 0, -1):  # the innermost .dvc/tmp/exps/<tmpdir>
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return cwd
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else a SQLite store at the project root (absolute)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return uri or f"sqlite:///{project_root() / 'mlflow.db'}"
-
+from mnist_gan.project import tracking_uri as tracking_uri  # the one resolver, re-exported
 
 # The stores MLflow knows besides http(s), SQLite and folders (SQLAlchemy URIs may name a driver:
 # postgresql+psycopg2://). check_reachable refuses any other scheme at once.

@@ -13,6 +13,7 @@ from conftest import BIN, ROOT, load_stage
 from mlflow import MlflowClient
 from PIL import Image
 
+from mnist_gan import project
 from mnist_gan.models import build_discriminator, build_generator, load_generator, save_gan
 from mnist_gan.params import TrainParams
 from mnist_gan_cli import main, tracking_uri
@@ -169,6 +170,9 @@ def test_the_installed_command_and_the_stages_use_one_store(monkeypatch) -> None
     monkeypatch.chdir(ROOT / "src")  # anywhere in the project: its root's mlflow.db
     assert tracking_uri() == f"sqlite:///{ROOT / 'mlflow.db'}"
     monkeypatch.chdir(ROOT)
+    # One resolver: the command's is the library's, which the stages' tracking module uses.
+    assert tracking_uri is project.tracking_uri
+    assert load_stage("train").tracking.tracking_uri is project.tracking_uri
     assert tracking_uri() == load_stage("train").tracking.tracking_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking_uri() == "http://127.0.0.1:5000"

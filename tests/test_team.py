@@ -281,17 +281,27 @@ def test_project_root_inside_a_queued_experiment_is_the_original_root(
     tracking_module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In a temp copy under .dvc/tmp/exps, the default store is still the project's mlflow.db."""
+    from mnist_gan.project import project_root, tracking_uri
+
+    assert tracking_module.tracking_uri is tracking_uri  # the stages' resolver is the library's
     root = tmp_path / "project"
     copy = root / ".dvc" / "tmp" / "exps" / "tmpab12cd"
     copy.mkdir(parents=True)
+    (copy / "dvc.yaml").write_text("stages: {}\n")  # the copy is a whole project too
     monkeypatch.chdir(copy)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(root))  # what DVC passes to a queued run
     assert tracking_module.tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
     monkeypatch.delenv("DVC_ROOT")  # an older DVC, or the script run by hand in the copy
-    assert tracking_module.project_root() == root
+    assert project_root() == root
+    assert tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
     monkeypatch.chdir(root)
-    assert tracking_module.project_root() == root
+    assert project_root() == root
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "src").mkdir()
+    assert project_root(root / "src") == root  # from a subfolder: the nearest dvc.yaml up
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", " http://127.0.0.1:5000 ")
+    assert tracking_uri() == "http://127.0.0.1:5000"
 
 
 @contextmanager

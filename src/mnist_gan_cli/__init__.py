@@ -4,8 +4,10 @@
 
 MODEL is a GAN folder (``models/gan``), a run's logged model (``runs:/RUN_ID/generator``) or a
 registered one (``models:/mnist-gan-generator@champion``, ``models:/mnist-gan-generator/3``).
-URIs are resolved in the tracking store the pipeline's stages use: ``MLFLOW_TRACKING_URI``, else
-``mlflow.db`` at the project root (the nearest folder up from here holding ``dvc.yaml``).
+URIs are resolved in the tracking store the pipeline's stages use (``mnist_gan.project``, one
+resolver for both): ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` at the project root (the nearest
+folder up from here holding ``dvc.yaml``, or the project a DVC experiment's temporary copy
+belongs to).
 
 This package is glue, like ``pipeline/``: it uses click and MLflow, which the ``mnist_gan``
 library never imports.
@@ -25,25 +27,12 @@ import torch
 
 from mnist_gan.metrics import balanced_labels, generate_samples
 from mnist_gan.models import load_generator
+from mnist_gan.project import tracking_uri
 from mnist_gan.utils import atomic_dir, atomic_path
 
 __all__ = ["generate", "main", "tracking_uri"]
 
 URI_SCHEMES = ("runs:/", "models:/")
-
-
-def tracking_uri(start: Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else the project's SQLite store, as the stages use.
-
-    The project root is the nearest folder up from ``start`` (default: the current one) that
-    holds ``dvc.yaml``; outside a project, ``start`` itself.
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if uri:
-        return uri
-    here = (start or Path.cwd()).resolve()
-    root = next((p for p in (here, *here.parents) if (p / "dvc.yaml").is_file()), here)
-    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def _load(model: str, workdir: Path) -> tuple[torch.nn.Module, object]:
