@@ -24,6 +24,7 @@ from pathlib import Path
 
 import click
 import mlflow
+import registry
 import tracking
 from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 
@@ -139,9 +140,9 @@ def main(data: Path, gan: Path, classifier: Path, reference: Path, metrics: Path
     # The registered version of these weights carries its headline metrics (for the promotion
     # gate), the evaluator that measured them and how (two versions compare fairly only when
     # both match).
-    headline = {k: flat[k] for k in tracking.HEADLINE_METRICS if k in flat}
+    headline = {k: flat[k] for k in registry.HEADLINE_METRICS if k in flat}
     evaluator_sha = sha256_file(classifier / WEIGHTS_FILE)
-    tracking.tag_model_versions(sha, {**headline, **settings, "classifier_sha256": evaluator_sha})
+    registry.tag_model_versions(sha, {**headline, **settings, "classifier_sha256": evaluator_sha})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import click
+import registry
 import tracking
 from common import PARAMS_OPTION, folder_option, load_or_exit
 from mlflow.exceptions import MlflowException
@@ -94,7 +95,7 @@ def scoring_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
 
 def _set_alias(alias: str, version: str) -> None:
     try:
-        tracking.set_alias(alias, version)
+        registry.set_alias(alias, version)
     except (*tracking.tracking_failures(), OSError) as exc:  # OSError: a file store's disk
         sys.exit(f"error: could not point {alias} at version {version}: {tracking.short(exc)}")
 
@@ -108,13 +109,13 @@ def main(gan: Path, params_file: Path) -> None:
     try:
         tracking.check_reachable()
         sha = sha256_file(gan / GENERATOR_FILE)
-        new = tracking.find_model_version(sha)
-        new_metrics = tracking.version_metrics(new)
-        old = tracking.alias_version("champion")
-        old_metrics = tracking.version_metrics(old) if old is not None else None
+        new = registry.find_model_version(sha)
+        new_metrics = registry.version_metrics(new)
+        old = registry.alias_version("champion")
+        old_metrics = registry.version_metrics(old) if old is not None else None
     except (OSError, RuntimeError, ValueError, MlflowException) as exc:
         sys.exit(f"error: {tracking.short(exc, 300)}")
-    name = tracking.REGISTERED_MODEL
+    name = registry.REGISTERED_MODEL
     _set_alias("challenger", new.version)
     if old is not None and old.version == new.version:
         click.echo(f"{name} version {new.version} is the champion already")

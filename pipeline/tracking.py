@@ -1,7 +1,7 @@
-"""MLflow glue shared by the train and evaluate stages (the library never imports MLflow).
+"""MLflow glue for the stages: the store, runs and what they log (the library never imports MLflow).
 
 The tracking URI comes from ``mnist_gan.project`` (the one resolver, shared with the
-``mnist-gan`` command).
+``mnist-gan`` command). The registered model and its versions are in ``registry.py``.
 """
 
 from __future__ import annotations
@@ -9,20 +9,25 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mnist_gan.project import tracking_uri as tracking_uri  # the one resolver, re-exported
 
-# The stores MLflow knows besides http(s), SQLite and folders (SQLAlchemy URIs may name a driver:
-# postgresql+psycopg2://). check_reachable refuses any other scheme at once.
-OTHER_SCHEMES = ("postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+EXPERIMENT = "mnist-gan"
+# MLflow 3's UI shows an experiment of this kind as model training (runs, charts), not GenAI.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+GENERATOR_TAG = "generator_sha256"  # the SHA-256 of models/gan/generator.safetensors
 
 
 class TrackingUnreachable(RuntimeError):
     """The tracking store that the URI names cannot be used; the message says which and why."""
+
+
+# The stores MLflow knows besides http(s), SQLite and folders (SQLAlchemy URIs may name a driver:
+# postgresql+psycopg2://). check_reachable refuses any other scheme at once.
+OTHER_SCHEMES = ("postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
 
 def check_reachable(uri: str | None = None, timeout: float = 10.0) -> str:
@@ -161,12 +166,6 @@ def read_run_id(path: Path) -> str | None:
     return text or None
 
 
-EXPERIMENT = "mnist-gan"
-# MLflow 3's UI shows an experiment of this kind as model training (runs, charts), not GenAI.
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-REGISTERED_MODEL = "mnist-gan-generator"
-
-
 DVC_TAGS = ("dvc_exp_name", "dvc_exp_baseline_rev")  # from DVC_EXP_NAME, DVC_EXP_BASELINE_REV
 
 
@@ -247,9 +246,6 @@ def start_run(
     return run, False
 
 
-GENERATOR_TAG = "generator_sha256"  # the SHA-256 of models/gan/generator.safetensors
-
-
 def find_generator_run(sha256: str, hint: str | None = None) -> str | None:
     """The run, in the current tracking store, that trained the generator with this SHA-256.
 
@@ -261,7 +257,6 @@ def find_generator_run(sha256: str, hint: str | None = None) -> str | None:
         The run id, or None when no run of this store holds these weights (they came from
         another store, through DVC's cache).
     """
-
     client = client_for_store()
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
@@ -346,7 +341,6 @@ def give_up_quickly() -> None:
 
 def last_logged_step(run_id: str, key: str) -> int:
     """The highest step at which metric ``key`` was logged in ``run_id`` (0 when never)."""
-
     history = client_for_store().get_metric_history(run_id, key)
     return max((m.step for m in history), default=0)
 
@@ -361,165 +355,13 @@ def log_image_grid(images: Any, key: str, step: int, nrow: int = 8) -> None:
     mlflow.log_image(array, key=key, step=step)
 
 
-def log_generator_model(
-    model_dir: Path,
-    latent_dim: int,
-    conditional: bool,
-    example: Any,
-    generator_sha256: str,
-    params_sha256: str,
-) -> str:
-    """Log the generator as a pyfunc model and register it as a new version of
-    ``mnist-gan-generator``, tagged with the git commit, the DVC experiment, the weights'
-    SHA-256 and a hash of the train params (evaluate adds its headline metrics later).
+def __getattr__(name: str) -> Any:
+    """``tracking.log_generator_model`` and ``tracking.REGISTERED_MODEL``, now in registry.py.
 
-    ``gan_pyfunc.py`` goes as code and ``model_dir`` as an artifact; nothing is pickled. MLflow
-    also stores the ``mnist_gan`` package, so the model loads where the project is not
-    installed, and pip requirements pinned to the versions installed here, which trained it.
-
-    Returns:
-        The new version's number.
+    Kept for train.py until it imports ``registry`` itself; then this can go.
     """
-    import importlib.metadata
+    if name in ("log_generator_model", "REGISTERED_MODEL"):
+        import registry
 
-    import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-    from packaging.version import Version
-
-    import mnist_gan
-
-    width = latent_dim + int(conditional)  # z, and the digit asked for when conditional
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),  # images
-    )
-    # The public version: a local one such as 2.11.0+cu128 is not on PyPI for the serving env.
-    pins = [f"{p}=={Version(importlib.metadata.version(p)).public}" for p in PYFUNC_PACKAGES]
-    # Quiet logs: no progress bar for the validation's artifact download, and no advice to
-    # type-hint predict (the signature above is the schema).
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hints? .*predict", category=UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name="generator",
-            python_model=str(Path(__file__).with_name("gan_pyfunc.py")),
-            artifacts={"gan": str(model_dir)},
-            code_paths=[str(Path(mnist_gan.__file__).parent)],
-            signature=signature,
-            input_example=example,
-            pip_requirements=pins,
-            registered_model_name=REGISTERED_MODEL,
-        )
-    version = str(info.registered_model_version)
-    tags = {k: v for k, v in run_tags("train").items() if k in ("git_commit", *DVC_TAGS)}
-    tags.update({GENERATOR_TAG: generator_sha256, "params_sha256": params_sha256})
-    client = client_for_store()
-    for key, value in tags.items():
-        client.set_model_version_tag(REGISTERED_MODEL, version, key, value)
-    return version
-
-
-# What the pyfunc model imports, pinned in its requirements (MLflow adds itself).
-PYFUNC_PACKAGES = ("torch", "numpy", "safetensors", "pyyaml")
-# evaluate's headline metrics, copied onto the registered version once known.
-HEADLINE_METRICS = (
-    "fid",
-    "is_mean",
-    "precision",
-    "recall",
-    "coverage",
-    "modes",
-    "memorized_fraction",
-    "real_memorized_fraction",
-    "label_accuracy",
-)
-
-
-def tag_model_versions(generator_sha256: str, tags: Mapping[str, Any]) -> list[str]:
-    """Set ``tags`` on every registered version that holds the generator with this SHA-256.
-
-    Found by content, like the run (a run that resumed after a lost server, or two runs that
-    made the same weights, may have registered more than one version of them).
-
-    Returns:
-        The versions tagged (none when no version holds these weights).
-    """
-
-    client = client_for_store()
-    versions = client.search_model_versions(
-        f"name = '{REGISTERED_MODEL}' and tags.{GENERATOR_TAG} = '{generator_sha256}'"
-    )
-    for v in versions:
-        for key, value in tags.items():
-            client.set_model_version_tag(REGISTERED_MODEL, v.version, key, str(value))
-    return [v.version for v in versions]
-
-
-def find_model_version(generator_sha256: str) -> Any:
-    """The registered version of ``mnist-gan-generator`` that holds these generator weights.
-
-    Raises:
-        ValueError: No version does (they were trained with another tracking store, or not
-            registered): one line saying so.
-    """
-
-    client = client_for_store()
-    found = client.search_model_versions(
-        f"name = '{REGISTERED_MODEL}' and tags.{GENERATOR_TAG} = '{generator_sha256}'"
-    )
-    if not found:
-        raise ValueError(
-            f"no version of {REGISTERED_MODEL} in {tracking_uri()} holds the generator with "
-            f"SHA-256 {generator_sha256[:12]}...: train it with this tracking store (dvc repro)"
-        )
-    return max(found, key=lambda v: int(v.version))
-
-
-# What the promotion gate judges: a version without one of these cannot be compared.
-GATE_METRICS = ("fid", "modes", "memorized_fraction", "real_memorized_fraction")
-
-
-def version_metrics(version: Any) -> dict[str, float]:
-    """The headline metrics the evaluate stage put on a registered version, as numbers.
-
-    Raises:
-        ValueError: evaluate has not scored this version yet, or a tag is not a number.
-    """
-    tags = version.tags
-    missing = [k for k in GATE_METRICS if k not in tags]
-    if missing:
-        raise ValueError(
-            f"{REGISTERED_MODEL} version {version.version} has no {', '.join(missing)} yet: run "
-            "the evaluate stage on it (dvc repro evaluate)"
-        )
-    out = {}
-    for key in (k for k in HEADLINE_METRICS if k in tags):
-        try:
-            out[key] = float(tags[key])
-        except ValueError:
-            raise ValueError(
-                f"{REGISTERED_MODEL} version {version.version}: tag {key} = {tags[key]!r} is "
-                "not a number: run the evaluate stage on it again (dvc repro -f evaluate)"
-            ) from None
-    return out
-
-
-def alias_version(alias: str) -> Any | None:
-    """The version under ``alias`` (e.g. ``champion``), or None when the alias is not set."""
-    from mlflow.exceptions import MlflowException
-
-    client = client_for_store()
-    try:
-        return client.get_model_version_by_alias(REGISTERED_MODEL, alias)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-
-
-def set_alias(alias: str, version: str) -> None:
-    """Point ``alias`` of ``mnist-gan-generator`` at ``version``."""
-
-    client_for_store().set_registered_model_alias(REGISTERED_MODEL, alias, version)
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
