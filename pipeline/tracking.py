@@ -7,9 +7,12 @@ The tracking URI comes from ``mnist_gan.project`` (the one resolver, shared with
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import subprocess
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,90 +28,108 @@ class TrackingUnreachable(RuntimeError):
     """The tracking store that the URI names cannot be used; the message says which and why."""
 
 
-# The stores MLflow knows besides http(s), SQLite and folders (SQLAlchemy URIs may name a driver:
-# postgresql+psycopg2://). check_reachable refuses any other scheme at once.
-OTHER_SCHEMES = ("postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+PROBE_TIMEOUT = 10  # seconds for the probe's request (MLflow's default timeout is minutes)
 
 
-def check_reachable(uri: str | None = None, timeout: float = 10.0) -> str:
-    """Fail fast, before any work, when the tracking store cannot be reached.
+@contextlib.contextmanager
+def _one_try(timeout: float | None) -> Iterator[None]:
+    """MLflow's own HTTP settings for one probe: no retries, and a short timeout.
 
-    MLflow's client retries a dead server for minutes at the first call that needs it, so a bad
-    ``MLFLOW_TRACKING_URI`` would cost a training run. An http(s) server must answer the REST
-    API (any answer but 401/403 will do); a SQLite or file store needs its folder to exist; a
-    scheme MLflow has no store for is refused. Other stores (PostgreSQL, Databricks) are left
-    to MLflow.
+    ``timeout`` wins; else an ``MLFLOW_HTTP_REQUEST_TIMEOUT`` the user set; else
+    :data:`PROBE_TIMEOUT` (MLflow's default is minutes). The settings are put back afterwards,
+    so the run's later calls retry as MLflow (or the user) would have them.
+    """
+    seconds = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or str(PROBE_TIMEOUT)
+    if timeout is not None:
+        seconds = str(max(1, math.ceil(timeout)))
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": seconds}
+    saved = {key: os.environ.get(key) for key in probe}
+    os.environ.update(probe)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# What in MLflow's message on a failed request says why the connection failed.
+_CONNECTION = re.compile(r"\[Errno -?\d+\] [^'\"()]+|\[SSL: \w+\][^'\"()]*|\w+ timed out")
+
+
+def _unusable(uri: str, exc: BaseException) -> str:
+    """One line naming the store and what failed, from what the probe raised."""
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+    stop = "stopping before any work"
+    if isinstance(exc, UnsupportedModelRegistryStoreURIException):  # before any request
+        scheme = uri.split(":", 1)[0] if ":" in uri else ""
+        return (f"MLFLOW_TRACKING_URI={uri!r} has the unknown scheme {scheme!r}: give an MLflow "
+                "server (http://host:port), a SQLite file (sqlite:////abs/path/mlflow.db) or "
+                f"unset it for the project's mlflow.db; {stop}")  # fmt: skip
+    if not uri.startswith(("http://", "https://")):
+        return f"the MLflow tracking store {uri} cannot be used ({short(exc, 300)}); {stop}"
+    code = getattr(exc, "error_code", None)
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED", "CUSTOMER_UNAUTHORIZED"):
+        return (f"the MLflow tracking server at {uri} refused the credentials ({code}): set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN; "
+                f"{stop}")  # fmt: skip
+    if code == "ENDPOINT_NOT_FOUND":  # a web server, but no MLflow REST API at that path
+        return (f"{uri} is not an MLflow tracking server (HTTP 404 from its REST API): fix "
+                f"MLFLOW_TRACKING_URI; {stop}")  # fmt: skip
+    if found := _CONNECTION.search(str(exc)):
+        return (f"cannot reach the MLflow tracking server at {uri} ({found.group().strip()}): "
+                f"start it (`make server`) or fix MLFLOW_TRACKING_URI; {stop}")  # fmt: skip
+    return f"the MLflow tracking server at {uri} failed ({short(exc)}); {stop}"
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a SQLite or file store; None for a server or another store."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("file", ""):
+        return Path(urllib.parse.unquote(parts.path))
+    return None
+
+
+def check_reachable(uri: str | None = None, timeout: float | None = None) -> str:
+    """Fail fast, before any work, when the tracking store cannot be used.
+
+    A stage's first MLflow call may come after minutes of work (evaluate scores first), and
+    MLflow's client retries a dead server for minutes by default. So the stages ask the store
+    once, up front, through MLflow's own client (its credentials, TLS settings and stores),
+    with MLflow's retries off and a short timeout (:func:`_one_try`).
 
     Args:
         uri: The tracking URI; default :func:`tracking_uri`.
-        timeout: Seconds to wait for the server's answer.
+        timeout: Seconds to wait for a server's answer (default: see :func:`_one_try`).
 
     Returns:
         The URI that was checked.
 
     Raises:
-        TrackingUnreachable: naming the URI and what is wrong.
+        TrackingUnreachable: one line naming the URI and what is wrong.
     """
-    import ssl
-    import urllib.error
-    import urllib.parse
-    import urllib.request
+    import mlflow
 
     uri = uri or tracking_uri()
-    scheme = urllib.parse.urlsplit(uri).scheme
-    if scheme in ("http", "https"):
-        query = urllib.parse.urlencode({"experiment_name": EXPERIMENT})
-        url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}"
-        headers = {}
-        if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
-            headers["Authorization"] = f"Bearer {token}"
-        elif user := os.environ.get("MLFLOW_TRACKING_USERNAME"):
-            import base64
-
-            pair = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
-            headers["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
-        context = None
-        if scheme == "https":  # the TLS settings MLflow's own client honours
-            context = ssl.create_default_context(
-                cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
-            )
-            if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-        request = urllib.request.Request(url, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout, context=context):
-                pass
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                raise TrackingUnreachable(
-                    f"the MLflow tracking server at {uri} refused the credentials "
-                    f"(HTTP {exc.code}): set MLFLOW_TRACKING_USERNAME and "
-                    "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN"
-                ) from None
-            # Any other answer (404 for an experiment not made yet) means a server is there.
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingUnreachable(
-                f"cannot reach the MLflow tracking server at {uri} ({reason}): start it "
-                "(`make server`) or fix MLFLOW_TRACKING_URI; stopping before any work"
-            ) from None
-    elif scheme.split("+")[0] not in OTHER_SCHEMES + ("sqlite", "file", ""):
+    path = local_store_path(uri)
+    # MLflow creates a local store's missing folders, so a mistyped path would quietly get a
+    # store of its own, away from the project's runs: refuse it instead.
+    if path is not None and not path.parent.is_dir():
         raise TrackingUnreachable(
-            f"MLFLOW_TRACKING_URI={uri!r} has the unknown scheme {scheme!r}: give an MLflow "
-            "server (http://host:port), a SQLite file (sqlite:////abs/path/mlflow.db) or "
-            "unset it for the project's mlflow.db; stopping before any work"
+            f"the MLflow tracking store {uri} is in a folder that does not exist "
+            f"({path.parent}): create it or fix MLFLOW_TRACKING_URI; stopping before any work"
         )
-    elif scheme in ("sqlite", "file", ""):
-        if scheme == "sqlite":
-            path = Path(uri.removeprefix("sqlite:///"))
-        else:
-            path = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path))  # mlruns/
-        if not path.parent.is_dir():
-            raise TrackingUnreachable(
-                f"the MLflow tracking store {uri} is in a folder that does not exist "
-                f"({path.parent}): create it or fix MLFLOW_TRACKING_URI; stopping before any work"
-            )
+    with _one_try(timeout):
+        try:
+            client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.get_experiment_by_name(EXPERIMENT)  # None (a new store) will do
+        except Exception as exc:  # whatever the store raises: one line, not a traceback
+            raise TrackingUnreachable(_unusable(uri, exc)) from None
     return uri
 
 

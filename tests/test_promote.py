@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -9,8 +12,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import load_stage
+from conftest import ROOT, load_stage
 from mlflow import MlflowClient
+from servers import free_port
 
 from mnist_gan.models import build_discriminator, build_generator, save_gan
 from mnist_gan.params import TrainParams
@@ -152,6 +156,25 @@ def test_errors_exit_1_with_one_line(stage: ModuleType, store: str, tmp_path: Pa
     assert res.exit_code == 1 and "generator.safetensors" in res.output
     res = promote(stage, gan, f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}", tmp_path)
     assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_a_dead_tracking_server_is_one_line_at_once(tmp_path: Path) -> None:
+    """The script against a port nothing listens on: exit 1 and one line naming the server,
+    without MLflow's default retries (minutes) and without a traceback."""
+    gan = make_gan(tmp_path / "gan", seed=0)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"promote": {"fid_margin": 0.02}}))
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+    cmd = [sys.executable, str(ROOT / "pipeline" / "promote.py"), "--gan", str(gan),
+           "--params", str(params)]  # fmt: skip
+    res = subprocess.run(cmd, env={**env, "MLFLOW_TRACKING_URI": dead}, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert lines[0].startswith(f"error: cannot reach the MLflow tracking server at {dead} (")
+    assert "Connection refused" in lines[0] and res.stdout == ""
 
 
 def test_scoring_differences_name_what_changes_the_scores(stage: ModuleType) -> None:

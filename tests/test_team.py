@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
+import socket
 import sys
 import threading
 import time
@@ -262,7 +264,7 @@ def test_unreachable_tracking_server_stops_train_before_training(team: Team) -> 
     assert UP_TO_DATE in run(["dvc", "status"], cwd=e, env=team.env).stdout
 
 
-# Fast checks of the two helpers the stages rely on (no pipeline run, no MLflow server).
+# Fast checks of the helpers the stages rely on (no pipeline run, no MLflow server).
 
 
 @pytest.fixture
@@ -305,13 +307,15 @@ def test_project_root_inside_a_queued_experiment_is_the_original_root(
 
 
 @contextmanager
-def http_status_server(status: int) -> Iterator[str]:
-    """A loopback HTTP server that answers every GET with ``status``; yields its URL."""
+def http_status_server(status: int, body: bytes = b"") -> Iterator[str]:
+    """A loopback HTTP server that answers every GET with ``status`` and ``body``; yields its
+    URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
             self.send_response(status)
             self.end_headers()
+            self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -327,17 +331,48 @@ def http_status_server(status: int) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def test_check_reachable_names_the_server_and_the_reason(tracking_module) -> None:
-    """A dead server or refused credentials fail at once; any other answer means it is there."""
+@contextmanager
+def silent_server() -> Iterator[str]:
+    """A loopback port that accepts connections and never answers; yields its URL."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)  # the kernel completes the handshake; nobody reads or writes
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+# What an MLflow server answers for an experiment that does not exist yet (a new store).
+NO_EXPERIMENT = json.dumps({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no"}).encode()
+
+
+def test_check_reachable_names_the_server_and_the_reason(
+    tracking_module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead server, refused credentials or no MLflow API fail at once, in one line; an MLflow
+    server's answer passes. MLflow's retry settings are the user's again afterwards."""
+    unreachable = tracking_module.TrackingUnreachable
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")  # minutes, if the probe retried
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     dead = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(tracking_module.TrackingUnreachable, match="cannot reach") as err:
-        tracking_module.check_reachable(dead, timeout=5)
-    assert dead in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
-    refused = pytest.raises(tracking_module.TrackingUnreachable, match="refused the credentials")
-    with http_status_server(401) as url, refused:
-        tracking_module.check_reachable(url, timeout=5)
-    with http_status_server(404) as url:  # e.g. the experiment does not exist yet
-        assert tracking_module.check_reachable(url, timeout=5) == url
+    start = time.perf_counter()
+    with pytest.raises(unreachable, match="cannot reach") as err:
+        tracking_module.check_reachable(dead)
+    assert time.perf_counter() - start < 5
+    assert dead in str(err.value) and "Connection refused" in str(err.value)
+    assert "MLFLOW_TRACKING_URI" in str(err.value) and "\n" not in str(err.value)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    with silent_server() as url, pytest.raises(unreachable, match="timed out") as err:
+        start = time.perf_counter()
+        tracking_module.check_reachable(url, timeout=1)
+    assert time.perf_counter() - start < 5 and url in str(err.value)
+    for status in (401, 403):
+        refused = pytest.raises(unreachable, match="refused the credentials")
+        with http_status_server(status) as url, refused:
+            tracking_module.check_reachable(url)
+    with http_status_server(404) as url, pytest.raises(unreachable, match="not an MLflow"):
+        tracking_module.check_reachable(url)  # a web server, but no MLflow API there
+    with http_status_server(404, NO_EXPERIMENT) as url:  # MLflow: a store without the experiment
+        assert tracking_module.check_reachable(url) == url
 
 
 def test_check_reachable_refuses_a_scheme_mlflow_has_no_store_for(tracking_module) -> None:
@@ -346,7 +381,16 @@ def test_check_reachable_refuses_a_scheme_mlflow_has_no_store_for(tracking_modul
         with pytest.raises(unknown, match="unknown scheme") as err:
             tracking_module.check_reachable(uri)
         assert repr(uri) in str(err.value) and "\n" not in str(err.value)
-    # The schemes it lets through to MLflow are ones MLflow has a store for.
-    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
-    assert set(tracking_module.OTHER_SCHEMES) <= set(_tracking_store_registry._registry)
+
+def test_check_reachable_refuses_a_store_in_a_missing_folder(
+    tracking_module, tmp_path: Path
+) -> None:
+    """MLflow would make the folders of a mistyped path; the check stops instead, and a SQLite
+    store in a folder that exists is created and passes."""
+    missing = f"sqlite:///{tmp_path / 'no-such-folder' / 'mlflow.db'}"
+    with pytest.raises(tracking_module.TrackingUnreachable, match="does not exist"):
+        tracking_module.check_reachable(missing)
+    assert not (tmp_path / "no-such-folder").exists()
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking_module.check_reachable(store) == store
