@@ -25,8 +25,9 @@ from train_throughput import BenchError, resolve_raw_dir
 
 from mnist_gan.classifier import train_classifier
 from mnist_gan.data import DataError, normalize, read_raw_split
-from mnist_gan.metrics import compute_reference, evaluate_samples
+from mnist_gan.metrics import evaluate_samples
 from mnist_gan.params import ClassifierParams
+from mnist_gan.reference import compute_reference
 from mnist_gan.utils import resolve_device, write_json
 
 

@@ -31,17 +31,11 @@ from common import PARAMS_OPTION, file_option, folder_option, load_or_exit
 from mnist_gan.classifier import WEIGHTS_FILE, load_classifier
 from mnist_gan.data import DataError, load_normalized
 from mnist_gan.figures import class_grid, neighbour_figure, sample_grid, save_png
-from mnist_gan.metrics import (
-    balanced_labels,
-    check_reference,
-    evaluate_samples,
-    generate_samples,
-    load_reference,
-    reference_settings,
-    reference_sources,
-)
+from mnist_gan.metrics import check_reference, evaluate_samples
 from mnist_gan.models import GENERATOR_FILE, load_generator
 from mnist_gan.params import params_to_dict
+from mnist_gan.reference import load_reference, reference_settings, reference_sources
+from mnist_gan.sampling import balanced_labels, generate_samples
 from mnist_gan.utils import (
     atomic_dir,
     resolve_device,
@@ -74,8 +68,9 @@ def main(data: Path, gan: Path, classifier: Path, reference: Path, metrics: Path
         test_images, _ = load_normalized(data / "test.safetensors")
         evaluator = load_classifier(classifier)
         real = load_reference(reference, train_images, test_images, device)
-        settings = reference_settings(cfg.k, cfg.num_samples, cfg.is_splits, seed, train_images,
-                                      test_images)  # fmt: skip
+        settings = reference_settings(train_images, test_images, k=cfg.k,
+                                      num_samples=cfg.num_samples, is_splits=cfg.is_splits,
+                                      seed=seed)  # fmt: skip
         try:  # before any sampling: it fits these settings and this classifier
             check_reference(real, evaluator, settings)
         except ValueError as exc:
@@ -95,13 +90,13 @@ def main(data: Path, gan: Path, classifier: Path, reference: Path, metrics: Path
     # A conditional generator is asked for every digit equally often, and judged on whether
     # the classifier sees the digit asked for (label_accuracy).
     digits = balanced_labels(cfg.num_samples) if gan_cfg.conditional else None
-    samples = generate_samples(generator, cfg.num_samples, gan_cfg.latent_dim, seed,
-                               cfg.batch_size, device, labels=digits)  # fmt: skip
+    samples = generate_samples(generator, cfg.num_samples, latent_dim=gan_cfg.latent_dim,
+                               seed=seed, batch_size=cfg.batch_size, device=device,
+                               labels=digits)  # fmt: skip
     start = time.perf_counter()
     try:
-        result = evaluate_samples(samples, evaluator, train_images, test_images, cfg.k,
-                                  cfg.is_splits, seed, cfg.batch_size, labels=digits,
-                                  reference=real)  # fmt: skip
+        result = evaluate_samples(samples, evaluator, real, is_splits=cfg.is_splits, seed=seed,
+                                  batch_size=cfg.batch_size, labels=digits)  # fmt: skip
     except (RuntimeError, ValueError) as exc:  # e.g. samples that hold NaN
         sys.exit(f"error: {exc}")
     seconds = time.perf_counter() - start

@@ -26,7 +26,7 @@ from common import PARAMS_OPTION, folder_option, load_or_exit
 
 from mnist_gan.classifier import WEIGHTS_FILE, load_classifier
 from mnist_gan.data import DataError, load_normalized
-from mnist_gan.metrics import compute_reference, reference_sources, save_reference
+from mnist_gan.reference import compute_reference, reference_sources, save_reference
 from mnist_gan.utils import atomic_dir, resolve_device, set_threads
 
 
@@ -46,9 +46,11 @@ def main(data: Path, classifier: Path, out: Path, params_file: Path) -> None:
         train_images, _ = load_normalized(data / "train.safetensors")
         test_images, test_labels = load_normalized(data / "test.safetensors")
         evaluator = load_classifier(classifier)
-        reference = compute_reference(evaluator, train_images, test_images, test_labels, cfg.k,
-                                      cfg.num_samples, cfg.is_splits, seed, cfg.batch_size,
-                                      device=device)  # fmt: skip
+        reference = compute_reference(
+            evaluator, train_images, test_images, test_labels=test_labels, k=cfg.k,
+            num_samples=cfg.num_samples, is_splits=cfg.is_splits, seed=seed,
+            batch_size=cfg.batch_size, device=device,
+        )  # fmt: skip
     except (DataError, OSError, RuntimeError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     # What it was computed from: evaluate refuses it for another classifier or other data.

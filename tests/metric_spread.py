@@ -116,10 +116,11 @@ FULL_BOUNDS = {"full accuracy": (0.992, ">"), "full IS": (9.5, ">")}
 def by_digit(mnist: dict, ev: object) -> float:
     """label_accuracy of the perfect conditional stand-in (test_label_accuracy_...)."""
     images, labels = mnist["test"]
-    digits = T.M.balanced_labels(1000)
+    digits = T.S.balanced_labels(1000)
     gen = T._ByDigit(images[T.OTHERS], labels[T.OTHERS])
-    samples = T.M.generate_samples(gen, 1000, 8, 0, 256, labels=digits)
-    result = T._evaluate(samples, ev, mnist, labels=digits, test_labels=labels[T.REFERENCE])
+    samples = T.S.generate_samples(gen, 1000, latent_dim=8, seed=0, batch_size=256, labels=digits)
+    reference = T._reference(ev, mnist, 1000, test_labels=labels[T.REFERENCE])
+    result = T._evaluate(samples, ev, mnist, labels=digits, reference=reference)
     return result.samples.metrics["label_accuracy"]
 
 

@@ -20,9 +20,11 @@ from PIL import Image
 
 from mnist_gan.classifier import evaluate_classifier, load_classifier, save_classifier
 from mnist_gan.data import load_normalized, save_normalized
-from mnist_gan.metrics import METRIC_NAMES, evaluate_samples, generate_samples
+from mnist_gan.metrics import METRIC_NAMES, evaluate_samples
 from mnist_gan.models import build_discriminator, build_generator, load_generator, save_gan
 from mnist_gan.params import TrainParams
+from mnist_gan.reference import compute_reference
+from mnist_gan.sampling import generate_samples
 from mnist_gan.utils import sha256_file
 
 KEYS = set(METRIC_NAMES) | {f"real_{name}" for name in METRIC_NAMES}
@@ -321,14 +323,17 @@ def test_the_reference_is_real_datas_side_computed_once(
     metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
     for name in METRIC_NAMES:  # evaluate.json's are rounded to 6 decimals
         assert metrics[f"real_{name}"] == pytest.approx(real[name], abs=5e-7), name
-    # The same numbers as the library computing real data's side in place.
+    # The same numbers as the library scoring the samples against real data's side computed
+    # in memory, without the cache.
     train, _ = load_normalized(project / "data/train.safetensors")
     test, _ = load_normalized(project / "data/test.safetensors")
     classifier = load_classifier(project / "models/classifier")
     generator, cfg = load_generator(project / "models/gan", prefer_ema=True)
-    samples = generate_samples(generator, 300, cfg.latent_dim, 0, 128)
-    in_place = evaluate_samples(samples, classifier, train, test, 5, 5, 0, 128).flat()
-    assert metrics == in_place
+    samples = generate_samples(generator, 300, latent_dim=cfg.latent_dim, seed=0, batch_size=128)
+    computed = compute_reference(classifier, train, test, test_labels=None, k=5, num_samples=300,
+                                 is_splits=5, seed=0, batch_size=128)  # fmt: skip
+    in_memory = evaluate_samples(samples, classifier, computed, is_splits=5, seed=0, batch_size=128)
+    assert metrics == in_memory.flat()
 
     # evaluate.k changed, the reference not remade: one line, nothing written.
     params = yaml.safe_load((project / "params.yaml").read_text())

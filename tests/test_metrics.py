@@ -1,4 +1,5 @@
-"""The evaluation metrics: against brute force and torchmetrics, and on stand-in generators."""
+"""The evaluation metrics: against brute force and torchmetrics, and on stand-in generators; the
+real-data reference they are scored against, and its cache."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from evalkit import quick_classifier, real_mnist
 from torch import nn
 
 from mnist_gan import metrics as M
+from mnist_gan import reference as R
+from mnist_gan import sampling as S
 from mnist_gan.classifier import embed, evaluate_classifier
 
 
@@ -32,16 +35,37 @@ SPLIT = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))
 REFERENCE, OTHERS = SPLIT[:3000], SPLIT[3000:]
 
 
-def _evaluate(samples: torch.Tensor, evaluator: nn.Module, mnist: dict, **kw) -> M.Evaluation:
-    """Score ``samples`` against slices of real data that keep the test fast.
+def _reference(
+    evaluator: nn.Module,
+    mnist: dict,
+    num_samples: int,
+    test_labels: torch.Tensor | None = None,
+    k: int = 5,
+) -> M.Reference:
+    """Real data's side for ``num_samples`` samples, as the reference stage computes it, from
+    slices of real data that keep the test fast.
 
     The reference set is 3,000 random test digits, so samples drawn from the other test digits
     are real and unseen; the training set is its first 10,000 images. KID uses 10 subsets.
     """
     train = mnist["train"][0][:10_000]
     test = mnist["test"][0][REFERENCE]
-    args = {"k": 5, "is_splits": 5, "seed": 0, "kid_subsets": 10, **kw}
-    return M.evaluate_samples(samples, evaluator, train, test, **args)
+    return R.compute_reference(evaluator, train, test, test_labels=test_labels, k=k,
+                               num_samples=num_samples, is_splits=5, seed=0,
+                               kid_subsets=10)  # fmt: skip
+
+
+def _evaluate(
+    samples: torch.Tensor,
+    evaluator: nn.Module,
+    mnist: dict,
+    labels: torch.Tensor | None = None,
+    reference: M.Reference | None = None,
+) -> M.Evaluation:
+    """Score ``samples`` against ``reference`` (default: :func:`_reference` for them)."""
+    if reference is None:
+        reference = _reference(evaluator, mnist, len(samples))
+    return M.evaluate_samples(samples, evaluator, reference, is_splits=5, seed=0, labels=labels)
 
 
 # --- exact building blocks -------------------------------------------------------------------
@@ -228,14 +252,14 @@ def one_digit(mnist: dict, evaluator: nn.Module) -> M.Evaluation:
     """A collapsed generator: real test digits, all of them ones."""
     images, labels = mnist["test"]
     ones = images[OTHERS][labels[OTHERS] == 1]
-    samples = M.generate_samples(_Replay(ones), 1000, latent_dim=8, seed=0, batch_size=256)
+    samples = S.generate_samples(_Replay(ones), 1000, latent_dim=8, seed=0, batch_size=256)
     return _evaluate(samples, evaluator, mnist)
 
 
 def copies(mnist: dict, evaluator: nn.Module) -> M.Evaluation:
     """A memorising generator: the first 2,000 training images, verbatim."""
     train = mnist["train"][0]
-    samples = M.generate_samples(_Replay(train[:2000]), 2000, latent_dim=8, seed=0)
+    samples = S.generate_samples(_Replay(train[:2000]), 2000, latent_dim=8, seed=0)
     return _evaluate(samples, evaluator, mnist)
 
 
@@ -319,13 +343,14 @@ class _ByDigit(nn.Module):
 
 def test_label_accuracy_follows_the_digits_asked_for(mnist: dict, evaluator: nn.Module) -> None:
     images, labels = mnist["test"]
-    digits = M.balanced_labels(1000)
+    digits = S.balanced_labels(1000)
     assert torch.equal(torch.bincount(digits), torch.full((10,), 100))
     generator = _ByDigit(images[OTHERS], labels[OTHERS])
-    samples = M.generate_samples(generator, 1000, latent_dim=8, seed=0, batch_size=256,
+    samples = S.generate_samples(generator, 1000, latent_dim=8, seed=0, batch_size=256,
                                  labels=digits)  # fmt: skip
     test_labels = labels[REFERENCE]
-    result = _evaluate(samples, evaluator, mnist, labels=digits, test_labels=test_labels)
+    reference = _reference(evaluator, mnist, 1000, test_labels=test_labels)
+    result = _evaluate(samples, evaluator, mnist, labels=digits, reference=reference)
     got, real = result.samples.metrics, result.reference
     assert got["label_accuracy"] > 0.9  # seeds: 0.956-0.971
     _, accuracy = evaluate_classifier(evaluator, images[REFERENCE], test_labels)
@@ -334,12 +359,12 @@ def test_label_accuracy_follows_the_digits_asked_for(mnist: dict, evaluator: nn.
     assert flat["label_accuracy"] == round(got["label_accuracy"], 6)
     assert flat["real_label_accuracy"] == pytest.approx(accuracy, abs=1e-6)
     # Judged against other digits than it was asked for, the same samples score near 0.
-    wrong = _evaluate(samples, evaluator, mnist, labels=(digits + 1) % 10, test_labels=test_labels)
+    wrong = _evaluate(samples, evaluator, mnist, labels=(digits + 1) % 10, reference=reference)
     assert wrong.samples.metrics["label_accuracy"] < 0.1
-    # An unconditional evaluation has no such key.
-    assert "label_accuracy" not in _evaluate(samples, evaluator, mnist).flat()
+    # An unconditional evaluation has no such key, whatever the reference holds.
+    assert "label_accuracy" not in _evaluate(samples, evaluator, mnist, reference=reference).flat()
     with pytest.raises(ValueError, match="one label per sample"):
-        _evaluate(samples, evaluator, mnist, labels=digits[:10], test_labels=test_labels)
+        _evaluate(samples, evaluator, mnist, labels=digits[:10], reference=reference)
 
 
 def test_evaluation_is_deterministic_and_flat(mnist: dict, evaluator: nn.Module) -> None:
@@ -354,95 +379,103 @@ def test_evaluation_is_deterministic_and_flat(mnist: dict, evaluator: nn.Module)
 
 def test_bad_input_is_refused(mnist: dict, evaluator: nn.Module) -> None:
     good = mnist["test"][0][:100]
+    reference = _reference(evaluator, mnist, len(good))
     with pytest.raises(ValueError, match="samples: expected images of shape"):
-        _evaluate(good[:, :, :14], evaluator, mnist)
+        _evaluate(good[:, :, :14], evaluator, mnist, reference=reference)
     nan = good.clone()
     nan[3, 0, 5, 5] = math.nan
     with pytest.raises(ValueError, match="NaN"):
-        _evaluate(nan, evaluator, mnist)
+        _evaluate(nan, evaluator, mnist, reference=reference)
     with pytest.raises(ValueError, match="evaluate.k"):
-        _evaluate(good[:5], evaluator, mnist, k=5)
+        _reference(evaluator, mnist, 5, k=5)
+    with pytest.raises(ValueError, match="training images: images hold NaN"):
+        R.compute_reference(evaluator, nan, good, test_labels=None, k=5, num_samples=50,
+                            is_splits=5, seed=0)  # fmt: skip
 
 
 # --- the cached reference (the reference stage) ----------------------------------------------
 
 
-def test_a_saved_reference_gives_the_metrics_computed_in_place(
+def test_a_saved_reference_gives_the_metrics_of_the_one_computed(
     evaluator: nn.Module, mnist: dict, tmp_path: Path
 ) -> None:
-    """Real data's side computed once, saved and loaded, scores samples exactly as computing it
-    in place does, real_ references included; only settings it was made for are accepted."""
+    """Real data's side saved and loaded scores samples exactly as the reference computed in
+    memory does, real_ references included; only settings it was made for are accepted."""
     train = mnist["train"][0][:10_000]
     test, test_labels = mnist["test"][0][REFERENCE], mnist["test"][1][REFERENCE]
     samples = mnist["test"][0][OTHERS[:600]]
     labels = mnist["test"][1][OTHERS[:600]]
-    settings = {"k": 5, "is_splits": 5, "seed": 0, "kid_subsets": 10}
-    in_place = M.evaluate_samples(samples, evaluator, train, test, labels=labels,
-                                  test_labels=test_labels, **settings)  # fmt: skip
-    reference = M.compute_reference(evaluator, train, test, test_labels, 5, 600, 5, 0,
+    reference = R.compute_reference(evaluator, train, test, test_labels=test_labels, k=5,
+                                    num_samples=600, is_splits=5, seed=0,
                                     kid_subsets=10)  # fmt: skip
-    M.save_reference(tmp_path, reference)
+    scoring = {"is_splits": 5, "seed": 0}
+    computed = M.evaluate_samples(samples, evaluator, reference, labels=labels, **scoring)
+    R.save_reference(tmp_path, reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reference.json", "reference.safetensors"]
-    loaded = M.load_reference(tmp_path, train, test)
-    cached = M.evaluate_samples(samples, evaluator, train, test, labels=labels, reference=loaded,
-                                **settings)  # fmt: skip
-    assert cached.flat() == in_place.flat()
-    assert cached.reference == in_place.reference  # unrounded, bit for bit
-    assert cached.samples.metrics == in_place.samples.metrics
+    loaded = R.load_reference(tmp_path, train, test)
+    cached = M.evaluate_samples(samples, evaluator, loaded, labels=labels, **scoring)
+    assert cached.flat() == computed.flat()
+    assert cached.reference == computed.reference  # unrounded, bit for bit
+    assert cached.samples.metrics == computed.samples.metrics
     assert cached.reference["label_accuracy"] == pytest.approx(
         evaluate_classifier(evaluator, test, test_labels)[1], abs=1e-6
     )
-    assert torch.equal(cached.samples.nn_train_index, in_place.samples.nn_train_index)
+    assert torch.equal(cached.samples.nn_train_index, computed.samples.nn_train_index)
     # The subset that stands in for samples is kept, embedded: real data's FID is its FID.
     assert len(loaded.subset.index) == 600 and loaded.subset.feats.shape[0] == 600
     fid = M.frechet_distance(loaded.real.test_feats, loaded.subset.feats)
-    assert fid == pytest.approx(in_place.reference["fid"], rel=1e-9)
+    assert fid == pytest.approx(computed.reference["fid"], rel=1e-9)
 
-    for key, value in (("k", 4), ("is_splits", 3), ("seed", 1)):
-        with pytest.raises(ValueError, match=f"other settings \\({key} {settings[key]}, not "):
-            M.evaluate_samples(samples, evaluator, train, test, reference=loaded,
-                               **{**settings, key: value})  # fmt: skip
+    for key, value in (("is_splits", 3), ("seed", 1)):
+        with pytest.raises(ValueError, match=f"other settings \\({key} {scoring[key]}, not "):
+            M.evaluate_samples(samples, evaluator, loaded, **{**scoring, key: value})
     with pytest.raises(ValueError, match="num_samples 600, not 500"):
-        M.evaluate_samples(samples[:500], evaluator, train, test, reference=loaded, **settings)
+        M.evaluate_samples(samples[:500], evaluator, loaded, **scoring)
+    # What the evaluate stage checks before sampling: every setting, k and the data included.
+    settings = R.reference_settings(train, test, k=5, num_samples=600, is_splits=5, seed=0,
+                                    kid_subsets=10)  # fmt: skip
+    M.check_reference(loaded, evaluator, settings)
+    for key, value in (("k", 4), ("kid_subsets", 100), ("num_test", 2000)):
+        with pytest.raises(ValueError, match=f"other settings \\({key} {settings[key]}, not "):
+            M.check_reference(loaded, evaluator, {**settings, key: value})
     with pytest.raises(ValueError, match="made for 10000 training and 3000 test images"):
-        M.load_reference(tmp_path, train[:5000], test)
+        R.load_reference(tmp_path, train[:5000], test)
     # Another classifier's features: refused, not a shape error deep in the distances.
     narrow = dataclasses.replace(loaded.real, test_feats=loaded.real.test_feats[:, :7])
     with pytest.raises(ValueError, match="the reference holds 7-d features"):
         other = dataclasses.replace(loaded, real=narrow)
-        M.evaluate_samples(samples, evaluator, train, test, reference=other, **settings)
-    # label_accuracy needs the reference's test accuracy, whatever test_labels says.
+        M.evaluate_samples(samples, evaluator, other, **scoring)
+    # label_accuracy needs the reference's test accuracy.
     blind = dataclasses.replace(loaded, real=dataclasses.replace(loaded.real, test_accuracy=None))
     with pytest.raises(ValueError, match="label_accuracy needs"):
-        M.evaluate_samples(samples, evaluator, train, test, labels=labels,
-                           test_labels=test_labels, reference=blind, **settings)  # fmt: skip
+        M.evaluate_samples(samples, evaluator, blind, labels=labels, **scoring)
 
 
 def test_a_broken_reference_folder_is_one_line(tmp_path: Path) -> None:
     images = torch.zeros(20, 1, 28, 28)
     with pytest.raises(ValueError, match="reference.json: not found"):
-        M.load_reference(tmp_path, images, images)
+        R.load_reference(tmp_path, images, images)
     (tmp_path / "reference.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="format 'other', expected 'mnist-gan-reference-v1'"):
-        M.load_reference(tmp_path, images, images)
+        R.load_reference(tmp_path, images, images)
     (tmp_path / "reference.json").write_text("{not json")
     with pytest.raises(ValueError, match="reference.json: unreadable"):
-        M.load_reference(tmp_path, images, images)
+        R.load_reference(tmp_path, images, images)
     (tmp_path / "reference.json").write_text('{"format": "mnist-gan-reference-v1"}')
     with pytest.raises(ValueError, match="reference.json: malformed"):
-        M.load_reference(tmp_path, images, images)
+        R.load_reference(tmp_path, images, images)
     settings = {"k": 3, "num_samples": 10, "is_splits": 2, "seed": 0, "kid_subsets": 2,
                 "num_train": 20, "num_test": 20}  # fmt: skip
     config = {"format": "mnist-gan-reference-v1", "settings": settings, "threshold": 1.0,
               "test_accuracy": None, "metrics": {"fid": 0.1}}  # fmt: skip
     (tmp_path / "reference.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="reference.json: lacks the metrics kid_mean, kid_std"):
-        M.load_reference(tmp_path, images, images)
+        R.load_reference(tmp_path, images, images)
     config["metrics"] = dict.fromkeys(M.METRIC_NAMES, 0.5)
     (tmp_path / "reference.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="reference.safetensors: not found"):
-        M.load_reference(tmp_path, images, images)
+        R.load_reference(tmp_path, images, images)
     del config["settings"]["kid_subsets"]
     (tmp_path / "reference.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="malformed \\(KeyError"):
-        M.load_reference(tmp_path, images, images)
+        R.load_reference(tmp_path, images, images)

@@ -1,4 +1,5 @@
-"""How good, how diverse and how original the generated digits are, beside what real data gets.
+"""How good, how diverse and how original the generated digits are: the metrics, and the scoring
+of a set of samples against real data's side of them (a :class:`Reference`).
 
 Every metric is computed in the space of the evaluator classifier (:mod:`mnist_gan.classifier`):
 its penultimate features for FID, KID, precision, recall, density and coverage; its class
@@ -7,11 +8,14 @@ are a pixel-level phenomenon, and a classifier's features are built to map diffe
 one digit close together (and were fitted to the training images, so train and test are not
 alike to it), so near-copies are found in pixel space (see :func:`memorization_space`).
 
-The real-data reference of every metric is the same computation with real images in place of
-the samples: a fixed random subset of the training set of the same size, scored against the test
+Real data's side of every metric is the same computation with real images in place of the
+samples: a fixed random subset of the training set of the same size, scored against the test
 set; for memorisation, held-out test images scored against the training set and the other test
-images. Everything is batched, and the nearest-neighbour searches are chunked so that memory stays
-bounded (about ``chunk * ref_chunk`` floats at a time).
+images. :mod:`mnist_gan.reference` computes it once (the reference stage), saves and loads it;
+this module defines what scoring needs of it (:class:`Reference`) and scores samples against a
+given one (:func:`evaluate_samples`), never building one. Everything is batched, and the
+nearest-neighbour searches are chunked so that memory stays bounded (about
+``chunk * ref_chunk`` floats at a time).
 
 Distances are Euclidean. FID and KID follow torchmetrics (``FrechetInceptionDistance``,
 ``KernelInceptionDistance``: unbiased covariances, a cubic polynomial kernel, 100 subsets of 1000)
@@ -21,52 +25,42 @@ other metrics share.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mnist_gan.classifier import NUM_CLASSES, DigitClassifier, embed
-from mnist_gan.utils import load_safetensors, save_tensors, sha256_file
 
 __all__ = [
-    "METRIC_NAMES",
+    "KID_SUBSETS",
     "MEMORIZATION_QUANTILE",
+    "METRIC_NAMES",
     "MODE_MIN_RATIO",
     "Evaluation",
     "RealData",
     "RealSubset",
     "Reference",
-    "balanced_labels",
     "SampleScores",
+    "check_images",
     "check_reference",
     "class_kl",
-    "compute_reference",
     "evaluate_samples",
     "frechet_distance",
-    "generate_samples",
     "inception_score",
     "kernel_inception_distance",
     "knn_radii",
-    "load_reference",
     "memorization_space",
     "memorization_threshold",
     "mode_count",
     "nearest_neighbours",
     "prdc",
-    "reference_scores",
-    "reference_settings",
-    "reference_sources",
-    "reference_subset",
-    "save_reference",
+    "random_stream",
     "score_features",
     "score_memorization",
-    "score_quality",
     "score_samples",
 ]
 
@@ -92,12 +86,20 @@ KL_PSEUDOCOUNT = 0.5  # per class, so a missing digit gives a large but finite c
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 
-# Distinct streams for the random choices, so that one does not shift another.
-_SALT_KID, _SALT_REFERENCE, _SALT_THRESHOLD, _SALT_REF_KID = 1, 2, 3, 4
+# One random stream per random choice, so that one does not shift another.
+_STREAMS = {"kid": 1, "reference": 2, "threshold": 3, "reference_kid": 4}
 
 
-def _rng(seed: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1000 + salt)
+def random_stream(seed: int, name: str) -> torch.Generator:
+    """A CPU generator, seeded from ``seed``, for one of the evaluation's random choices.
+
+    Args:
+        seed: ``base.seed``.
+        name: The choice: ``kid`` (the samples' KID subsets), ``reference`` (the real images
+            that stand in for samples), ``threshold`` (the training images that set the
+            memorisation threshold) or ``reference_kid`` (real data's KID subsets).
+    """
+    return torch.Generator().manual_seed(seed * 1000 + _STREAMS[name])
 
 
 # --- distances -------------------------------------------------------------------------------
@@ -119,6 +121,7 @@ def _sq_dists(a: Tensor, b: Tensor, b_sq: Tensor, out: Tensor | None = None) -> 
 def nearest_neighbours(
     queries: Tensor,
     refs: Tensor,
+    *,
     exclude: Tensor | None = None,
     chunk: int = 1024,
     ref_chunk: int = 8192,
@@ -224,6 +227,7 @@ def kernel_inception_distance(
     feats_real: Tensor,
     feats_fake: Tensor,
     generator: torch.Generator,
+    *,
     subsets: int = KID_SUBSETS,
     subset_size: int = KID_SUBSET_SIZE,
 ) -> tuple[float, float]:
@@ -264,7 +268,7 @@ def inception_score(logits: Tensor, splits: int) -> tuple[float, float]:
 
 
 def prdc(
-    real: Tensor, fake: Tensor, k: int, real_radii: Tensor | None = None, chunk: int = 1024
+    real: Tensor, fake: Tensor, k: int, *, real_radii: Tensor | None = None, chunk: int = 1024
 ) -> dict[str, float]:
     """Precision, recall, density and coverage (Kynkaanniemi et al. 2019; Naeem et al. 2020).
 
@@ -385,12 +389,12 @@ def score_memorization(
     return metrics, d_train, i_train
 
 
-# --- putting it together ---------------------------------------------------------------------
+# --- real data's side: what the samples are scored against ----------------------------------
 
 
 @dataclass(frozen=True)
 class RealData:
-    """What the metrics need from real data, computed once for samples and references.
+    """What the metrics need from real data to score samples (:func:`score_samples`).
 
     Its tensors sit on one device (:attr:`device`), where the samples are scored.
     """
@@ -411,40 +415,75 @@ class RealData:
         """Where the real data's tensors are, and the samples are scored."""
         return self.test_feats.device
 
-    @classmethod
-    def prepare(
-        cls,
-        classifier: DigitClassifier,
-        train_images: Tensor,
-        test_images: Tensor,
-        k: int,
-        seed: int,
-        batch_size: int = 1000,
-        kid_subsets: int = KID_SUBSETS,
-        test_labels: Tensor | None = None,
-        device: str | torch.device = "cpu",
-    ) -> RealData:
-        """Embed the test set and set up the memorisation search, on ``device``."""
-        test_feats, test_logits = embed(classifier, test_images, batch_size, device)
-        test_pred = test_logits.argmax(1)
-        counts = torch.bincount(test_pred, minlength=NUM_CLASSES)
-        accuracy = None
-        if test_labels is not None:
-            accuracy = (test_pred == test_labels.cpu()).double().mean().item()
-        test_feats = test_feats.to(device)
-        train_space = memorization_space(train_images.to(device))
-        return cls(
-            test_feats=test_feats,
-            test_radii=knn_radii(test_feats, k),
-            test_share=(counts.double() / counts.sum()).to(device),
-            train_space=train_space,
-            test_space=memorization_space(test_images.to(device)),
-            threshold=memorization_threshold(train_space, _rng(seed, _SALT_THRESHOLD)),
-            k=k,
-            kid_subsets=kid_subsets,
-            test_accuracy=accuracy,
-            test_logits=test_logits,
+
+@dataclass(frozen=True)
+class RealSubset:
+    """The training images that stand in for samples in real data's side of the metrics."""
+
+    index: Tensor  # (n,) their indices in the training set
+    feats: Tensor  # (n, D) their classifier features
+    logits: Tensor  # (n, 10)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Real data's side of every metric, computed once and cached by the reference stage
+    (:mod:`mnist_gan.reference`).
+
+    ``real`` is what scoring samples needs, ``metrics`` what real data gets on every metric
+    (``label_accuracy``: the classifier's test accuracy), and ``settings`` what both were
+    computed for (:func:`mnist_gan.reference.reference_settings`): :func:`evaluate_samples`
+    scores samples only against a reference of the same settings.
+    """
+
+    real: RealData
+    subset: RealSubset
+    metrics: dict[str, float]
+    settings: dict[str, int]
+    # What it was computed from, e.g. {"classifier": sha256, ...}: recorded by the reference
+    # stage, compared by the evaluate stage (a reference of another classifier or data is
+    # refused).
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def check_reference(
+    reference: Reference, classifier: DigitClassifier, settings: dict[str, int]
+) -> None:
+    """Refuse a reference that does not fit: another feature width than ``classifier``'s, or
+    other values of the ``settings`` given (any of those of
+    :func:`mnist_gan.reference.reference_settings`).
+
+    Raises:
+        ValueError: One line saying what differs, and what to run.
+    """
+    again = "compute it again (dvc repro reference)"
+    width = reference.real.test_feats.shape[1]
+    if width != classifier.num_features:
+        raise ValueError(f"the reference holds {width}-d features, the classifier makes "
+                         f"{classifier.num_features}-d ones: {again}")  # fmt: skip
+    have = reference.settings
+    differ = [f"{key} {have.get(key)}, not {value}" for key, value in settings.items()
+              if have.get(key) != value]  # fmt: skip
+    if differ:
+        raise ValueError(f"the reference was computed for other settings ({'; '.join(differ)})"
+                         f": {again}")  # fmt: skip
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+def check_images(images: Tensor, what: str) -> None:
+    """Refuse anything but finite images of shape (N, 1, 28, 28).
+
+    Raises:
+        ValueError: One line starting with ``what``.
+    """
+    if images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28):
+        raise ValueError(
+            f"{what}: expected images of shape (N, 1, 28, 28), got {tuple(images.shape)}"
         )
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{what}: images hold NaN or infinite values")
 
 
 @dataclass(frozen=True)
@@ -462,11 +501,19 @@ def score_features(
     feats: Tensor,
     logits: Tensor,
     real: RealData,
+    *,
     is_splits: int,
     generator: torch.Generator,
 ) -> tuple[dict[str, float], Tensor, Tensor]:
     """FID, KID, IS, precision, recall, density, coverage, modes and class_kl of images given
     by their classifier features (M, D) and logits (M, 10).
+
+    Args:
+        feats: (M, D) the images' classifier features.
+        logits: (M, 10) their logits.
+        real: Real data's side.
+        is_splits: Splits for the Inception Score.
+        generator: Draws the KID subsets (:func:`random_stream`).
 
     Returns:
         The metrics, the predicted digits (M,) and their histogram (10,), on the CPU.
@@ -485,317 +532,31 @@ def score_features(
         "kid_std": kid_std,
         "is_mean": is_mean,
         "is_std": is_std,
-        **prdc(real.test_feats, feats, real.k, real.test_radii),
+        **prdc(real.test_feats, feats, real.k, real_radii=real.test_radii),
         "modes": mode_count(counts, share),
         "class_kl": class_kl(counts, share),
     }
     return metrics, pred, counts
 
 
-def score_quality(
-    images: Tensor,
-    classifier: DigitClassifier,
-    real: RealData,
-    is_splits: int,
-    generator: torch.Generator,
-    batch_size: int = 1000,
-) -> tuple[dict[str, float], Tensor, Tensor]:
-    """:func:`score_features` of ``images`` (M, 1, 28, 28), embedded on the real data's device.
-
-    Returns:
-        The metrics, the predicted digits (M,) and their histogram (10,).
-    """
-    feats, logits = embed(classifier, images, batch_size, real.device)  # (M, D), (M, 10)
-    return score_features(feats, logits, real, is_splits, generator)
-
-
-def _check_images(images: Tensor, what: str) -> None:
-    if images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28):
-        raise ValueError(
-            f"{what}: expected images of shape (N, 1, 28, 28), got {tuple(images.shape)}"
-        )
-    if not torch.isfinite(images).all():
-        raise ValueError(f"{what}: images hold NaN or infinite values")
-
-
 def score_samples(
     images: Tensor,
     classifier: DigitClassifier,
     real: RealData,
+    *,
     is_splits: int,
     seed: int,
     batch_size: int = 1000,
 ) -> SampleScores:
-    """Every metric of generated ``images`` (M, 1, 28, 28) in [-1, 1]."""
-    _check_images(images, "samples")
-    quality, pred, counts = score_quality(
-        images, classifier, real, is_splits, _rng(seed, _SALT_KID), batch_size
+    """Every metric of generated ``images`` (M, 1, 28, 28) in [-1, 1], embedded and scored on
+    the real data's device."""
+    check_images(images, "samples")
+    feats, logits = embed(classifier, images, batch_size, real.device)  # (M, D), (M, 10)
+    quality, pred, counts = score_features(
+        feats, logits, real, is_splits=is_splits, generator=random_stream(seed, "kid")
     )
     memo, d_train, i_train = score_memorization(memorization_space(images.to(real.device)), real)
     return SampleScores({**quality, **memo}, pred, counts, d_train.cpu(), i_train.cpu())
-
-
-@dataclass(frozen=True)
-class RealSubset:
-    """The training images that stand in for samples in the real-data reference."""
-
-    index: Tensor  # (n,) their indices in the training set
-    feats: Tensor  # (n, D) their classifier features
-    logits: Tensor  # (n, 10)
-
-
-def _reference_picks(num_samples: int, num_train: int, num_test: int,
-                     seed: int) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """The real images that stand in for samples: up to ``num_samples`` training images (the
-    quality reference) and test images (the memorisation reference), drawn from one seeded
-    stream in that order."""
-    pick = _rng(seed, _SALT_REFERENCE)
-    train = torch.randperm(num_train, generator=pick)[: min(num_samples, num_train)]
-    test = torch.randperm(num_test, generator=pick)[: min(num_samples, num_test)]
-    return train, test
-
-
-def reference_subset(
-    train_images: Tensor,
-    classifier: DigitClassifier,
-    num_samples: int,
-    seed: int,
-    batch_size: int = 1000,
-    device: str | torch.device = "cpu",
-) -> RealSubset:
-    """A fixed random subset of ``num_samples`` training images (at most all), embedded."""
-    index, _ = _reference_picks(num_samples, len(train_images), 0, seed)
-    feats, logits = embed(classifier, train_images[index], batch_size, device)
-    return RealSubset(index, feats, logits)
-
-
-def reference_scores(
-    train_images: Tensor,
-    test_images: Tensor,
-    classifier: DigitClassifier,
-    real: RealData,
-    num_samples: int,
-    is_splits: int,
-    seed: int,
-    batch_size: int = 1000,
-    subset: RealSubset | None = None,
-) -> dict[str, float]:
-    """What real data gets on every metric, with the same sample size.
-
-    A fixed random subset of ``num_samples`` training images is scored like samples; for
-    memorisation, held-out test images (up to ``num_samples``) are scored against the training
-    set and the *other* test images. ``subset``: :func:`reference_subset`, when already made.
-    """
-    if subset is None:
-        subset = reference_subset(train_images, classifier, num_samples, seed, batch_size,
-                                  real.device)  # fmt: skip
-    quality, _, _ = score_features(
-        subset.feats, subset.logits, real, is_splits, _rng(seed, _SALT_REF_KID)
-    )
-    _, held_out = _reference_picks(num_samples, len(train_images), len(test_images), seed)
-    memo, _, _ = score_memorization(
-        real.test_space[held_out.to(real.device)], real, exclude_test=held_out
-    )
-    return {**quality, **memo}
-
-
-# --- the cached reference (the reference stage) ----------------------------------------------
-
-REFERENCE_FORMAT = "mnist-gan-reference-v1"
-REFERENCE_WEIGHTS = "reference.safetensors"
-REFERENCE_CONFIG = "reference.json"
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The real-data side of every metric, computed once and cached by the reference stage.
-
-    ``real`` is what scoring samples needs, ``metrics`` what real data gets on every metric
-    (``label_accuracy``: the classifier's test accuracy), and ``settings`` what both were
-    computed for: :func:`evaluate_samples` uses a reference only with the same settings.
-    """
-
-    real: RealData
-    subset: RealSubset
-    metrics: dict[str, float]
-    settings: dict[str, int]
-    # What it was computed from, e.g. {"classifier": sha256, ...}: recorded by the reference
-    # stage, compared by the evaluate stage (a reference of another classifier or data is
-    # refused).
-    sources: dict[str, str] = field(default_factory=dict)
-
-
-def compute_reference(
-    classifier: DigitClassifier,
-    train_images: Tensor,
-    test_images: Tensor,
-    test_labels: Tensor | None,
-    k: int,
-    num_samples: int,
-    is_splits: int,
-    seed: int,
-    batch_size: int = 1000,
-    kid_subsets: int = KID_SUBSETS,
-    device: str | torch.device = "cpu",
-) -> Reference:
-    """Everything :func:`evaluate_samples` computes from real data alone, for ``num_samples``
-    samples: test features, logits and k-NN radii, the memorisation threshold, the training
-    subset that stands in for samples, and real data's value of every metric
-    (``label_accuracy``, the classifier's test accuracy, when ``test_labels`` are given)."""
-    for images, what in ((train_images, "training images"), (test_images, "test images")):
-        _check_images(images, what)
-    if not 1 <= k < min(num_samples, len(test_images), len(train_images)):
-        raise ValueError(f"evaluate.k = {k} must be >= 1 and below the number of samples")
-    classifier.eval()
-    real = RealData.prepare(classifier, train_images, test_images, k, seed, batch_size,
-                            kid_subsets, test_labels, device)  # fmt: skip
-    subset = reference_subset(train_images, classifier, num_samples, seed, batch_size, device)
-    metrics = reference_scores(train_images, test_images, classifier, real, num_samples,
-                               is_splits, seed, batch_size, subset)  # fmt: skip
-    if real.test_accuracy is not None:
-        metrics["label_accuracy"] = real.test_accuracy
-    settings = reference_settings(k, num_samples, is_splits, seed, train_images, test_images,
-                                  kid_subsets)  # fmt: skip
-    return Reference(real, subset, metrics, settings)
-
-
-def save_reference(folder: Path, reference: Reference) -> None:
-    """Write ``reference.safetensors`` (tensors) and ``reference.json`` (the rest) to ``folder``.
-
-    The training and test images' pixel vectors are not stored: they are recomputed from the
-    data on load (cheap, and 50 MB less in the cache).
-    """
-    real, subset = reference.real, reference.subset
-    tensors = {
-        "test_feats": real.test_feats,
-        "test_logits": real.test_logits,
-        "test_radii": real.test_radii,
-        "test_share": real.test_share,
-        "subset_index": subset.index,
-        "subset_feats": subset.feats,
-        "subset_logits": subset.logits,
-    }
-    save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                 folder / REFERENCE_WEIGHTS)  # fmt: skip
-    config = {
-        "format": REFERENCE_FORMAT,
-        "settings": reference.settings,
-        "threshold": real.threshold,
-        "test_accuracy": real.test_accuracy,
-        "metrics": reference.metrics,
-        "sources": reference.sources,
-    }
-    (folder / REFERENCE_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def load_reference(
-    folder: Path,
-    train_images: Tensor,
-    test_images: Tensor,
-    device: str | torch.device = "cpu",
-) -> Reference:
-    """Read what :func:`save_reference` wrote, for the same training and test images.
-
-    Raises:
-        ValueError: The folder is missing, unreadable, of another format, or was made for
-            other data (one line naming the file).
-    """
-    folder = Path(folder)
-    config_file = folder / REFERENCE_CONFIG
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{config_file}: not found (run the reference stage)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config_file}: unreadable ({exc})") from None
-    if not isinstance(config, dict) or config.get("format") != REFERENCE_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{config_file}: format {found!r}, expected {REFERENCE_FORMAT!r}")
-    names = ("test_feats", "test_logits", "test_radii", "test_share", "subset_index",
-             "subset_feats", "subset_logits")  # fmt: skip
-    try:
-        settings = {key: int(v) for key, v in config["settings"].items()}
-        made_for = (settings["num_train"], settings["num_test"])
-        k, kid_subsets = settings["k"], settings["kid_subsets"]
-        metrics = {key: float(v) for key, v in config["metrics"].items()}
-        threshold, accuracy = float(config["threshold"]), config["test_accuracy"]
-        accuracy = None if accuracy is None else float(accuracy)
-        sources = {str(key): str(v) for key, v in config.get("sources", {}).items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{config_file}: malformed ({type(exc).__name__}: {exc})") from None
-    absent = [name for name in METRIC_NAMES if name not in metrics]
-    if absent:
-        raise ValueError(f"{config_file}: lacks the metrics {', '.join(absent)}")
-    try:
-        t = load_safetensors(folder / REFERENCE_WEIGHTS)
-    except FileNotFoundError as exc:
-        raise ValueError(f"{exc} (run the reference stage)") from None
-    missing = [n for n in names if n not in t]
-    if missing:
-        raise ValueError(f"{folder / REFERENCE_WEIGHTS}: lacks {', '.join(missing)}")
-    lengths = {n: len(t[n]) for n in ("test_feats", "test_logits", "test_radii")}
-    if set(lengths.values()) != {made_for[1]}:
-        raise ValueError(f"{folder / REFERENCE_WEIGHTS}: test tensors of {lengths} rows, "
-                         f"{config_file} says {made_for[1]}")  # fmt: skip
-    if made_for != (len(train_images), len(test_images)):
-        raise ValueError(
-            f"{folder}: made for {made_for[0]} training and {made_for[1]} test images, not "
-            f"{len(train_images)} and {len(test_images)}: run the reference stage again"
-        )
-    test_feats = t["test_feats"].to(device)
-    real = RealData(
-        test_feats=test_feats,
-        test_radii=t["test_radii"].to(device),
-        test_share=t["test_share"].to(device),
-        train_space=memorization_space(train_images.to(device)),
-        test_space=memorization_space(test_images.to(device)),
-        threshold=threshold,
-        k=k,
-        kid_subsets=kid_subsets,
-        test_accuracy=accuracy,
-        test_logits=t["test_logits"],
-    )
-    subset = RealSubset(t["subset_index"], t["subset_feats"], t["subset_logits"])
-    return Reference(real, subset, metrics, settings, sources)
-
-
-def check_reference(
-    reference: Reference, classifier: DigitClassifier, settings: dict[str, int]
-) -> None:
-    """Refuse a reference that does not fit: another feature width than ``classifier``'s, or
-    other ``settings`` (:func:`reference_settings`).
-
-    Raises:
-        ValueError: One line saying what differs, and what to run.
-    """
-    again = "compute it again (dvc repro reference)"
-    width = reference.real.test_feats.shape[1]
-    if width != classifier.num_features:
-        raise ValueError(f"the reference holds {width}-d features, the classifier makes "
-                         f"{classifier.num_features}-d ones: {again}")  # fmt: skip
-    have = reference.settings
-    differ = [f"{key} {have.get(key)}, not {value}" for key, value in settings.items()
-              if have.get(key) != value]  # fmt: skip
-    if differ:
-        raise ValueError(f"the reference was computed for other settings ({'; '.join(differ)})"
-                         f": {again}")  # fmt: skip
-
-
-def reference_settings(k: int, num_samples: int, is_splits: int, seed: int,
-                       train_images: Tensor, test_images: Tensor,
-                       kid_subsets: int = KID_SUBSETS) -> dict[str, int]:  # fmt: skip
-    """What a reference must have been computed for, to score ``num_samples`` samples."""
-    return {"k": k, "num_samples": num_samples, "is_splits": is_splits, "seed": seed,
-            "kid_subsets": kid_subsets, "num_train": len(train_images),
-            "num_test": len(test_images)}  # fmt: skip
-
-
-def reference_sources(
-    classifier_weights: Path, train_file: Path, test_file: Path
-) -> dict[str, str]:
-    """The SHA-256 of the files a reference is computed from (:attr:`Reference.sources`)."""
-    files = {"classifier": classifier_weights, "train": train_file, "test": test_file}
-    return {name: sha256_file(path) for name, path in files.items()}
 
 
 @dataclass(frozen=True)
@@ -832,95 +593,54 @@ def _clean(value: float, name: str) -> float | int:
 def evaluate_samples(
     samples: Tensor,
     classifier: DigitClassifier,
-    train_images: Tensor,
-    test_images: Tensor,
-    k: int,
+    reference: Reference,
+    *,
     is_splits: int,
     seed: int,
     batch_size: int = 1000,
-    kid_subsets: int = KID_SUBSETS,
     labels: Tensor | None = None,
-    test_labels: Tensor | None = None,
-    reference: Reference | None = None,
-    device: str | torch.device = "cpu",
 ) -> Evaluation:
-    """Score generated digits and the real-data references of every metric.
+    """Score generated digits against real data's side of every metric.
 
     Args:
         samples: (M, 1, 28, 28) generated images in [-1, 1].
-        classifier: The evaluator (:func:`mnist_gan.classifier.load_classifier`).
-        train_images: (N, 1, 28, 28) the GAN's training images.
-        test_images: (N', 1, 28, 28) held-out images: the reference distribution.
-        k: Neighbours for precision, recall, density and coverage (``evaluate.k``).
+        classifier: The evaluator (:func:`mnist_gan.classifier.load_classifier`) that
+            ``reference`` was computed with.
+        reference: Real data's side (:func:`mnist_gan.reference.load_reference`), computed for
+            M samples, ``is_splits`` and ``seed``. The samples are scored where its tensors
+            are, with its ``k`` and KID subsets.
         is_splits: Splits for the Inception Score (``evaluate.is_splits``).
-        seed: ``base.seed``, for the KID subsets, the reference subset and the threshold.
+        seed: ``base.seed``, for the KID subsets.
         batch_size: Images per classifier forward pass.
-        kid_subsets: Subsets of KID (100, as torchmetrics; fewer only to save time in tests).
         labels: (M,) the digits a conditional generator was asked for; adds
             ``label_accuracy``, the share of samples the classifier calls the digit asked for.
-            Its reference is the classifier's accuracy on the test set (``test_labels``).
-        test_labels: (N',) the test set's digits; needed with ``labels``.
-        reference: The real-data side, computed once (:func:`compute_reference` with the same
-            settings, e.g. the reference stage's); None computes it here, with the same result.
-        device: Where to score when ``reference`` is None (else where the reference is).
+            Its reference is the classifier's test accuracy, which ``reference`` holds when it
+            was computed with the test labels.
+
+    Raises:
+        ValueError: The samples are not finite (M, 1, 28, 28) images; ``labels`` are not one
+            per sample, or the reference lacks the test accuracy; the reference was computed
+            for other settings or with another classifier's features.
     """
-    if reference is None:
-        test_accuracy = test_labels is not None
-    else:
-        test_accuracy = reference.real.test_accuracy is not None
-    if labels is not None and (labels.shape != samples.shape[:1] or not test_accuracy):
-        raise ValueError("label_accuracy needs one label per sample and the test labels")
-    _check_images(samples, "samples")
-    if reference is None:
-        reference = compute_reference(classifier, train_images, test_images, test_labels, k,
-                                      len(samples), is_splits, seed, batch_size, kid_subsets,
-                                      device)  # fmt: skip
-    else:
-        want = reference_settings(k, len(samples), is_splits, seed, train_images, test_images,
-                                  kid_subsets)  # fmt: skip
-        check_reference(reference, classifier, want)
+    if labels is not None and (
+        labels.shape != samples.shape[:1] or reference.real.test_accuracy is None
+    ):
+        raise ValueError(
+            "label_accuracy needs one label per sample and a reference computed with the test "
+            "labels"
+        )
+    check_images(samples, "samples")
+    check_reference(
+        reference, classifier, {"num_samples": len(samples), "is_splits": is_splits, "seed": seed}
+    )
     real = reference.real
     classifier.eval()
-    scores = score_samples(samples, classifier, real, is_splits, seed, batch_size)
+    scores = score_samples(
+        samples, classifier, real, is_splits=is_splits, seed=seed, batch_size=batch_size
+    )
     ref_metrics = {k: v for k, v in reference.metrics.items() if k != "label_accuracy"}
     if labels is not None:
         hits = scores.predictions == labels.cpu()
         scores.metrics["label_accuracy"] = hits.double().mean().item()
         ref_metrics["label_accuracy"] = real.test_accuracy
     return Evaluation(scores, ref_metrics, real.threshold)
-
-
-def balanced_labels(n: int) -> Tensor:
-    """``n`` digits, each as often as the others (0, 1, ..., 9, 0, 1, ...): what a conditional
-    generator is asked for when it is judged."""
-    return torch.arange(n) % NUM_CLASSES
-
-
-@torch.no_grad()
-def generate_samples(
-    generator: nn.Module,
-    num_samples: int,
-    latent_dim: int,
-    seed: int,
-    batch_size: int = 1000,
-    device: str | torch.device = "cpu",
-    labels: Tensor | None = None,
-) -> Tensor:
-    """Draw ``num_samples`` images (N, 1, 28, 28) from ``generator`` with z ~ N(0, I), seeded.
-
-    The noise is drawn on the CPU from its own generator, so the samples do not depend on the
-    device or on what else used the global RNG. ``labels`` (N,): the digits to ask a
-    conditional generator for (e.g. :func:`balanced_labels`).
-    """
-    rng = torch.Generator().manual_seed(seed)
-    generator.eval()
-    out = []
-    for start in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - start)
-        z = torch.randn(n, latent_dim, generator=rng).to(device)  # (n, latent_dim)
-        y = None if labels is None else labels[start : start + n].to(device)  # (n,)
-        images = generator(z) if y is None else generator(z, y)  # (n, 1, 28, 28)
-        out.append(images.float().cpu())
-    images = torch.cat(out)
-    _check_images(images, "generator output")
-    return images

@@ -25,9 +25,9 @@ import click
 import numpy as np
 import torch
 
-from mnist_gan.metrics import balanced_labels, generate_samples
 from mnist_gan.models import load_generator
 from mnist_gan.project import tracking_uri
+from mnist_gan.sampling import balanced_labels, generate_samples
 from mnist_gan.utils import atomic_dir, atomic_path
 
 __all__ = ["generate", "main", "tracking_uri"]
@@ -167,7 +167,9 @@ def generate(model: str, num: int, digit: int | None, seed: int, out: Path) -> N
         labels = torch.full((num,), digit) if digit is not None else balanced_labels(num)
     # The evaluate stage's sampler: noise seeded on the CPU, drawn in batches.
     try:
-        images = generate_samples(generator, num, cfg.latent_dim, seed, labels=labels)
+        images = generate_samples(
+            generator, num, latent_dim=cfg.latent_dim, seed=seed, labels=labels
+        )
     except ValueError as exc:  # e.g. weights that make NaN
         sys.exit(f"error: {model}: {exc}")
     _write(images, out, kind)
