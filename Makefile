@@ -14,7 +14,7 @@ SERVER_DIR ?= $(CURDIR)/mlflow-server
 # More `mlflow server` flags, e.g. SERVER_ARGS="--allowed-hosts mlflow.lan:5000".
 SERVER_ARGS ?=
 # The store `make ui` opens: MLFLOW_TRACKING_URI when set, else the stages' default, a SQLite
-# file at the project root (pipeline/tracking.py; by absolute path, so queued DVC experiments
+# file at the project root (src/mnist_gan/project.py; by absolute path, so queued DVC experiments
 # running in temporary copies log into it too).
 TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 # dvc.yaml's commands call `python`: make it the venv's.

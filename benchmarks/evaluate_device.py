@@ -2,7 +2,7 @@
 and compared.
 
 Trains the evaluator classifier briefly (on the first device), then computes real data's side of
-every metric (``mnist_gan.metrics.compute_reference``) and scores stand-in samples against it
+every metric (``mnist_gan.reference.compute_reference``) and scores stand-in samples against it
 (``evaluate_samples``, as the evaluate stage does) on each device in ``--devices``. The stand-in
 samples are training images with Gaussian noise, so every metric has a value far from trivial.
 Prints each device's seconds and, per metric, the largest difference from the first device;
@@ -64,14 +64,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     for device in devices:
         t0 = time.perf_counter()
-        reference = compute_reference(classifier, train, test, test_labels, args.k, len(samples),
-                                      args.is_splits, 0, kid_subsets=args.kid_subsets,
-                                      device=device)  # fmt: skip
+        reference = compute_reference(
+            classifier, train, test, test_labels=test_labels, k=args.k, num_samples=len(samples),
+            is_splits=args.is_splits, seed=0, kid_subsets=args.kid_subsets, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        flat = evaluate_samples(samples, classifier, train, test, reference=reference,
-                                **settings).flat()  # fmt: skip
+        flat = evaluate_samples(samples, classifier, reference, is_splits=args.is_splits,
+                                seed=0).flat()  # fmt: skip
         t2 = time.perf_counter()
         results.append({"device": str(device), "reference_seconds": round(t1 - t0, 2),
                         "evaluate_seconds": round(t2 - t1, 2), "metrics": flat})  # fmt: skip

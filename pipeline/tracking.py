@@ -375,14 +375,3 @@ def log_image_grid(images: Any, key: str, step: int, nrow: int = 8) -> None:
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")  # (H', W', 3)
     mlflow.log_image(array, key=key, step=step)
 
-
-def __getattr__(name: str) -> Any:
-    """``tracking.log_generator_model`` and ``tracking.REGISTERED_MODEL``, now in registry.py.
-
-    Kept for train.py until it imports ``registry`` itself; then this can go.
-    """
-    if name in ("log_generator_model", "REGISTERED_MODEL"):
-        import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,6 +31,7 @@ from typing import NoReturn
 import click
 import mlflow
 import torch
+import registry
 import tracking
 from common import PARAMS_OPTION, code_digest, file_option, folder_option, load_or_exit
 from torchvision.utils import save_image
@@ -258,7 +259,7 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
         sha = sha256_file(out / GENERATOR_FILE)
         mlflow.set_tag(tracking.GENERATOR_TAG, sha)
         example = noise[:2] if digits is None else torch.cat([noise[:2], digits[:2, None]], 1)
-        version = tracking.log_generator_model(
+        version = registry.log_generator_model(
             out, cfg.latent_dim, cfg.conditional, example.numpy(), sha, parts["params"]
         )
         mlflow.end_run()
@@ -266,7 +267,7 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
         _lost_tracking(exc, trainer, store, run_id)
     store.clear()
     click.echo(f"trained {len(history)} epochs in {seconds:.1f} s into {out}; registered as "
-               f"{tracking.REGISTERED_MODEL} version {version}", err=True)  # fmt: skip
+               f"{registry.REGISTERED_MODEL} version {version}", err=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from mnist_gan.utils import sha256_file
 
 PIPELINE, SRC = ROOT / "pipeline", ROOT / "src"
 # Project files a stage runs without importing them: MLflow loads this one by its path to log
-# the model (tracking.log_generator_model), so the train stage declares it too.
+# the model (registry.log_generator_model), so the train stage declares it too.
 LOADED_BY_PATH = {"train": {"pipeline/gan_pyfunc.py"}}
 
 
