@@ -12,8 +12,9 @@ PLOTS: samples.png, per_digit.png and nearest_train.png. Logs all of it into the
 trained these weights, found in the tracking store by the generator's SHA-256 (RUN_ID_FILE, the
 id train last wrote, only breaks a tie). When the store has no such run (the model came through
 DVC's cache from elsewhere), it logs into a new run tagged stage=evaluate and with that SHA-256,
-and says so. The headline metrics also go onto the registered model version of those weights,
-as tags.
+and says so. The metrics are linked to the logged model behind each registered version of those
+weights (where the promotion gate reads them); the headline ones also go onto the versions as
+tags, for the UI.
 """
 
 from __future__ import annotations
@@ -128,13 +129,13 @@ def main(data: Path, gan: Path, classifier: Path, reference: Path, metrics: Path
     with run:
         mlflow.set_tags(settings)
         shares = scores.counts.double() / scores.counts.sum()
-        mlflow.log_metrics({**flat, **{f"class_share_{d}": float(s) for d, s in enumerate(shares)},
-                            "evaluate_seconds": seconds})  # fmt: skip
+        logged = {**flat, **{f"class_share_{d}": float(s) for d, s in enumerate(shares)},
+                  "evaluate_seconds": seconds}  # fmt: skip
+        registry.log_model_metrics(run.info.run_id, logged, registry.model_ids(sha))
         mlflow.log_artifact(str(metrics), artifact_path="evaluate")
         mlflow.log_artifacts(str(plots), artifact_path="evaluate")
-    # The registered version of these weights carries its headline metrics (for the promotion
-    # gate), the evaluator that measured them and how (two versions compare fairly only when
-    # both match).
+    # The registered version of these weights carries its headline metrics (for the UI), the
+    # evaluator that measured them and how (two versions compare fairly only when both match).
     headline = {k: flat[k] for k in registry.HEADLINE_METRICS if k in flat}
     evaluator_sha = sha256_file(classifier / WEIGHTS_FILE)
     registry.tag_model_versions(sha, {**headline, **settings, "classifier_sha256": evaluator_sha})

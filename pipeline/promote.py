@@ -3,7 +3,8 @@
 Not a DVC stage: it changes shared state, the aliases of the registered model
 mnist-gan-generator. It finds the registered version that holds GAN's generator (by SHA-256),
 always points the alias challenger at it, and compares it with the version under the alias
-champion on the metrics the evaluate stage put on both:
+champion on the metrics the evaluate stage logged for both, read from each version's logged
+model (MLflow 3; the versions' tags are for the UI and do not count):
 
   fid                 at most (1 - promote.fid_margin) times the champion's
   modes               all 10 digits drawn
@@ -93,6 +94,21 @@ def scoring_differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
     return out
 
 
+def tag_mismatches(version: Any, metrics: dict[str, float]) -> list[str]:
+    """The version's metric tags that differ from its logged model's metrics (edited by hand,
+    or left by an older evaluation): said, never used."""
+    out = []
+    for key, value in metrics.items():
+        tag = version.tags.get(key)
+        try:
+            same = tag is None or abs(float(tag) - value) <= 1e-9 * max(1.0, abs(value))
+        except ValueError:
+            same = False
+        if not same:
+            out.append(f"v{version.version} tag {key}={tag} (logged: {value:.6g})")
+    return out
+
+
 def _set_alias(alias: str, version: str) -> None:
     try:
         registry.set_alias(alias, version)
@@ -125,6 +141,10 @@ def main(gan: Path, params_file: Path) -> None:
              for k in ("is_mean", "precision", "recall", "coverage", "label_accuracy")
              if k in new_metrics}  # fmt: skip
     click.echo(table(result, (f"v{old.version}" if old else "-", f"v{new.version}"), extra))
+    checked = [(new, new_metrics)] + ([(old, old_metrics)] if old is not None else [])
+    if edited := [m for version, values in checked for m in tag_mismatches(version, values)]:
+        click.echo(f"note: tags differ from the logged metrics, which the gate uses: "
+                   f"{'; '.join(edited)}", err=True)  # fmt: skip
     if old is not None and (differ := scoring_differences(old.tags, new.tags)):
         click.echo(f"note: {'; '.join(differ)}: the comparison may not be like for like",
                    err=True)  # fmt: skip

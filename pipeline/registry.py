@@ -1,16 +1,21 @@
 """The registered model ``mnist-gan-generator``: its versions, their metrics and aliases.
 
-The train stage logs and registers each generator it makes (:func:`log_generator_model`), the
-evaluate stage puts its headline metrics on that version (:func:`tag_model_versions`), and the
-promotion gate (``promote.py``) reads them and moves the aliases ``champion`` and
-``challenger``. A version is always found by content: the SHA-256 of its generator's weights.
-Everything runs in the stages' store (``tracking.client_for_store``), registry and runs both.
+The train stage logs and registers each generator it makes (:func:`log_generator_model`). The
+evaluate stage logs its metrics linked to the logged model behind each version of those weights
+(:func:`log_model_metrics`), and copies the headline ones onto the version as tags, for the UI
+(:func:`tag_model_versions`). The promotion gate (``promote.py``) reads the logged model's
+metrics, never the tags, which anyone with edit rights can change (:func:`version_metrics`), and
+moves the aliases ``champion`` and ``challenger``. A version is always found by content: the
+SHA-256 of its generator's weights. Everything runs in the stages' store
+(``tracking.client_for_store``), registry and runs both.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import time
+import urllib.parse
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +26,7 @@ import tracking
 REGISTERED_MODEL = "mnist-gan-generator"
 # What the pyfunc model imports, pinned in its requirements (MLflow adds itself).
 PYFUNC_PACKAGES = ("torch", "numpy", "safetensors", "pyyaml")
-# evaluate's headline metrics, copied onto the registered version once known.
+# evaluate's headline metrics, copied onto the registered version as tags (for the UI) once known.
 HEADLINE_METRICS = (
     "fid",
     "is_mean",
@@ -146,29 +151,68 @@ def find_model_version(generator_sha256: str) -> Any:
     return max(found, key=lambda v: int(v.version))
 
 
+def logged_model_id(version: Any) -> str | None:
+    """The id of the logged model a registered version was made from (None: it was registered
+    from a run's or a folder's artifacts, not from a logged model).
+
+    MLflow 3's SQL registry leaves ``version.model_id`` empty and records the logged model in
+    the version's source, ``models:/<model_id>``, which no API call can change.
+    """
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = urllib.parse.urlparse(version.source or "")
+    parts = source.path.strip("/").split("/")
+    if source.scheme == "models" and len(parts) == 1 and parts[0].startswith("m-"):
+        return parts[0]
+    return None
+
+
+def model_ids(generator_sha256: str) -> list[str]:
+    """The logged models behind the registered versions that hold these generator weights."""
+    versions = _versions_of(tracking.client_for_store(), generator_sha256)
+    return [m for m in map(logged_model_id, versions) if m is not None]
+
+
+def log_model_metrics(run_id: str, metrics: Mapping[str, float], models: list[str]) -> None:
+    """Log ``metrics`` (step 0) into a run, each linked to every logged model in ``models``.
+
+    Linked explicitly, not through MLflow's own rule (a run's step-0 metrics go to the models
+    that run logged): evaluate may log into a run of its own, when the run that trained these
+    weights is not in the store.
+    """
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, 0, model_id=model, run_id=run_id)
+             for model in models or [None] for key, value in metrics.items()]  # fmt: skip
+    client = tracking.client_for_store()
+    for start in range(0, len(batch), 1000):  # MLflow's limit per batch
+        client.log_batch(run_id, metrics=batch[start : start + 1000])
+
+
 def version_metrics(version: Any) -> dict[str, float]:
-    """The headline metrics the evaluate stage put on a registered version, as numbers.
+    """The headline metrics of a registered version, from its logged model (the latest value of
+    each, as evaluate logged them); the version's tags are not read.
 
     Raises:
-        ValueError: evaluate has not scored this version yet, or a tag is not a number.
+        ValueError: the version has no logged model, or evaluate has not scored it yet.
     """
-    tags = version.tags
-    missing = [k for k in GATE_METRICS if k not in tags]
+    model_id = logged_model_id(version)
+    if model_id is None:
+        raise ValueError(
+            f"{REGISTERED_MODEL} version {version.version} was registered from {version.source}, "
+            "not from a logged model: the gate reads metrics from logged models (MLflow 3); "
+            "train it again (dvc repro -f train)"
+        )
+    logged = tracking.client_for_store().get_logged_model(model_id).metrics or []
+    latest = {m.key: m.value for m in sorted(logged, key=lambda m: (m.timestamp, m.step))}
+    missing = [k for k in GATE_METRICS if k not in latest]
     if missing:
         raise ValueError(
-            f"{REGISTERED_MODEL} version {version.version} has no {', '.join(missing)} yet: run "
-            "the evaluate stage on it (dvc repro evaluate)"
+            f"{REGISTERED_MODEL} version {version.version} (logged model {model_id}) has no "
+            f"{', '.join(missing)} yet: run the evaluate stage on it (dvc repro evaluate)"
         )
-    out = {}
-    for key in (k for k in HEADLINE_METRICS if k in tags):
-        try:
-            out[key] = float(tags[key])
-        except ValueError:
-            raise ValueError(
-                f"{REGISTERED_MODEL} version {version.version}: tag {key} = {tags[key]!r} is "
-                "not a number: run the evaluate stage on it again (dvc repro -f evaluate)"
-            ) from None
-    return out
+    return {k: float(latest[k]) for k in HEADLINE_METRICS if k in latest}
 
 
 def alias_version(alias: str) -> Any | None:

@@ -184,6 +184,38 @@ def test_a_conditional_generator_is_asked_for_every_digit_and_its_version_tagged
     assert "fid" not in client.get_model_version("mnist-gan-generator", other.version).tags
 
 
+def test_metrics_are_linked_to_the_logged_model_of_each_version_of_the_weights(
+    project: Path, stage: object, store: str, tmp_path: Path
+) -> None:
+    """What the promotion gate reads: evaluate's metrics on the logged models behind the
+    registered versions of these weights, also when no run of this store trained them (the
+    new run logged no model, so MLflow's own step-0 rule would link nothing)."""
+    client = MlflowClient(store, registry_uri=store)
+    gan = make_gan(tmp_path / "gan", seed=5)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    exp_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    other_run = client.create_run(exp_id).info.run_id  # not tagged with these weights
+    models = [client.create_logged_model(exp_id, source_run_id=other_run) for _ in range(2)]
+    if not client.search_registered_models("name = 'mnist-gan-generator'"):
+        client.create_registered_model("mnist-gan-generator")
+    sha = {"generator_sha256": sha256_file(gan / "generator.safetensors")}
+    mlflow.set_tracking_uri(store)  # MLflow finds a models:/ source's model through it
+    for model in models:
+        client.create_model_version("mnist-gan-generator", f"models:/{model.model_id}",
+                                    run_id=other_run, tags=sha)  # fmt: skip
+    res = invoke(stage, args(project, tmp_path, gan), store)
+    assert res.exit_code == 0, res.output
+    assert "logging into a new run" in res.output
+    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    runs = client.search_runs([exp_id], f"tags.{GENERATOR_TAG} = '{sha['generator_sha256']}'")
+    for model in models:
+        logged = client.get_logged_model(model.model_id).metrics
+        assert {m.key: m.value for m in logged}["fid"] == pytest.approx(metrics["fid"])
+        assert {m.run_id for m in logged} == {runs[0].info.run_id}
+        assert {m.key for m in logged} >= KEYS
+    assert len(client.get_metric_history(runs[0].info.run_id, "fid")) == 1  # logged once
+
+
 def test_the_recorded_run_id_only_breaks_a_tie(
     project: Path, stage: object, store: str, tmp_path: Path
 ) -> None:

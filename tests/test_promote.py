@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
+import mlflow
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
 from conftest import ROOT, load_stage
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from servers import free_port
 
 from mnist_gan.models import build_discriminator, build_generator, save_gan
@@ -22,6 +25,8 @@ from mnist_gan.utils import sha256_file
 
 NAME = "mnist-gan-generator"  # the registered model's name (the guide's contract)
 GOOD = {"fid": 3.0, "modes": 10, "memorized_fraction": 0.001, "real_memorized_fraction": 0.01}
+# What evaluate logs as metrics (the rest of a version's tags say how it was scored).
+GATE_KEYS = (*GOOD, "label_accuracy", "is_mean", "precision", "recall", "coverage")
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +48,34 @@ def make_gan(folder: Path, seed: int) -> Path:
 
 
 def register(client: MlflowClient, gan: Path, metrics: dict | None) -> str:
-    """A version as the train stage registers it and evaluate tags it (metrics None: not yet)."""
+    """A version as the train stage registers it (from a logged model) and evaluate scores it:
+    the metrics logged linked to the logged model, and copied onto the version as tags (for
+    the UI). metrics None: not scored yet."""
+    experiment = client.get_experiment_by_name("mnist-gan")
+    exp_id = experiment.experiment_id if experiment else client.create_experiment("mnist-gan")
+    run_id = client.create_run(exp_id).info.run_id
+    model = client.create_logged_model(exp_id, source_run_id=run_id, name="generator")
     if not client.search_registered_models(f"name = '{NAME}'"):
         client.create_registered_model(NAME)
     tags = {"generator_sha256": sha256_file(gan / "generator.safetensors"),
             "classifier_sha256": "c0ffee"}  # fmt: skip
     tags.update({k: str(v) for k, v in (metrics or {}).items()})
-    return client.create_model_version(NAME, f"file://{gan}", tags=tags).version
+    # MLflow reads the logged model behind a models:/ source through the global tracking URI.
+    mlflow.set_tracking_uri(client.tracking_uri)
+    version = client.create_model_version(NAME, f"models:/{model.model_id}", run_id=run_id,
+                                          tags=tags).version  # fmt: skip
+    log_scores(client, version, metrics or {})
+    return version
+
+
+def log_scores(client: MlflowClient, version: str, metrics: dict) -> None:
+    """Log metrics as evaluate does: into the version's run, linked to its logged model."""
+    found = client.get_model_version(NAME, version)
+    model_id = found.source.removeprefix("models:/")
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0, model_id=model_id, run_id=found.run_id)
+             for k, v in metrics.items() if k in GATE_KEYS]  # fmt: skip
+    client.log_batch(found.run_id, metrics=batch)
 
 
 def promote(stage: ModuleType, gan: Path, store: str, tmp_path: Path, margin: float = 0.02):
@@ -138,24 +164,57 @@ def test_errors_exit_1_with_one_line(stage: ModuleType, store: str, tmp_path: Pa
     version = register(client, gan, None)  # registered, not evaluated yet
     res = promote(stage, gan, store, tmp_path)
     assert res.exit_code == 1
-    assert (
-        f"version {version} has no fid, modes, memorized_fraction, real_memorized_fraction yet"
-        in res.output
-    )
+    assert f"version {version} (logged model m-" in res.output
+    assert "has no fid, modes, memorized_fraction, real_memorized_fraction yet" in res.output
     assert "champion" not in aliases(client)
-    client.set_model_version_tag(NAME, version, "fid", "3.0")  # the other gate metrics missing
-    res = promote(stage, gan, store, tmp_path)
-    assert res.exit_code == 1 and "has no modes, memorized_fraction" in res.output
+    # Tags do not count: all four on the version, and only fid logged.
     for key, value in GOOD.items():
         client.set_model_version_tag(NAME, version, key, str(value))
-    client.set_model_version_tag(NAME, version, "fid", "n/a")
+    log_scores(client, version, {"fid": 3.0})
     res = promote(stage, gan, store, tmp_path)
-    assert res.exit_code == 1 and "tag fid = 'n/a' is not a number" in res.output
+    assert res.exit_code == 1 and "has no modes, memorized_fraction" in res.output
     assert len(res.output.strip().splitlines()) == 1
+    # A version registered from files, not from a logged model: nothing to read metrics from.
+    other = make_gan(tmp_path / "other", seed=1)
+    tags = {"generator_sha256": sha256_file(other / "generator.safetensors"),
+            **{k: str(v) for k, v in GOOD.items()}}  # fmt: skip
+    version = client.create_model_version(NAME, f"file://{other}", tags=tags).version
+    res = promote(stage, other, store, tmp_path)
+    assert res.exit_code == 1 and f"version {version} was registered from file://" in res.output
+    assert "not from a logged model" in res.output
     res = promote(stage, tmp_path / "nowhere", store, tmp_path)
     assert res.exit_code == 1 and "generator.safetensors" in res.output
     res = promote(stage, gan, f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}", tmp_path)
     assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_the_gate_decides_on_logged_metrics_not_on_edited_tags(
+    stage: ModuleType, store: str, tmp_path: Path
+) -> None:
+    client = MlflowClient(store, registry_uri=store)
+    champion = make_gan(tmp_path / "champion", seed=0)
+    v1 = register(client, champion, GOOD)
+    assert promote(stage, champion, store, tmp_path).exit_code == 0
+    worse = make_gan(tmp_path / "worse", seed=1)
+    v2 = register(client, worse, {**GOOD, "fid": 3.5})
+    # By hand: the champion's FID tag made worse, the challenger's better. Read from the tags,
+    # the challenger would win (1.0 <= 0.98 * 10).
+    client.set_model_version_tag(NAME, v1, "fid", "10")
+    client.set_model_version_tag(NAME, v2, "fid", "1.0")
+    res = promote(stage, worse, store, tmp_path)
+    assert res.exit_code == 3, res.output
+    assert aliases(client) == {"champion": v1, "challenger": v2}
+    row = next(line for line in res.output.splitlines() if line.startswith("fid "))
+    assert row.split()[1:3] == ["3", "3.5"] and row.endswith("FAIL")
+    assert f"v{v2} tag fid=1.0 (logged: 3.5)" in res.output
+    assert f"v{v1} tag fid=10 (logged: 3)" in res.output
+    # And the other way: a better challenger whose tag was made worse is still promoted.
+    better = make_gan(tmp_path / "better", seed=2)
+    v3 = register(client, better, {**GOOD, "fid": 2.0})
+    client.set_model_version_tag(NAME, v3, "fid", "50")
+    res = promote(stage, better, store, tmp_path)
+    assert res.exit_code == 0, res.output
+    assert aliases(client) == {"champion": v3, "challenger": v3}
 
 
 def test_a_dead_tracking_server_is_one_line_at_once(tmp_path: Path) -> None:
