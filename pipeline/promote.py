@@ -13,7 +13,8 @@ model (MLflow 3; the versions' tags are for the UI and do not count):
 Only when every rule passes does champion move. The first promotion (no champion yet) checks
 the last two rules. Exit codes, for CI: 0 promoted (or the challenger already is the champion),
 3 refused (champion unchanged), 1 error (no registered version holds these weights, evaluate has
-not scored it, the tracking store cannot be reached).
+not scored it, the tracking store cannot be reached). --dry-run judges and says what it would do,
+moving no alias, with the same exit codes: what CI runs on a pull request.
 """
 
 from __future__ import annotations
@@ -118,8 +119,13 @@ def _set_alias(alias: str, version: str) -> None:
 
 @click.command(help=__doc__)
 @folder_option("--gan", "GAN folder whose generator is the challenger, e.g. models/gan.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Judge and print the verdict, moving no alias (for CI on a pull request).",
+)
 @PARAMS_OPTION
-def main(gan: Path, params_file: Path) -> None:
+def main(gan: Path, dry_run: bool, params_file: Path) -> None:
     """Promote the generator in GAN to champion when it passes the gate."""
     margin = load_or_exit(params_file).promote.fid_margin
     try:
@@ -132,7 +138,8 @@ def main(gan: Path, params_file: Path) -> None:
     except (OSError, RuntimeError, ValueError, MlflowException) as exc:
         sys.exit(f"error: {tracking.short(exc, 300)}")
     name = registry.REGISTERED_MODEL
-    _set_alias("challenger", new.version)
+    if not dry_run:
+        _set_alias("challenger", new.version)
     if old is not None and old.version == new.version:
         click.echo(f"{name} version {new.version} is the champion already")
         return
@@ -148,9 +155,17 @@ def main(gan: Path, params_file: Path) -> None:
     if old is not None and (differ := scoring_differences(old.tags, new.tags)):
         click.echo(f"note: {'; '.join(differ)}: the comparison may not be like for like",
                    err=True)  # fmt: skip
+    champion = f"version {old.version}" if old else "unset"
+    if dry_run:  # the same exit codes, no alias moved
+        passed = all(r.passed for r in result)
+        click.echo(
+            f"dry run: {name} version {new.version} would be "
+            + ("promoted" if passed else f"refused; the champion stays {champion}")
+        )
+        sys.exit(0 if passed else REFUSED)
     if not all(r.passed for r in result):
         click.echo(f"refused: {name} version {new.version} is the challenger; the champion "
-                   f"stays {f'version {old.version}' if old else 'unset'}")  # fmt: skip
+                   f"stays {champion}")  # fmt: skip
         sys.exit(REFUSED)
     _set_alias("champion", new.version)
     click.echo(f"promoted: {name} version {new.version} is the champion"

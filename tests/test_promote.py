@@ -78,10 +78,11 @@ def log_scores(client: MlflowClient, version: str, metrics: dict) -> None:
     client.log_batch(found.run_id, metrics=batch)
 
 
-def promote(stage: ModuleType, gan: Path, store: str, tmp_path: Path, margin: float = 0.02):
+def promote(stage: ModuleType, gan: Path, store: str, tmp_path: Path, margin: float = 0.02,
+            *extra: str):  # fmt: skip
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"promote": {"fid_margin": margin}}))
-    args = ["--gan", str(gan), "--params", str(params)]
+    args = ["--gan", str(gan), "--params", str(params), *extra]
     return CliRunner().invoke(stage.main, args, env={"MLFLOW_TRACKING_URI": store})
 
 
@@ -215,6 +216,28 @@ def test_the_gate_decides_on_logged_metrics_not_on_edited_tags(
     res = promote(stage, better, store, tmp_path)
     assert res.exit_code == 0, res.output
     assert aliases(client) == {"champion": v3, "challenger": v3}
+
+
+def test_a_dry_run_says_the_verdict_and_moves_no_alias(
+    stage: ModuleType, store: str, tmp_path: Path
+) -> None:
+    """What CI runs on a pull request: the verdict and the exit code, the aliases untouched."""
+    client = MlflowClient(store, registry_uri=store)
+    champion = make_gan(tmp_path / "champion", seed=0)
+    v1 = register(client, champion, GOOD)
+    res = promote(stage, champion, store, tmp_path, 0.02, "--dry-run")
+    assert res.exit_code == 0 and f"version {v1} would be promoted" in res.output
+    assert aliases(client) == {}
+    assert promote(stage, champion, store, tmp_path).exit_code == 0
+    for seed, fid, code, verdict in ((1, 3.5, 3, f"refused; the champion stays version {v1}"),
+                                     (2, 2.0, 0, "promoted")):  # fmt: skip
+        gan = make_gan(tmp_path / f"gan{seed}", seed=seed)
+        version = register(client, gan, {**GOOD, "fid": fid})
+        res = promote(stage, gan, store, tmp_path, 0.02, "--dry-run")
+        assert res.exit_code == code, res.output
+        assert f"dry run: {NAME} version {version} would be {verdict}" in res.output
+        assert "fid " in res.output  # the table, as without --dry-run
+        assert aliases(client) == {"champion": v1, "challenger": v1}
 
 
 def test_a_dead_tracking_server_is_one_line_at_once(tmp_path: Path) -> None:
