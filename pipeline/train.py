@@ -16,6 +16,11 @@ With train.nproc > 1 the stage starts that many copies of itself through torchru
 (DDP: gloo on the CPU, NCCL on GPUs) and waits for them; started by torchrun itself (several
 machines), it takes its place from torchrun's variables. Rank 0 logs and writes everything; if
 any process fails, all stop, and a rerun with the same nproc resumes from the last checkpoint.
+
+How the step runs (train.amp, train.compile, train.cuda_graph) is chosen once, before the first
+step, and logged as train.strategy. A `true` that cannot be met here (no CUDA for a graph, no
+native bf16, torch.compile failing) stops the stage with one line and exit code 2, before
+training or at the first step, where compiling or capturing the step fails.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from typing import NoReturn
 
 import click
 import mlflow
-import torch
 import registry
+import torch
 import tracking
 from common import PARAMS_OPTION, code_digest, file_option, folder_option, load_or_exit
 from torchvision.utils import save_image
@@ -41,6 +46,7 @@ from mnist_gan.checkpoint import CheckpointStore, fingerprint
 from mnist_gan.data import DataError, load_normalized
 from mnist_gan.models import GENERATOR_FILE, save_gan
 from mnist_gan.params import Params, params_to_dict
+from mnist_gan.strategy import StrategyError, choose_strategy
 from mnist_gan.training import DivergenceError, EpochStats, GANTrainer, fixed_noise
 from mnist_gan.utils import (
     atomic_dir,
@@ -113,6 +119,14 @@ def main(data: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path,
         distributed.shutdown()
 
 
+def _strategy_failed(exc: StrategyError) -> NoReturn:
+    """An explicit train.amp/compile/cuda_graph that cannot be met: one line, exit code 2."""
+    if mlflow.active_run() is not None:
+        mlflow.end_run("FAILED")
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
 def _lost_ranks(exc: RuntimeError, world: distributed.World) -> NoReturn:
     """A collective failed, most likely because another training process died: stop."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's SIGTERM ends it silently
@@ -133,19 +147,22 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
         images, labels = load_normalized(data / "train.safetensors")
         data_sha = sha256_file(data / "train.safetensors")
         progress = None if world.main else False  # one progress bar, rank 0's
+        strategy = choose_strategy(cfg, device, world.size)  # once, before the first step
 
         def new_trainer() -> GANTrainer:
             return GANTrainer(cfg, images, labels=labels, seed=seed, device=device,
-                              progress=progress)  # fmt: skip
+                              strategy=strategy, progress=progress)  # fmt: skip
 
         trainer = new_trainer()
+    except StrategyError as exc:
+        _strategy_failed(exc)
     except (DataError, RuntimeError, ValueError) as exc:
         if distributed.is_lost_peer(exc):
             _lost_ranks(exc, world)
         sys.exit(f"error: {exc}")
     code = code_digest(Path(__file__))  # every project file this stage runs
-    parts = fingerprint(cfg, seed, data_sha, device.type, code, world.size, trainer.math,
-                        strategy=trainer.strategy)  # fmt: skip
+    parts = fingerprint(cfg, seed, data_sha, device.type, code, world.size,
+                        strategy=str(strategy))  # fmt: skip
     store = CheckpointStore(checkpoints, parts)
     # Rank 0 reads the checkpoint and hands it to the others (who may be on other machines).
     state = distributed.broadcast_object(store.load() if world.main else None)
@@ -162,6 +179,8 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
     if not world.main:  # the other ranks train, and leave logging and outputs to rank 0
         try:
             trainer.fit()
+        except StrategyError as exc:
+            _strategy_failed(exc)
         except DivergenceError:
             # Rank 0 says why and exits (it never joins this barrier, which then fails); this
             # process waits for the launcher to stop it, so that the launcher names rank 0.
@@ -213,8 +232,7 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
                     **flat,
                     "data.train_sha256": data_sha,
                     "train.world_size": world.size,
-                    "train.math": trainer.math,
-                    "train.strategy": trainer.strategy,
+                    "train.strategy": str(strategy),  # what runs: it never changes
                 }
             )
             tracking.log_training_data(data, images)
@@ -225,6 +243,8 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
             if values["epoch"] > logged:
                 log_epoch(values, with_grid=values["epoch"] == trainer.epoch)
         history = trainer.fit(on_epoch, store, {"run_id": run_id})
+    except StrategyError as exc:
+        _strategy_failed(exc)
     except DivergenceError as exc:
         mlflow.end_run("FAILED")
         sys.exit(f"error: {exc}")

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mnist_gan.params import TrainParams
+from mnist_gan.strategy import EAGER
 from mnist_gan.training import GANTrainer
 
 
@@ -24,18 +25,6 @@ def blobs(n: int, seed: int = 0) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     c = torch.rand(n, 2, 1, 1, generator=g) * 16 + 6
     return (torch.exp(-((yy - c[:, 0]) ** 2 + (xx - c[:, 1]) ** 2) / 18) * 2 - 1).unsqueeze(1)
-
-
-def global_batches(cfg: TrainParams, steps: int, seed: int = 7) -> list[dict[str, torch.Tensor]]:
-    """``steps`` whole batches (real images and noise), the same in every process."""
-    g = torch.Generator().manual_seed(seed)
-    images = blobs(4 * cfg.batch_size, seed=seed)
-    out = []
-    for _ in range(steps):
-        idx = torch.randperm(images.shape[0], generator=g)[: cfg.batch_size]
-        z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=g)
-        out.append({"real": images[idx], "z": z})
-    return out
 
 
 def weights(trainer: GANTrainer) -> dict[str, torch.Tensor]:
@@ -51,32 +40,12 @@ def _join(rank: int, size: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
 
 
-def explicit_steps(rank: int, size: int, store: str, cfg: dict, steps: int, join: bool,
-                   out: str) -> None:  # fmt: skip
-    """Train on :func:`global_batches`, this rank taking its share of each one.
-
-    ``join=False`` leaves the process out of any group: the ranks then train apart, each on its
-    half of every batch, as if DDP's gradient all-reduce were removed.
-    """
-    if join:
-        _join(rank, size, store)
-    else:
-        torch.set_num_threads(1)
-    params = TrainParams(**cfg)
-    trainer = GANTrainer(params, blobs(256), seed=0, progress=False)
-    for batch in global_batches(params, steps):
-        trainer.train_step({k: v.chunk(size)[rank] for k, v in batch.items()})
-    torch.save(weights(trainer), Path(out) / f"rank{rank}.pt")
-    if join:
-        dist.destroy_process_group()
-
-
 def fit_epochs(rank: int, size: int, store: str, cfg: dict, resume_from: str | None,
                out: str) -> None:  # fmt: skip
     """``trainer.fit()`` (optionally from a checkpoint state) on 240 blobs; saves what it saw."""
     _join(rank, size, store)
     params = TrainParams(**cfg)
-    trainer = GANTrainer(params, blobs(240), seed=0, progress=False)
+    trainer = GANTrainer(params, blobs(240), seed=0, progress=False, strategy=EAGER)
     if resume_from:
         trainer.load_state_dict(torch.load(resume_from, weights_only=True))
     trainer.fit()

@@ -12,11 +12,7 @@ import torch
 
 from mnist_gan.models import (
     DCGANDiscriminator,
-    Dropout,
     MLPDiscriminator,
-    ScoreLinear,
-    _dropout_mask,
-    _dropout_masks,
     build_discriminator,
     build_generator,
     load_generator,
@@ -128,149 +124,11 @@ def test_stabiliser_options_change_the_networks() -> None:
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in DCGANDiscriminator(8, False).modules())
 
 
-@pytest.mark.parametrize(("p", "shape"), [(0.3, (400, 500)), (0.5, (333, 601)), (0.05, (7, 5, 3))])
-def test_dropout_keeps_each_element_with_probability_one_minus_p(
-    p: float, shape: tuple[int, ...]
-) -> None:
-    drop = Dropout(p)
-    x = torch.ones(shape)
-    torch.manual_seed(0)
-    y = drop(x)
-    assert y.shape == x.shape
-    kept = y != 0
-    # The kept share's standard deviation is sqrt(p (1 - p) / n): at most 0.0012 here but for
-    # the 105-element tensor (0.021).
-    tolerance = 5 * (p * (1 - p) / x.numel()) ** 0.5
-    assert abs(kept.double().mean().item() - (1 - p)) < tolerance
-    # p is rounded to a multiple of 2**-16 (q); kept elements are scaled by 1 / (1 - q), so the
-    # expected value of an element is exactly kept.
-    q = round(p * 2**16) / 2**16
-    assert abs(q - p) <= 2**-17
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - q)))
-    torch.manual_seed(0)
-    assert torch.equal(drop(x), y)  # drawn from torch's global RNG: seeded, repeatable
-    assert not torch.equal(drop(x), y)
-    x.requires_grad_(True)  # gradients flow through the kept elements only, scaled alike
-    out = drop(x)
-    out.sum().backward()
-    assert x.grad is not None and torch.equal(x.grad, out.detach())
-    # A bf16 input keeps its dtype and the kept share.
-    low = drop(torch.ones(shape, dtype=torch.bfloat16))
-    assert low.dtype == torch.bfloat16
-    assert abs((low != 0).double().mean().item() - (1 - p)) < tolerance
-    drop.eval()
-    assert drop(x) is x
-    assert Dropout(0.0)(x) is x
-
-
-def test_dropout_masks_are_independent_between_elements() -> None:
-    # Four elements share each 64-bit random word: their keep decisions must not be correlated
-    # (a field taken from the wrong bits would be, or would be constant).
-    drop = Dropout(0.5)
-    torch.manual_seed(1)
-    kept = torch.stack([drop(torch.ones(4096)) != 0 for _ in range(64)]).double()  # (64, 4096)
-    words = kept.view(64, 1024, 4)  # the four fields of each word
-    for i in range(4):
-        assert abs(words[..., i].mean().item() - 0.5) < 0.01  # each field: 1/2 kept
-        for j in range(i + 1, 4):
-            corr = torch.corrcoef(torch.stack([words[..., i].flatten(), words[..., j].flatten()]))
-            assert abs(corr[0, 1].item()) < 0.02  # 65,536 pairs: the sd of r is 0.004
-
-
-def test_masks_drawn_at_once_are_the_masks_drawn_one_by_one() -> None:
-    # Sizes not divisible by 4 leave unused fields in a mask's last word, as one by one.
-    shapes = [torch.Size((256, 256)), torch.Size((3, 5)), torch.Size((7,)), torch.Size((2, 9))]
-    torch.manual_seed(3)
-    together = _dropout_masks(shapes, 0.3)
-    after_together = torch.rand(4)
-    torch.manual_seed(3)
-    for mask, shape in zip(together, shapes, strict=True):
-        assert mask.shape == shape and mask.dtype == torch.float32
-        assert torch.equal(mask, _dropout_mask(torch.empty(shape), 0.3))
-    assert torch.equal(torch.rand(4), after_together)  # the generator left where it was
-
-
-@pytest.mark.parametrize("classes", [0, 10])
-def test_discriminator_pass_draws_its_masks_at_once_with_the_same_result(classes: int) -> None:
-    # D's training pass on the CPU draws its three masks before its first layer: the logits
-    # and gradients are those of its layers run one by one, each Dropout drawing its own.
-    torch.manual_seed(0)
-    d = MLPDiscriminator((32, 16, 8), "leaky_relu", 0.3, spectral_norm=False, num_classes=classes)
-    x = torch.randn(6, 1, 28, 28)
-    y = torch.arange(6) % 10 if classes else None
-
-    def one_by_one() -> torch.Tensor:
-        features = x.flatten(1)
-        for layer in list(d.net)[1:-1]:
-            features = layer(features)  # each Dropout module draws its own mask
-        logits = d.net[-1](features).squeeze(1)
-        if d.embed is None:
-            return logits
-        return logits + (d.embed(y) * features).sum(dim=1)
-
-    outputs = []
-    for forward in (lambda: d(x, y), one_by_one):
-        torch.manual_seed(7)
-        out = forward()
-        grads = torch.autograd.grad(out.square().sum(), list(d.parameters()))
-        outputs.append([out, *grads])
-    for a, b in zip(*outputs, strict=True):
-        assert torch.equal(a, b)
-    torch.manual_seed(7)
-    assert not torch.equal(d(x, y), d(x, y))  # fresh masks on every pass
-    d.eval()
-    assert torch.equal(d(x, y), d(x, y))  # no dropout in eval mode
-
-
 def test_discriminator_compiles_as_one_graph_outside_training() -> None:
-    # torch.compile cannot read oneDNN's matmul setting: D's last layer must not ask for it
-    # while compiling (each read split D's graph in two).
+    # train.compile compiles D as one graph: nothing in its forward breaks it.
     d = MLPDiscriminator((16, 8), "leaky_relu", 0.3, spectral_norm=False).eval()
     explained = torch._dynamo.explain(d)(torch.randn(4, 1, 28, 28))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
-
-
-@pytest.mark.skipif(
-    not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"),
-    reason="this PyTorch has no oneDNN bf16 setting for float32 matmuls (2.9+)",
-)
-def test_score_layer_keeps_float32_math_under_the_cpu_bf16_setting() -> None:
-    torch.manual_seed(0)
-    layer = ScoreLinear(256, 1)
-    x = torch.randn(64, 256, requires_grad=True)
-    grad = torch.randn(64, 1)
-    matmul = torch.backends.mkldnn.matmul
-    outer = matmul.fp32_precision
-
-    def forward_backward(module: torch.nn.Module, precision: str) -> list[torch.Tensor]:
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-        matmul.fp32_precision = precision
-        try:
-            out = module(x)
-            out.backward(grad)
-        finally:
-            matmul.fp32_precision = outer
-        assert matmul.fp32_precision == outer  # the layer restores the setting
-        return [out.detach(), x.grad, module.weight.grad, module.bias.grad]
-
-    plain = torch.nn.Linear(256, 1)
-    plain.load_state_dict(layer.state_dict())  # the same parameter names
-    expected = forward_backward(plain, "ieee")  # float32 math
-    for got, want in zip(forward_backward(layer, "bf16"), expected, strict=True):
-        assert torch.equal(got, want)
-    for got, want in zip(forward_backward(layer, "ieee"), expected, strict=True):
-        assert torch.equal(got, want)
-    # Without grad for the weights (G's update through D), only the input's gradient.
-    layer.zero_grad(set_to_none=True)
-    layer.requires_grad_(False)
-    x.grad = None
-    matmul.fp32_precision = "bf16"
-    try:
-        layer(x).backward(grad)
-    finally:
-        matmul.fp32_precision = outer
-    assert torch.equal(x.grad, expected[1]) and layer.weight.grad is None
 
 
 def test_spectral_norm_bounds_the_discriminator_weights() -> None:

@@ -43,10 +43,11 @@ def test_values_are_coerced_to_field_types(tmp_path: Path) -> None:
     # An optional integer: null (the default, base.seed) or a number.
     assert load_params(write(tmp_path, "train:\n  seed: null\n")).train.seed is None
     assert load_params(write(tmp_path, "train:\n  seed: 3\n")).train.seed == 3
-    # A switch with an automatic setting: true, false or auto.
-    for value in (True, False, "auto"):
-        text = f"train:\n  compile: {str(value).lower()}\n"
-        assert load_params(write(tmp_path, text)).train.compile == value
+    # Switches with an automatic setting: true, false or auto.
+    for key in ("amp", "compile", "cuda_graph"):
+        for value in (True, False, "auto"):
+            text = f"train:\n  {key}: {str(value).lower()}\n"
+            assert getattr(load_params(write(tmp_path, text)).train, key) == value
 
 
 def test_params_are_frozen() -> None:
@@ -73,6 +74,10 @@ def test_params_are_frozen() -> None:
             "train.compile: must be true, false or 'auto', got 'yes please'",
         ),
         ("train:\n  compile: 1\n", "train.compile: must be true, false or 'auto', got 1"),
+        (
+            "train:\n  cuda_graph: sometimes\n",
+            "train.cuda_graph: must be true, false or 'auto', got 'sometimes'",
+        ),
         ("base:\n  threads: -2\n", "base.threads: must be >= 0"),
         ("fetch:\n  timeout: 0\n", "fetch.timeout: must be > 0"),
         ("fetch:\n  retries: 0\n", "fetch.retries: must be >= 1"),

@@ -31,14 +31,13 @@ from mnist_gan.checkpoint import CheckpointStore, fingerprint
 from mnist_gan.data import save_normalized
 from mnist_gan.models import load_generator
 from mnist_gan.params import TrainParams, load_params
-from mnist_gan.training import METRICS, GANTrainer, cpu_has_bf16
+from mnist_gan.strategy import EAGER, Strategy
+from mnist_gan.training import METRICS, GANTrainer
 from mnist_gan.utils import set_threads, sha256_file
 from mnist_gan_cli import main as cli_main
 
 SCRIPT = ROOT / "pipeline" / "train.py"
-# The matmul math the stage's trainer uses here (train.amp is on): part of the fingerprint.
-MATH = "bf16" if cpu_has_bf16() else "float32"
-STRATEGY = "written_out"  # the mlp step the stage's trainer runs on a CPU: part of the fingerprint
+STRATEGY = str(EAGER)  # what the stage's trainer runs on a CPU: part of the fingerprint
 SMALL = {
     "hidden": [32],
     "batch_size": 64,
@@ -83,7 +82,7 @@ def reference(root: Path) -> GANTrainer:
     set_threads(params.base.threads)  # the stage's thread count (the autouse fixture restores it)
     images = blobs(load_file(str(root / "data/normalized/train.safetensors"))["images"].shape[0])
     seed = params.base.seed if params.train.seed is None else params.train.seed
-    trainer = GANTrainer(params.train, images, seed=seed, progress=False)
+    trainer = GANTrainer(params.train, images, seed=seed, progress=False, strategy=EAGER)
     trainer.fit()
     return trainer
 
@@ -133,10 +132,10 @@ def test_train_seed_seeds_the_gan_and_base_seed_the_rest(
     assert params.base.seed == 0 and params.train.seed == 3
     set_threads(params.base.threads)
     images = blobs(320)
-    trainer = GANTrainer(params.train, images, seed=3, progress=False)
+    trainer = GANTrainer(params.train, images, seed=3, progress=False, strategy=EAGER)
     trainer.fit()
     assert_weights_equal(root / "models/gan", trainer)
-    other = GANTrainer(params.train, images, seed=0, progress=False)
+    other = GANTrainer(params.train, images, seed=0, progress=False, strategy=EAGER)
     other.fit()
     with pytest.raises(AssertionError):
         assert_weights_equal(root / "models/gan", other)
@@ -148,9 +147,9 @@ def test_stage_writes_every_output_and_logs_the_run(
     root = make_project(tmp_path, SMALL)
     # A checkpoint made with other params must not be resumed from (it claims to be complete).
     cfg = TrainParams(**{**SMALL, "hidden": (32,), "lr_g": 1e-3})
-    foreign = GANTrainer(cfg, blobs(320), seed=5)
+    foreign = GANTrainer(cfg, blobs(320), seed=5, strategy=EAGER)
     data_sha = sha256_file(root / "data/normalized/train.safetensors")
-    foreign_fp = fingerprint(cfg, 0, data_sha, "cpu", "", math=MATH, strategy=STRATEGY)
+    foreign_fp = fingerprint(cfg, 0, data_sha, "cpu", "", strategy=STRATEGY)
     CheckpointStore(root / "checkpoints/train", foreign_fp).save(
         {**foreign.state_dict(), "epoch": 2}, run_id="not-this-run"
     )
@@ -251,7 +250,8 @@ def test_a_conditional_run_registers_a_generator_that_draws_digits_on_request(
     sha = sha256_file(root / "data/normalized/train.safetensors")
     assert version.tags["generator_sha256"] == sha256_file(gan / "generator.safetensors")
     assert (
-        version.tags["params_sha256"] == fingerprint(cfg, 0, sha, "cpu", "", strategy="")["params"]
+        version.tags["params_sha256"]
+        == fingerprint(cfg, 0, sha, "cpu", "", strategy=str(EAGER))["params"]
     )
     uri = f"models:/mnist-gan-generator/{version.version}"
     mlflow.set_tracking_uri(store)
@@ -309,17 +309,17 @@ def test_checkpoints_of_other_code_or_that_do_not_fit_are_not_resumed(
     cfg = load_params(root / "params.yaml").train
     data_sha = sha256_file(root / "data/normalized/train.safetensors")
     code = stage.code_digest(SCRIPT)  # what the stage computes, in this process
-    wide = GANTrainer(TrainParams(**{**SMALL, "hidden": (48,)}), blobs(320), seed=5)
+    wide = GANTrainer(TrainParams(**{**SMALL, "hidden": (48,)}), blobs(320), seed=5, strategy=EAGER)
     cases = {  # fingerprint, what the stage says
         "made with other code; not resumed from": fingerprint(
-            cfg, 0, data_sha, "cpu", "old", math=MATH, strategy=STRATEGY
+            cfg, 0, data_sha, "cpu", "old", strategy=STRATEGY
         ),
         "not resumed from: checkpoint does not fit": fingerprint(
-            cfg, 0, data_sha, "cpu", code, math=MATH, strategy=STRATEGY
+            cfg, 0, data_sha, "cpu", code, strategy=STRATEGY
         ),
         # compile: auto resolved otherwise (a GPU machine, or one where compiling fails)
         "made with other strategy; not resumed from": fingerprint(
-            cfg, 0, data_sha, "cpu", code, math=MATH, strategy="autograd"
+            cfg, 0, data_sha, "cpu", code, strategy=str(Strategy(compile=True))
         ),
     }
     for note, fp in cases.items():
@@ -366,6 +366,41 @@ def test_bad_params_exit_2(tmp_path: Path, stage: object, store: str) -> None:
     res = invoke(stage, root, store)
     assert res.exit_code == 2
     assert "train.label_smoothing" in res.output
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"cuda_graph": True}, "train.cuda_graph: true needs a CUDA device"),
+        ({"compile": True, "epochs": 1}, "train.compile: compiling the training step failed"),
+    ],
+    ids=["graph-on-cpu", "compile-fails"],
+)
+def test_a_strategy_that_cannot_be_met_is_one_line_and_exit_2(
+    tmp_path: Path, stage: object, store: str, monkeypatch, train: dict, message: str
+) -> None:
+    """Before training (a CUDA graph on the CPU), or at the first step (torch.compile's kernels
+    fail to build): one line, exit 2, nothing written, never a silent fallback."""
+
+    def fails_when_run(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("inductor: no C++ compiler")
+
+    if train.get("compile"):
+        probe = torch.compile  # the strategy's probe compiles and runs a tiny lambda: it works
+
+        def compile_(fn: object, **kwargs: object) -> object:
+            return (
+                probe(fn, **kwargs) if getattr(fn, "__name__", "") == "<lambda>" else fails_when_run
+            )
+
+        monkeypatch.setattr(torch, "compile", compile_)
+    root = make_project(tmp_path, {**SMALL, **train})
+    res = invoke(stage, root, store)
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "set it to" in errors[0]
+    for out in ("models/gan", "metrics/train.json", "plots/train/curves.json"):
+        assert not (root / out).exists(), out
 
 
 def _wait_for(cond: object, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -28,7 +28,6 @@ def fingerprint(
     device: str,
     code: str,
     world_size: int = 1,
-    math: str = "float32",
     *,
     strategy: str,
 ) -> dict[str, str]:
@@ -43,17 +42,14 @@ def fingerprint(
             weights trained by old code are never continued by new code.
         world_size: The number of training processes: each has its own share of the data and
             its own RNG streams, so a checkpoint resumes only in a world of the same size.
-        math: The trainer's matmul math (:attr:`~mnist_gan.training.GANTrainer.math`): ``bf16`` or
-            ``float32``. ``train.amp`` gives bf16 only where the hardware has it, so the same params
-            train in other math on another machine; a checkpoint resumes only in the same math.
-        strategy: How the trainer runs its step (:attr:`~mnist_gan.training.GANTrainer.strategy`):
-            ``train.compile: auto`` and the fallbacks choose it by device and by what this PyTorch
-            can do, and each strategy draws its dropout masks (and, with several steps a replay, its
-            noise) in its own way; a checkpoint resumes only under the same strategy.
+        strategy: How the trainer runs its step (:class:`~mnist_gan.strategy.Strategy` in words,
+            e.g. ``eager float32``): ``auto`` chooses it by device, and compiled kernels, CUDA
+            graphs and bf16 each compute other numbers; a checkpoint resumes only under the same
+            strategy.
 
     Returns:
-        ``{"params": ..., "data": ..., "device": ..., "code": ..., "world_size": ..., "math":
-        ..., "strategy": ...}``, plain strings.
+        ``{"params": ..., "data": ..., "device": ..., "code": ..., "world_size": ...,
+        "strategy": ...}``, plain strings.
     """
     blob = json.dumps({"train": params_to_dict(cfg), "seed": seed}, sort_keys=True)
     return {
@@ -62,7 +58,6 @@ def fingerprint(
         "device": device,
         "code": code,
         "world_size": str(world_size),
-        "math": math,
         "strategy": strategy,
     }
 

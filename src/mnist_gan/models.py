@@ -27,11 +27,7 @@ a machine that has only PyTorch installed.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
-import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -46,14 +42,10 @@ __all__ = [
     "IMAGE_SHAPE",
     "DCGANDiscriminator",
     "DCGANGenerator",
-    "Dropout",
     "MLPDiscriminator",
     "MLPGenerator",
-    "ScoreLinear",
     "build_discriminator",
     "build_generator",
-    "cpu_matmul_math",
-    "cpu_matmul_precision",
     "load_generator",
     "read_config",
     "save_gan",
@@ -68,121 +60,6 @@ GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 EMA_FILE = "generator_ema.safetensors"
 CONFIG_FILE = "config.json"
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU mask comes from 16-bit fields of 64-bit random words.
-
-    Each element is dropped with probability q, ``p`` rounded to a multiple of 2**-16 (0.3
-    gives q = 0.2999992), and kept ones are scaled by 1 / (1 - q), so the expectation is kept
-    exactly. The draws come from torch's global RNG, so a seed repeats them. One 64-bit word
-    gives four 16-bit draws: measured on one thread of this project's 2-core Xeon for a
-    256 x 256 mask, 78 us against 194 us for one float draw per element (``rand_like``) and
-    540 us for ``bernoulli_``; the masks were a tenth of an mlp step. On CUDA this is
-    ``nn.Dropout`` (one fused kernel).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return super().forward(x)
-        return x * _dropout_mask(x, self.p)
-
-
-_FIELD_VALUES = 1 << 16  # the values a 16-bit draw takes
-
-
-def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """0 or 1 / (1 - q) per element of ``like``, 0 with probability q = round(p * 2**16) / 2**16."""
-    (mask,) = _dropout_masks([like.shape], p)
-    return mask.to(like.dtype)
-
-
-def _dropout_masks(shapes: list[tuple[int, ...]], p: float) -> list[torch.Tensor]:
-    """:func:`_dropout_mask` for several shapes at once, float32: one draw, one conversion.
-
-    Each mask takes its own whole 64-bit words, in order, from one ``random_`` call; torch's
-    CPU generator fills them one after the other, so the masks are bit-identical to drawing
-    them one by one (tested), at a fraction of the calls.
-    """
-    drop = round(p * _FIELD_VALUES)
-    sizes = [math.prod(shape) for shape in shapes]
-    starts = list(itertools.accumulate(((n + 3) // 4 * 4 for n in sizes), initial=0))
-    # random_ from int64's lowest value with no upper bound: every bit of every word uniform.
-    words = torch.empty(starts[-1] // 4, dtype=torch.int64).random_(-(2**63), None)
-    fields = words.view(torch.int16)  # uniform in [-2**15, 2**15)
-    # float32 holds every 16-bit value exactly (bf16 would round them); kept with probability 1 - q
-    keep = fields.to(torch.float32).ge_(drop - _FIELD_VALUES // 2)
-    keep.mul_(_FIELD_VALUES / (_FIELD_VALUES - drop))
-    return [
-        keep[i : i + n].view(shape) for i, n, shape in zip(starts[:-1], sizes, shapes, strict=True)
-    ]
-
-
-class ScoreLinear(nn.Linear):
-    """``nn.Linear`` for D's last layer (to one logit) whose matmuls stay float32 on the CPU.
-
-    Under the trainer's bf16 math on the CPU (``torch.backends.mkldnn.matmul.fp32_precision``
-    ``"bf16"``) oneDNN computes every float32 matmul with bf16 inputs, which pays off for the
-    hidden layers but not for this one's matrix-vector shapes: measured on one thread of this
-    project's Xeon for 256 rows of 256 features, this layer's forward and backward took 146-170
-    us against 215-238 us for ``nn.Linear`` in bf16 math. Its forward and backward matmuls run
-    in float32 math (exact float32, like any float32 matmul without the setting); everywhere
-    else (the setting off, a GPU, under ``torch.compile``) this is ``nn.Linear``. The same
-    parameters (``weight``, ``bias``), so its weights load into ``nn.Linear`` and back.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type != "cpu"
-            or x.dim() != 2
-            or self.bias is None
-            or torch.compiler.is_compiling()  # before the setting: torch.compile cannot read it
-            or cpu_matmul_precision() != "bf16"
-        ):
-            return super().forward(x)
-        return _Float32Linear.apply(x, self.weight, self.bias)
-
-
-def cpu_matmul_precision() -> str | None:
-    """oneDNN's math for float32 matmuls (PyTorch 2.9+), or None where it has no such setting."""
-    matmul = getattr(torch.backends.mkldnn, "matmul", None)
-    return getattr(matmul, "fp32_precision", None)
-
-
-class _Float32Linear(torch.autograd.Function):
-    """``F.linear`` of a (B, in) input whose matmuls, forward and backward, use float32 math."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        with cpu_matmul_math("ieee"):
-            return torch.addmm(bias, x, weight.t())
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        with cpu_matmul_math("ieee"):
-            grad_x = grad.mm(weight) if need_x else None
-            grad_w = grad.t().mm(x) if need_w else None
-        return grad_x, grad_w, grad.sum(0) if need_b else None
-
-
-@contextlib.contextmanager
-def cpu_matmul_math(precision: str) -> Iterator[None]:
-    """Within: oneDNN computes float32 matmuls in ``precision`` math, then the setting returns.
-
-    ``precision`` is a value of ``torch.backends.mkldnn.matmul.fp32_precision`` (PyTorch 2.9+):
-    ``"bf16"`` (bf16 inputs, float32 sums) or ``"ieee"`` (float32).
-    """
-    matmul = torch.backends.mkldnn.matmul
-    outer, matmul.fp32_precision = matmul.fp32_precision, precision
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = outer
 
 
 def _sn(layer: nn.Module, enabled: bool) -> nn.Module:
@@ -250,40 +127,20 @@ class MLPDiscriminator(nn.Module):
             layers.append(_sn(nn.Linear(width, h), spectral_norm))
             layers.append(nn.LeakyReLU(LEAKY_SLOPE) if activation == "leaky_relu" else nn.ReLU())
             if dropout > 0:
-                layers.append(Dropout(dropout))
+                layers.append(nn.Dropout(dropout))
             width = h
-        layers.append(_sn(ScoreLinear(width, 1), spectral_norm))
+        layers.append(_sn(nn.Linear(width, 1), spectral_norm))
         self.net = nn.Sequential(*layers)
-        self.hidden, self.dropout, self.num_classes = tuple(hidden), dropout, num_classes
+        self.num_classes = num_classes
         self.embed = _label_embedding(num_classes, width, spectral_norm) if num_classes else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Map images (B, 1, 28, 28), and digits y (B,) when conditional, to logits (B,)."""
-        features = self._features(x)  # (B, H)
+        features = _body(self.net, x)  # (B, H): the last hidden layer's output
         logits = self.net[-1](features).squeeze(1)  # (B, 1) -> (B,)
         if self.embed is None:
             return logits
         return _project(logits, features, y, self.embed)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last hidden layer's output (B, H): ``self.net`` without its last layer.
-
-        Training on the CPU, the pass's dropout masks are drawn at once before its first layer
-        (:func:`_dropout_masks`: the same masks as each layer drawing its own, from fewer and
-        larger operations: about 3% of an mlp training step on one thread of this project's
-        Xeon). Elsewhere each layer runs as it is.
-        """
-        h = x.flatten(1)  # (B, 1, 28, 28) -> (B, 784), as the Sequential's Flatten does
-        masks = None
-        if self.training and self.dropout > 0 and h.device.type == "cpu":
-            shapes = [(h.shape[0], width) for width in self.hidden]
-            masks = iter(_dropout_masks(shapes, self.dropout))
-        for layer in itertools.islice(self.net, 1, len(self.net) - 1):
-            if masks is not None and isinstance(layer, Dropout):
-                h = h * next(masks).to(h.dtype)
-            else:
-                h = layer(h)
-        return h
 
 
 def _body(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

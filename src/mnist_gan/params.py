@@ -148,11 +148,11 @@ class TrainParams:
     ema: float = 0.9995  # decay of the generator's weight EMA; 0 disables it
     spectral_norm: bool = False  # spectral norm on D's layers
     label_smoothing: float = 0.1  # one-sided: real targets become 1 - label_smoothing
-    amp: bool = True  # bf16: autocast on CUDA, matmul math on CPUs with AMX/AVX512-BF16
-    # torch.compile the step (fuses its kernels): true | false | auto (where it pays: the mlp's
-    # written-out step on a CUDA GPU).
-    compile: bool | Literal["auto"] = "auto"
-    cuda_graph: bool = True  # on CUDA, capture the whole D+G step once and replay it
+    # How the step runs (mnist_gan.strategy): each true | false | auto. auto decides before the
+    # first step by device; true where it cannot be met stops the stage (exit 2).
+    amp: bool | Literal["auto"] = "auto"  # bf16 autocast (auto: CUDA GPUs with native bf16)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile G, D, Adam (auto: on CUDA)
+    cuda_graph: bool | Literal["auto"] = "auto"  # one CUDA graph per step (auto: on CUDA)
     # How lr_g and lr_d (tuned for batch 128) change with batch_size: none | sqrt | linear.
     lr_scaling: Literal["none", "sqrt", "linear"] = "none"
     # none: constant learning rates; linear: both decay linearly over the epochs, epoch e

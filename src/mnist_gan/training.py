@@ -1,25 +1,20 @@
-"""The GAN trainer: device-resident data, no host synchronisation inside a step, resumable.
+"""The GAN trainer: one training step through autograd, device-resident data, resumable.
+
+A step is D's update, then G's update through the updated D, then G's weight EMA, all through
+autograd and ``torch.optim.Adam``; one generator pass serves both updates (as in
+pytorch/examples' DCGAN). How the step runs (bf16 autocast, ``torch.compile``, a CUDA graph) is
+a :class:`~mnist_gan.strategy.Strategy`, chosen before the trainer is built and never changed;
+the step's code is the same under every strategy.
 
 The normalized training set is copied to the device once. Each epoch draws a permutation on
 the device from a seeded ``torch.Generator`` and walks it in ``batch_size`` slices (the last
-partial batch is dropped), so no batch ever crosses the host-device boundary. Each step writes
-its metrics (losses, mean discriminator probabilities, gradient norms) into a row of a
-preallocated device tensor; the host reads that tensor once per epoch. The same read finds the
-first step whose loss was not finite (the divergence guard), at no cost inside the step.
-
-The module reads top to bottom: small helpers; :func:`select_step`, which picks the step: the
-whole training step through autograd (:func:`mnist_gan.step.gan_step`: D's update, G's update,
-the EMA, the metrics, as one function of the parts it updates) or, for the mlp, the same step
-with its backward passes written out (:class:`mnist_gan.mlp_step.MLPStep`: no autograd records;
-on the CPU op by op, and on a GPU compiled as a whole by ``train.compile``); then
-:class:`GANTrainer`, the whole state (networks, EMA, optimizers, generators) and the epoch loop.
-How the step runs (op by op, or as a replayed CUDA graph of one step or several) is
-:mod:`mnist_gan.runners`, chosen once at construction; Adam and its fast step are
-:mod:`mnist_gan.optim`. A benchmark can drive :meth:`GANTrainer.run_steps` for a fixed number of
-steps; the train stage calls :meth:`GANTrainer.fit`, which runs epochs, reports each one to a
-callback and saves resumable checkpoints through a
-:class:`~mnist_gan.checkpoint.CheckpointStore`. Resuming from a checkpoint restores every RNG,
-so on the CPU the final weights are bit-identical to an uninterrupted run.
+partial batch is dropped), so no batch crosses the host-device boundary. Each step writes its
+metrics (losses, mean D probabilities, gradient norms) into a row of a device tensor that the
+host reads once per epoch; the same read finds the first step whose loss was not finite (the
+divergence guard). :meth:`GANTrainer.fit` is the one way to train: it runs epochs, reports each
+to a callback and saves resumable checkpoints. Resuming restores every RNG, so on the CPU the
+final weights are bit-identical to an uninterrupted run on the same machine (float results
+differ between CPU models).
 
 This module uses only PyTorch and numpy (tqdm when installed), so it runs on a GPU machine that
 has nothing else.
@@ -34,41 +29,49 @@ import inspect
 import random
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from mnist_gan import distributed, mlp_step
+from mnist_gan import distributed
 from mnist_gan.checkpoint import CHECKPOINT_FORMAT, CheckpointStore
-from mnist_gan.models import (
-    IMAGE_SHAPE,
-    NUM_CLASSES,
-    build_discriminator,
-    build_generator,
-    cpu_matmul_math,
-    cpu_matmul_precision,
-)
-from mnist_gan.optim import make_adam, scaled_lr
+from mnist_gan.losses import discriminator_loss, generator_loss
+from mnist_gan.models import IMAGE_SHAPE, NUM_CLASSES, build_discriminator, build_generator
 from mnist_gan.params import TrainParams
-from mnist_gan.runners import (
-    Batch,
-    CudaGraphRunner,
-    EagerRunner,
-    Step,
-    auto_steps_per_replay,
-    select_runner,
-)
-from mnist_gan.step import StepParts, clear_grads, gan_step
-from mnist_gan.utils import native_bf16, seed_everything
+from mnist_gan.strategy import Strategy, StrategyError
+from mnist_gan.utils import seed_everything
 
-__all__ = ["METRICS", "DivergenceError", "EpochStats", "GANTrainer", "fixed_noise"]
+__all__ = ["METRICS", "DivergenceError", "EpochStats", "GANTrainer", "fixed_noise", "scaled_lr"]
 
 # What each step records, in this order (one row per step of the epoch).
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_g", "grad_norm_d")
+# Eager steps (on a side stream) before the step is captured as a CUDA graph: they create the
+# optimizers' state, the cuBLAS handles and any compiled kernels, as capture requires.
+GRAPH_WARMUP_STEPS = 3
+
+
+# The batch size lr_g and lr_d are tuned for (the article's); train.lr_scaling scales from it.
+REFERENCE_BATCH = 128
+
+
+def scaled_lr(lr: float, batch_size: int, rule: str) -> float:
+    """The learning rate for ``batch_size`` under ``train.lr_scaling``.
+
+    ``lr_g`` and ``lr_d`` are tuned for batch 128. A larger batch gives fewer, less noisy
+    steps; ``sqrt`` multiplies the rate by ``sqrt(batch_size / 128)``, the square-root rule that
+    keeps Adam's update noise the same (Malladi et al., "On the SDEs and Scaling Rules for
+    Adaptive Gradient Algorithms", NeurIPS 2022); ``linear`` by ``batch_size / 128`` (Goyal et
+    al. 2017, for SGD; usually too aggressive for Adam); ``none`` keeps it.
+    """
+    ratio = batch_size / REFERENCE_BATCH
+    if rule == "sqrt":
+        return lr * ratio**0.5
+    if rule == "linear":
+        return lr * ratio
+    return lr
 
 
 def _no_buffer_sync() -> dict[str, bool]:
@@ -133,65 +136,6 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16) and this PyTorch lets
-    oneDNN use it for float32 work (``torch.backends.mkldnn.matmul.fp32_precision``, 2.9+)."""
-    return cpu_matmul_precision() is not None and native_bf16(torch.device("cpu"))
-
-
-def amp_bf16(device: torch.device) -> bool:
-    """Whether ``train.amp`` computes in bf16 on ``device``: a CUDA GPU with native bf16
-    (:func:`~mnist_gan.utils.native_bf16`) or a CPU where :func:`cpu_has_bf16`."""
-    if device.type == "cuda":
-        return native_bf16(device)
-    return device.type == "cpu" and cpu_has_bf16()
-
-
-def _cpu_bf16_math(enabled: bool) -> contextlib.AbstractContextManager:
-    """Within: oneDNN computes float32 matmuls with bf16 inputs and float32 sums.
-
-    The CPU's counterpart of TF32 on GPUs: the tensors, the optimizer and every other op stay
-    float32. Convolutions stay float32 too: bf16 math made the dcgan step slower on this
-    project's Xeon (227 against 194 ms, 1 thread). A process-wide setting, so it is set around
-    the trainer's autograd steps and restored; trainers stepping in several threads at once
-    would have to agree on it (nothing in the project does so).
-    """
-    return cpu_matmul_math("bf16") if enabled else contextlib.nullcontext()
-
-
-def _can_compile(device: torch.device) -> bool:
-    """Whether ``torch.compile`` works on ``device``; False, after a warning, where it cannot
-    (no compiler, an old GPU, ...). Compilation is lazy: this compiles a tiny function."""
-    try:
-        torch.compile(lambda x: x * 2.0 + 1.0)(torch.ones(4, device=device))
-    except Exception as exc:  # backends fail in many ways
-        warnings.warn(
-            f"train.compile: torch.compile is unavailable here ({type(exc).__name__}: "
-            f"{exc}); training eagerly",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    return True
-
-
-def _compiled(forwards: tuple[Callable[..., torch.Tensor], ...]
-              ) -> tuple[Callable[..., torch.Tensor], ...]:  # fmt: skip
-    """``torch.compile`` of (G, D in D's update, D's plain module for G's update): what the
-    autograd step compiles (the written-out step compiles itself)."""
-    # Static shapes: the one-pass D sees 2B images in D's update and B in G's; with dynamic
-    # shapes the second size would recompile D into slower symbolic-size kernels for both.
-    compile_ = functools.partial(torch.compile, dynamic=False)
-    g_fwd, d_fwd, d_plain = forwards
-    d_for_g = compile_(d_plain)
-    d_fwd = compile_(d_fwd) if d_fwd is not d_plain else d_for_g  # DDP's wrapper, or D
-    return compile_(g_fwd), d_fwd, d_for_g
-
-
-def _has_batch_statistics(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
 def _numpy_state() -> dict[str, Any] | None:
     try:
         import numpy as np
@@ -218,38 +162,77 @@ def _set_numpy_state(state: dict[str, Any] | None) -> None:
     np.random.set_state(legacy)  # noqa: NPY002
 
 
-# --- which step, compiled or not -------------------------------------------------------------
+def _has_batch_statistics(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def select_step(cfg: TrainParams, device: torch.device, world_size: int, compiled: bool) -> str:
-    """Which step function the trainer runs: ``written_out`` or ``autograd``.
-
-    ``written_out`` (:class:`mnist_gan.mlp_step.MLPStep`, the same step with its backward
-    passes written out) for the mlp networks, unconditional, without spectral norm, in one
-    process (the default configuration), where it pays: on the CPU, where it saves autograd's
-    bookkeeping, and compiled on a CUDA GPU, where it compiles as a whole, optimizers included
-    (measured on an H200: 0.230 ms a step against 0.470 for autograd's step; run eagerly it
-    launches as many kernels as autograd's, 0.472 ms). :func:`~mnist_gan.step.gan_step`
-    through autograd everywhere else (its forward passes compiled where ``compiled``). A
-    trainer whose ``fuse_d`` is switched off runs ``gan_step``.
-    """
-    pays = device.type == "cpu" or (device.type == "cuda" and compiled)
-    return "written_out" if pays and written_out_covers(cfg, world_size) else "autograd"
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the gradients, as a device scalar (no synchronisation)."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def written_out_covers(cfg: TrainParams, world_size: int) -> bool:
-    """Whether :class:`mnist_gan.mlp_step.MLPStep` computes this configuration's step: the mlp
-    networks, unconditional, without spectral norm, in one process."""
-    return world_size == 1 and cfg.model == "mlp" and not cfg.conditional and not cfg.spectral_norm
+def _adam(
+    params: list[nn.Parameter], lr: float | torch.Tensor, betas: tuple[float, float], s: Strategy
+) -> torch.optim.Adam:
+    """Adam as the strategy runs it: fused (one kernel for all the weights) when eager; the
+    default implementation when compiled (``torch.compile`` fuses it, as PyTorch's
+    compiled-optimizer recipe does); capturable in a CUDA graph."""
+    options: dict[str, Any] = {"capturable": s.cuda_graph}
+    if not s.compile:
+        options["fused"] = True
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, **options)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        options.pop("fused", None)
+        return torch.optim.Adam(params, lr=lr, betas=betas, **options)
 
 
-def compile_asked(cfg: TrainParams, device: torch.device, world_size: int, step: str) -> bool:
-    """Whether ``train.compile`` asks for ``torch.compile`` here: ``true``, ``false``, or
-    ``auto``: where it is measured to pay, the written-out mlp step on a CUDA GPU (compiling
-    costs seconds once; on the CPU it gains nothing and draws other dropout masks)."""
-    if cfg.compile != "auto":
-        return bool(cfg.compile)
-    return device.type == "cuda" and step != "autograd" and written_out_covers(cfg, world_size)
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """On CUDA, run on a new stream ordered after the current one (a graph's warm-up)."""
+    if device.type != "cuda":
+        yield
+        return
+    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        yield
+    main.wait_stream(side)
+
+
+class _CudaGraphStep:
+    """Runs ``step`` eagerly ``GRAPH_WARMUP_STEPS`` times, then captures it once as a CUDA graph
+    and replays it: one launch from Python instead of hundreds. The step must read and write
+    only tensors at fixed addresses (the trainer's batch and metrics row, the weights, the
+    optimizers' state) and never synchronise with the host."""
+
+    def __init__(self, step: Callable[[], None], device: torch.device, clear: Callable[[], None]):
+        self.step, self.device, self.clear = step, device, clear
+        self.warmup_left = GRAPH_WARMUP_STEPS
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.warmup_left > 0:
+            with _side_stream(self.device):
+                self.step()
+            self.warmup_left -= 1
+        else:
+            self.clear()  # the captured backward passes allocate the gradients in its pool
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.step()
+            except Exception as exc:  # an op that cannot be captured, an old driver, ...
+                why = " ".join(str(exc).split())[:200]
+                raise StrategyError(
+                    f"train.cuda_graph: capturing the training step failed "
+                    f"({type(exc).__name__}: {why}); set it to false"
+                ) from exc
+            self.graph = graph
+            graph.replay()  # capture records the kernels without running them
 
 
 class GANTrainer:
@@ -262,47 +245,34 @@ class GANTrainer:
         cfg: The train params.
         images: float32 (N, 1, 28, 28) in [-1, 1]; copied to ``device`` once.
         labels: int64 (N,) digits of the images; needed (and copied) when ``cfg.conditional``.
-        seed: ``base.seed``.
+        seed: The GAN's seed.
         device: Where to train.
+        strategy: How the step runs (:func:`~mnist_gan.strategy.choose_strategy` picks it from
+            the params); :data:`~mnist_gan.strategy.EAGER` is the plain float32 step.
         progress: Show a per-epoch progress bar; None shows one when stderr is a terminal.
-        channels_last: Keep the dcgan networks in the channels-last memory format (faster
-            convolutions: measured 1.26x on the CPU); None: on for dcgan, off for mlp.
-        step: ``auto``: the step :func:`select_step` picks; ``autograd``
-            (:func:`~mnist_gan.step.gan_step`) or ``written_out``
-            (:class:`~mnist_gan.mlp_step.MLPStep`, where it covers the configuration) on any
-            device, to compare the two.
-        steps_per_replay: Steps per CUDA graph replay
-            (:class:`~mnist_gan.runners.CudaGraphRunner`), from 1 to an epoch's steps, or
-            ``auto`` (:func:`~mnist_gan.runners.auto_steps_per_replay`). 1, the default, until
-            more is measured on a GPU; runs with other values draw other noise on a GPU.
 
-    The fast path, each part falling back where it is unavailable: the data on the device; fused
-    Adam; one pass of D over the real and the fake batch together when D has neither BatchNorm nor
-    spectral norm (the default mlp D; not the dcgan D); ``train.amp``: bf16 autocast on CUDA GPUs
-    that support bf16, and on CPUs with AMX or AVX512-BF16 bf16 operands in the written-out mlp step
-    (:mod:`mnist_gan.mlp_step`) and oneDNN's bf16 math for float32 matmuls in the autograd step
-    (which engages only with AMX); on CUDA, the whole D+G step captured once as a CUDA graph and
-    replayed (``train.cuda_graph``, :class:`~mnist_gan.runners.CudaGraphRunner`), so a step costs
-    three kernel launches from Python instead of hundreds, and with ``train.compile`` (``auto``:
-    there, for the mlp) that step is the written-out mlp step compiled as a whole, optimizers
-    included (119 kernels instead of 193).
+    D judges the real and the fake batch in one pass (larger matmuls, half the launches) where
+    that is the same computation: not when D has BatchNorm (real and fake batch statistics
+    would mix) nor spectral norm (each training pass runs one power iteration). Dropout then
+    draws one mask for both halves, from the same distribution. The dcgan networks are kept in
+    the channels-last memory format (faster convolutions; the same weights).
 
     In a process group of several ranks (DDP, see :mod:`mnist_gan.distributed`), ``images`` is
     the whole training set and each rank keeps its shard (every ``size``-th image from its
     rank on) and trains on ``batch_size / size`` images per step; DDP averages the gradients,
     so the ranks train one model on the global batch. Rank 0 seeds its noise, data order and
-    dropout with the seed a single process uses (it draws less of each: its share); every other
-    rank has its own seed (:func:`~mnist_gan.distributed.rank_seed`), so a run is reproducible
-    for a given number of ranks. G's BatchNorm is synchronised across ranks on GPUs
-    (``SyncBatchNorm``, which PyTorch has only for GPUs); on the CPU, and in D, each rank
-    normalises over its own images. DDP does not re-broadcast buffers before each forward pass
-    (:func:`_no_buffer_sync`: the broadcast would change D's BatchNorm buffers between its
-    forward passes and its backward, pytorch/pytorch#175024); the epoch's metrics are averaged
-    over the ranks.
+    dropout with the seed a single process uses; every other rank has its own seed
+    (:func:`~mnist_gan.distributed.rank_seed`), so a run is reproducible for a given number of
+    ranks. G's BatchNorm is synchronised across ranks on GPUs (``SyncBatchNorm``, which PyTorch
+    has only for GPUs); on the CPU, and in D, each rank normalises over its own images. DDP does
+    not re-broadcast buffers before each forward pass (:func:`_no_buffer_sync`: the broadcast
+    would change D's BatchNorm buffers between its forward passes and its backward,
+    pytorch/pytorch#175024); the epoch's metrics are averaged over the ranks.
 
     Raises:
         ValueError: The images have the wrong shape, fewer than one batch per rank, or a batch
             size the ranks do not divide.
+        StrategyError: The strategy asks for a CUDA graph off CUDA or under DDP.
     """
 
     def __init__(
@@ -313,10 +283,8 @@ class GANTrainer:
         labels: torch.Tensor | None = None,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        strategy: Strategy,
         progress: bool | None = None,
-        channels_last: bool | None = None,
-        step: str = "auto",
-        steps_per_replay: int | str = 1,
     ) -> None:
         if images.dim() != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(
@@ -338,6 +306,9 @@ class GANTrainer:
             raise ValueError("train.conditional: the trainer needs one label per training image")
         self.cfg, self.seed, self.device = cfg, seed, torch.device(device)
         cuda = self.device.type == "cuda"
+        if strategy.cuda_graph and (not cuda or self.world_size > 1):
+            raise StrategyError("train.cuda_graph: a CUDA graph needs CUDA and one process")
+        self.strategy = strategy
         # Seeds random, numpy and torch (CPU and CUDA); the returned generator on the device
         # draws the permutations and the noise.
         self.data_generator = seed_everything(seed, self.device)
@@ -348,8 +319,7 @@ class GANTrainer:
             self.data_generator = seed_everything(distributed.rank_seed(seed, self.rank), device)
         if self.world_size > 1 and cuda:  # G's batch statistics over the global batch
             self.generator = nn.SyncBatchNorm.convert_sync_batchnorm(self.generator)
-        self.channels_last = cfg.model == "dcgan" if channels_last is None else channels_last
-        if self.channels_last:  # layout only: the same weights and results
+        if cfg.model == "dcgan":  # layout only: the same weights and results
             self.generator.to(memory_format=torch.channels_last)
             self.discriminator.to(memory_format=torch.channels_last)
         # Dropout draws from torch's global RNG. The trainer keeps its own copy of that state and
@@ -366,103 +336,67 @@ class GANTrainer:
         self.images = images[shard].to(self.device, torch.float32).contiguous()
         self.labels = labels[shard].to(self.device, torch.int64) if cfg.conditional else None
         self.steps_per_epoch = self.images.shape[0] // self.batch_size
-        if steps_per_replay == "auto":
-            steps_per_replay = auto_steps_per_replay(self.steps_per_epoch)
-        if not isinstance(steps_per_replay, int) or not (
-            1 <= steps_per_replay <= self.steps_per_epoch
-        ):
-            raise ValueError(
-                f"steps_per_replay: {steps_per_replay!r} is not 'auto' or a whole number of "
-                f"steps from 1 to an epoch's {self.steps_per_epoch}"
-            )
-        self.steps_per_replay = steps_per_replay
-
-        # train.compile: the whole written-out step, or the autograd step's forward passes.
-        if step not in ("auto", "autograd", "written_out"):
-            raise ValueError(f"step: {step!r} is not one of 'auto', 'autograd', 'written_out'")
-        if step == "written_out" and not written_out_covers(cfg, self.world_size):
-            raise ValueError(
-                "step: 'written_out' covers the mlp networks, unconditional, without spectral "
-                "norm, in one process"
-            )
-        asked = compile_asked(cfg, self.device, self.world_size, step)
-        compiling = asked and _can_compile(self.device)
-        # The step itself, chosen once: the mlp's backward written out, or autograd.
-        self.step_kind = step
-        if step == "auto":
-            self.step_kind = select_step(cfg, self.device, self.world_size, compiling)
-        # How the step runs, chosen once: under a CUDA graph, Adam's step counters (and a
-        # decaying learning rate) must live on the GPU, where the graph reads them. The compiled
-        # written-out step reads a decaying learning rate from a tensor too (a float would be
-        # compiled in as a constant, and each epoch's new rate would recompile the step).
-        runner, why_not = select_runner(cfg, self.device, self.world_size)
-        if why_not:
-            warnings.warn(why_not, RuntimeWarning, stacklevel=2)
-        graph = runner == "cuda_graph"
-        self._g_params = list(self.generator.parameters())
-        self._d_params = list(self.discriminator.parameters())
-        betas = (cfg.beta1, cfg.beta2)
-        self.lr_g = scaled_lr(cfg.lr_g, cfg.batch_size, cfg.lr_scaling)
-        self.lr_d = scaled_lr(cfg.lr_d, cfg.batch_size, cfg.lr_scaling)
-        in_graph_adam = compiling and self.step_kind == "written_out"
-        self._lr_as_tensor = (graph or in_graph_adam) and cfg.lr_decay != "none"
-        self.opt_g = make_adam(self._g_params, self._lr(self.lr_g), betas, graph)
-        self.opt_d = make_adam(self._d_params, self._lr(self.lr_d), betas, graph)
-        # bf16 needs no loss scaling; GPUs before Ampere and CPUs without AMX or AVX512-BF16
-        # lack it and train in float32.
-        self.amp = cfg.amp and amp_bf16(self.device)
         self.progress = sys.stderr.isatty() if progress is None else progress
-
-        self._record = torch.zeros(self.steps_per_epoch, len(METRICS), device=self.device)
-        self._perm: torch.Tensor | None = None
-        self._cursor = 0  # next batch within the current permutation
         self.epoch = 0  # completed epochs
         self.history: list[dict[str, float]] = []  # EpochStats.as_dict() per completed epoch
         # Every rank's RNG states (a checkpoint holds them all), gathered after each epoch.
         self._rank_rngs: list[dict[str, Any]] = []
         self._gather_rngs()
 
-        # G's forward, D's forward in D's update, and D's forward in G's update (through D's
-        # plain module under DDP: that backward reaches only G's weights, whose gradients G's
-        # DDP wrapper reduces).
-        g_fwd: Callable[..., torch.Tensor] = self.generator
-        d_fwd: Callable[..., torch.Tensor] = self.discriminator
+        self._g_params = list(self.generator.parameters())
+        self._d_params = list(self.discriminator.parameters())
+        self.lr_g = scaled_lr(cfg.lr_g, cfg.batch_size, cfg.lr_scaling)
+        self.lr_d = scaled_lr(cfg.lr_d, cfg.batch_size, cfg.lr_scaling)
+        # A decaying rate is a device tensor where a graph or compiled code reads it (a float
+        # would be baked in, and each epoch's new rate would recompile the step).
+        self._lr_as_tensor = (strategy.compile or strategy.cuda_graph) and cfg.lr_decay != "none"
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = _adam(self._g_params, self._lr(self.lr_g), betas, strategy)
+        self.opt_d = _adam(self._d_params, self._lr(self.lr_d), betas, strategy)
+
+        # G's forward, D's forward in D's update, and D's forward in G's update (D's plain
+        # module under DDP: that backward reaches only G's weights, whose gradients G's DDP
+        # wrapper reduces).
+        self._g: Callable[..., torch.Tensor] = self.generator
+        self._d: Callable[..., torch.Tensor] = self.discriminator
+        self._d_for_g: Callable[..., torch.Tensor] = self.discriminator
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids, no_sync = [self.device.index] if cuda else None, _no_buffer_sync()
-            g_fwd = DDP(self.generator, device_ids=ids, **no_sync)
-            d_fwd = DDP(self.discriminator, device_ids=ids, **no_sync)
-        forwards = (g_fwd, d_fwd, self.discriminator)
-        self._compiled_forwards = compiling and self.step_kind == "autograd"
-        if self._compiled_forwards:
-            forwards = _compiled(forwards)
-        g_fwd, d_fwd, d_for_g = forwards
-        self._parts = StepParts(
-            cfg=cfg,
-            g_fwd=g_fwd,
-            d_fwd=d_fwd,
-            d_for_g=d_for_g,
-            g_params=self._g_params,
-            d_params=self._d_params,
-            opt_g=self.opt_g,
-            opt_d=self.opt_d,
-            ema=self._ema_tensors() if self.ema_generator is not None else None,
-            # D's update judges real and fake in one pass (larger matmuls, half the launches)
-            # where that is the same computation: not with BatchNorm (real and fake batch
-            # statistics would mix) nor spectral norm (each training pass runs one power
-            # iteration). Dropout then draws one mask for both halves: the same distribution.
-            fuse_d=not (_has_batch_statistics(self.discriminator) or cfg.spectral_norm),
-            autocast=self._autocast,
-        )
-        self._runner: EagerRunner | CudaGraphRunner = self._new_runner(graph)
-        self._step_fn: Step = functools.partial(gan_step, self._parts)
-        if self.step_kind == "written_out":
-            self._step_fn = mlp_step.MLPStep(
-                self._parts, self.generator, self.discriminator, self.amp, compiling
-            )
+            self._g = DDP(self.generator, device_ids=ids, **no_sync)
+            self._d = DDP(self.discriminator, device_ids=ids, **no_sync)
+        self._opt_steps: tuple[Callable[[], Any], ...] = (self.opt_d.step, self.opt_g.step)
+        self._ema_step: Callable[[], None] = self._update_ema
+        if strategy.compile:
+            # Static shapes: the one-pass D sees 2B images in D's update and B in G's.
+            compile_ = functools.partial(torch.compile, dynamic=False)
+            self._g, self._d_for_g = compile_(self._g), compile_(self._d_for_g)
+            self._d = self._d_for_g if self._d is self.discriminator else compile_(self._d)
+            self._opt_steps = tuple(torch.compile(step) for step in self._opt_steps)
+            self._ema_step = torch.compile(self._update_ema)
+        self._one_pass_d = not (_has_batch_statistics(self.discriminator) or cfg.spectral_norm)
+        if self.ema_generator is not None:
+            pairs = zip([*self.ema_generator.parameters(), *self.ema_generator.buffers()],
+                        [*self._g_params, *self.generator.buffers()], strict=True)  # fmt: skip
+            self._ema_pairs = list(pairs)
 
-    # --- construction helpers -------------------------------------------------------------
+        # The step's inputs and its metrics: fixed tensors that each step overwrites (a CUDA
+        # graph reads and writes them at their addresses).
+        b, dev = self.batch_size, self.device
+        self._batch = {
+            "real": torch.empty(b, *IMAGE_SHAPE, device=dev),
+            "z": torch.empty(b, cfg.latent_dim, device=dev),
+        }
+        if self.labels is not None:
+            self._batch["y_real"] = torch.empty(b, dtype=torch.int64, device=dev)
+            self._batch["y_fake"] = torch.empty(b, dtype=torch.int64, device=dev)
+        self._step_metrics = torch.zeros(len(METRICS), device=dev)
+        self._record = torch.zeros(self.steps_per_epoch, len(METRICS), device=dev)
+        self._run_step = self._new_runner()
+        self._steps_run = 0  # since this trainer was built or loaded
+
+    # --- the step ----------------------------------------------------------------------------
 
     def _lr(self, lr: float) -> float | torch.Tensor:
         """A learning rate as the optimizers hold it here: a device tensor or a float."""
@@ -476,104 +410,102 @@ class GANTrainer:
         for opt, lr in ((self.opt_g, self.lr_g), (self.opt_d, self.lr_d)):
             for group in opt.param_groups:
                 if isinstance(group["lr"], torch.Tensor):
-                    group["lr"].fill_(lr * factor)  # in place: a captured graph reads it
+                    group["lr"].fill_(lr * factor)  # in place: a graph or compiled code reads it
                 else:
                     group["lr"] = lr * factor
 
-    def _ema_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list, list]:
-        assert self.ema_generator is not None
-        ema_p = list(self.ema_generator.parameters())
-        ema_b = list(self.ema_generator.buffers())
-        g_b = list(self.generator.buffers())
-        float_b = [i for i, b in enumerate(g_b) if b.is_floating_point()]
-        int_b = [i for i, b in enumerate(g_b) if not b.is_floating_point()]
-        return (
-            ema_p + [ema_b[i] for i in float_b],
-            self._g_params + [g_b[i] for i in float_b],
-            [ema_b[i] for i in int_b],
-            [g_b[i] for i in int_b],
-        )
+    def _new_runner(self) -> Callable[[], None]:
+        if not self.strategy.cuda_graph:
+            return self._step
+        return _CudaGraphStep(self._step, self.device, self._clear_grads)
 
-    def _new_runner(self, graph: bool) -> EagerRunner | CudaGraphRunner:
-        if not graph:
-            return EagerRunner()
-        k, dev = self.steps_per_replay, self.device
-        static = self._empty_batches(k)  # the graph's inputs, at fixed addresses
-        # The graph's output: each step's METRICS, in rows of 8 floats (32-byte aligned for
-        # compiled kernels).
-        records = torch.zeros(k, 8, device=dev)[:, : len(METRICS)]
-        return CudaGraphRunner(static, records, dev, self._grads_to_none)
-
-    def _grads_to_none(self) -> None:
-        clear_grads(self._d_params)
-        clear_grads(self._g_params)
-
-    @property
-    def math(self) -> str:
-        """The matmul math the trainer uses here: ``bf16`` (``train.amp`` where the hardware
-        has it) or ``float32``. Part of a checkpoint's
-        :func:`~mnist_gan.checkpoint.fingerprint`."""
-        return "bf16" if self.amp else "float32"
-
-    @property
-    def cpu_bf16_math(self) -> bool:
-        """Whether the step runs under oneDNN's bf16 math for float32 matmuls: the autograd step
-        on a CPU with ``amp`` (the written-out step takes bf16 operands instead)."""
-        return self.amp and self.device.type == "cpu" and self.step_kind == "autograd"
-
-    @property
-    def compiled(self) -> bool:
-        """Whether the step runs compiled: the written-out step until a part of it fails to
-        compile (it then runs eagerly), or the autograd step's compiled forward passes."""
-        if isinstance(self._step_fn, mlp_step.MLPStep):
-            return self._step_fn.compiled
-        return self._compiled_forwards
-
-    @property
-    def strategy(self) -> str:
-        """How the step runs, in words: the step, ``compiled`` where it is, and ``cuda_graph xK``
-        where K steps are one replay (e.g. ``written_out compiled cuda_graph x1``). Before the
-        first step, what was chosen; after a fallback (compiling or capture failed), what runs.
-        Part of a checkpoint's :func:`~mnist_gan.checkpoint.fingerprint`."""
-        words = [self.step_kind] + (["compiled"] if self.compiled else [])
-        if self.cuda_graph:
-            words.append(f"cuda_graph x{self.steps_per_replay}")
-        return " ".join(words)
-
-    @property
-    def cuda_graph(self) -> bool:
-        """Whether the step runs (or will run, after its warm-up) as a CUDA graph."""
-        return isinstance(self._runner, CudaGraphRunner)
-
-    @property
-    def fuse_d(self) -> bool:
-        """Whether D judges the real and the fake batch in one pass."""
-        return self._parts.fuse_d
-
-    @fuse_d.setter
-    def fuse_d(self, value: bool) -> None:
-        """Switching the one pass off (to compare the two) also leaves the written-out step,
-        which judges real and fake in one pass only."""
-        self._parts.fuse_d = value
-        if not value and self.step_kind == "written_out":
-            self.step_kind, self._step_fn = "autograd", functools.partial(gan_step, self._parts)
+    def _clear_grads(self) -> None:
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp and self.device.type == "cuda":
-            # A CUDA graph must not reuse autocast's cache of cast weights across replays.
-            return torch.autocast(
-                device_type=self.device.type,
-                dtype=torch.bfloat16,
-                cache_enabled=not self.cuda_graph,
-            )
-        return contextlib.nullcontext()
+        # Under a CUDA graph, autocast must not reuse its cache of cast weights across replays.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.strategy.amp,
+                              cache_enabled=not self.strategy.cuda_graph)  # fmt: skip
 
-    # --- one step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * G, for G's weights and float buffers (BatchNorm's
+        running statistics); integer buffers (its batch counts) are copied."""
+        for ema, live in self._ema_pairs:
+            if ema.is_floating_point():
+                ema.lerp_(live, 1.0 - self.cfg.ema)
+            else:
+                ema.copy_(live)
 
-    def _new_permutation(self) -> None:
-        n = self.images.shape[0]
-        self._perm = torch.randperm(n, device=self.device, generator=self.data_generator)
-        self._cursor = 0
+    def _step(self) -> None:
+        """One training step on ``self._batch``: D's update, G's update through the updated D,
+        G's EMA, and the step's METRICS into ``self._step_metrics``. It never synchronises with
+        the host and never branches on a tensor's value, so a CUDA graph can capture it."""
+        cfg, batch = self.cfg, self._batch
+        real, z = batch["real"], batch["z"]
+        y_real, y_fake = batch.get("y_real"), batch.get("y_fake")  # None unless conditional
+        opt_d_step, opt_g_step = self._opt_steps
+
+        with self._autocast():
+            fake = self._g(z, y_fake)  # (B, 1, 28, 28)
+            if self._one_pass_d:
+                y = None if y_real is None else torch.cat([y_real, y_fake])
+                logits = self._d(torch.cat([real, fake.detach()]), y)  # (2B,): real, then fake
+            else:
+                logits = torch.cat([self._d(real, y_real), self._d(fake.detach(), y_fake)])
+        logits = logits.float()
+        real_logits, fake_logits = logits.chunk(2)  # (B,) each
+        loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward(inputs=self._d_params)
+        grad_norm_d = _grad_norm(self._d_params)
+        opt_d_step()
+
+        # G's update, through the updated D. inputs= limits backward to G's weights: D's weight
+        # gradients are never computed.
+        with self._autocast():
+            fake_logits_g = self._d_for_g(fake, y_fake).float()  # (B,)
+        loss_g = generator_loss(cfg.loss, fake_logits_g)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward(inputs=self._g_params)
+        grad_norm_g = _grad_norm(self._g_params)
+        opt_g_step()
+
+        if self.ema_generator is not None:
+            self._ema_step()
+        with torch.no_grad():
+            d_real, d_fake = torch.sigmoid(logits.detach()).view(2, -1).mean(dim=1).unbind()
+            values = (loss_d.detach(), loss_g.detach(), d_real, d_fake, grad_norm_g, grad_norm_d)
+            self._step_metrics.copy_(torch.stack(values))
+
+    def _draw_batch(self, idx: torch.Tensor) -> None:
+        """The next step's inputs, written into ``self._batch``: the images at ``idx`` (and
+        their digits), z, and when conditional the digits asked of G, drawn uniformly."""
+        gen, batch = self.data_generator, self._batch
+        torch.index_select(self.images, 0, idx, out=batch["real"])
+        torch.randn(batch["z"].shape, generator=gen, out=batch["z"])
+        if self.labels is not None:
+            torch.index_select(self.labels, 0, idx, out=batch["y_real"])
+            torch.randint(NUM_CLASSES, batch["y_fake"].shape, generator=gen, out=batch["y_fake"])
+
+    def _one_step(self) -> None:
+        """:meth:`_step`, as the strategy runs it. The first step compiles, where the strategy
+        compiles: a failure there is the strategy's, reported as such (never a fallback)."""
+        if not (self.strategy.compile and self._steps_run == 0):
+            self._run_step()
+        else:
+            try:
+                self._run_step()
+            except StrategyError:
+                raise
+            except Exception as exc:
+                why = " ".join(str(exc).split())[:200]
+                raise StrategyError(
+                    f"train.compile: compiling the training step failed "
+                    f"({type(exc).__name__}: {why}); set it to false"
+                ) from exc
+        self._steps_run += 1
 
     @contextlib.contextmanager
     def _own_rng(self) -> Iterator[None]:
@@ -592,102 +524,23 @@ class GANTrainer:
                 self._rng_cuda = torch.cuda.get_rng_state(self.device)
                 torch.cuda.set_rng_state(outer_cuda, self.device)
 
-    @contextlib.contextmanager
-    def _stepping(self) -> Iterator[None]:
-        """The trainer's own RNG state and, where :attr:`cpu_bf16_math`, bf16 matmul math."""
-        with self._own_rng(), _cpu_bf16_math(self.cpu_bf16_math):
-            yield
-
-    def step(self) -> None:
-        """One discriminator and one generator update on the next batch; never synchronises.
-
-        A new permutation of the data is drawn when the current one is used up.
-        """
-        with self._stepping():
-            self._steps(1)
-
-    def run_steps(self, n: int) -> None:
-        """``n`` steps, as :meth:`step` does them, swapping the RNG state once (for benchmarks);
-        on a CUDA graph, whole replays where they fit."""
-        with self._stepping():
-            self._steps(n)
-
-    def train_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """One D and one G update on a batch given by the caller, eagerly.
-
-        Args:
-            batch: ``real`` (b, 1, 28, 28) and ``z`` (b, latent_dim); when conditional, also
-                ``y_real`` and ``y_fake`` (b,). With several ranks, this rank's share.
-
-        Returns:
-            The step's METRICS (6,), on the device.
-        """
-        record = torch.zeros(len(METRICS), device=self.device)
-        with self._stepping():
-            self._step_fn({k: v.to(self.device) for k, v in batch.items()}, record)
-        return record
-
-    def _steps(self, n: int, bar: Any = None) -> None:
-        """``n`` steps, handed to the runner in pieces of up to a replay's worth, counted from
-        the epoch's start, within an epoch's permutation (a new one is drawn where the current
-        one is used up)."""
-        b = self.batch_size
-        while n > 0:
-            if self._perm is None or self._cursor >= self.steps_per_epoch:
-                self._new_permutation()
-            assert self._perm is not None
-            i, per = self._cursor, self._runner.steps
-            k = min(n, per - i % per, self.steps_per_epoch - i)  # pieces from the epoch's start
-            fill = functools.partial(self._batches, self._perm[i * b : (i + k) * b])
-            self._runner = self._runner.run(self._step_fn, fill, self._record[i : i + k])
-            self._cursor, n = i + k, n - k
-            if bar is not None:
-                bar.update(k)
-
-    def _empty_batches(self, n: int) -> Batch:
-        """Room for ``n`` steps' inputs, stacked, as :meth:`_batches` fills them."""
-        b, dev = self.batch_size, self.device
-        out = {
-            "real": torch.empty(n, b, *IMAGE_SHAPE, device=dev),
-            "z": torch.empty(n, b, self.cfg.latent_dim, device=dev),
-        }
-        if self.labels is not None:
-            out["y_real"] = torch.empty(n, b, dtype=torch.int64, device=dev)
-            out["y_fake"] = torch.empty(n, b, dtype=torch.int64, device=dev)
-        return out
-
-    def _batches(self, idx: torch.Tensor, out: Batch | None = None) -> Batch:
-        """A piece's inputs (``idx``: its steps' images, n batches of B), stacked: ``real``
-        images (n, B, 1, 28, 28) and ``z`` (n, B, latent_dim); when conditional, also ``y_real``
-        (n, B), the real images' digits, and ``y_fake`` (n, B), the digits asked of G, drawn
-        uniformly. One gather and one draw of each for the n steps, written into
-        ``out[name][:n]`` (a graph's inputs), else into new tensors."""
-        gen, b = self.data_generator, self.batch_size
-        n = len(idx) // b
-        out = self._empty_batches(n) if out is None else out
-        torch.index_select(self.images, 0, idx, out=out["real"][:n].view(n * b, *IMAGE_SHAPE))
-        torch.randn(out["z"][:n].shape, generator=gen, out=out["z"][:n])
-        if self.labels is not None:
-            torch.index_select(self.labels, 0, idx, out=out["y_real"][:n].view(n * b))
-            torch.randint(NUM_CLASSES, (n, b), generator=gen, out=out["y_fake"][:n])
-        return out
-
     # --- epochs ------------------------------------------------------------------------------
 
-    def run_epoch(self) -> EpochStats:
-        """Train one epoch (a fresh permutation, ``steps_per_epoch`` steps) and measure it.
-
-        Raises:
-            DivergenceError: A loss was NaN or infinite at some step of the epoch; the trainer's
-                state is then unusable (restore a checkpoint).
-        """
-        epoch = self.epoch + 1
+    def _run_epoch(self) -> EpochStats:
+        """Train one epoch (a fresh permutation, ``steps_per_epoch`` steps) and measure it."""
+        epoch, b = self.epoch + 1, self.batch_size
         bar = _progress(self.steps_per_epoch, f"epoch {epoch}/{self.cfg.epochs}", self.progress)
         start = time.perf_counter()
         self._set_lr(epoch)
-        self._new_permutation()
-        with self._stepping():
-            self._steps(self.steps_per_epoch, bar)
+        n = self.images.shape[0]
+        perm = torch.randperm(n, device=self.device, generator=self.data_generator)
+        with self._own_rng():
+            for i in range(self.steps_per_epoch):
+                self._draw_batch(perm[i * b : (i + 1) * b])
+                self._one_step()
+                self._record[i].copy_(self._step_metrics)
+                if bar is not None:
+                    bar.update(1)
         # (steps, METRICS), averaged over the ranks: the epoch's one synchronisation.
         record = distributed.all_reduce_mean_(self._record).cpu()
         seconds = time.perf_counter() - start
@@ -711,8 +564,10 @@ class GANTrainer:
         callback: Callable[[GANTrainer, EpochStats], None] | None = None,
         checkpoints: CheckpointStore | None = None,
         checkpoint_meta: dict[str, Any] | None = None,
+        *,
+        epochs: int | None = None,
     ) -> list[dict[str, float]]:
-        """Train from the current epoch up to ``cfg.epochs``.
+        """Train from the current epoch up to ``epochs`` completed epochs (``cfg.epochs``).
 
         After each epoch: append its stats to :attr:`history`, call ``callback(trainer, stats)``,
         then, every ``cfg.checkpoint_every`` epochs and after the last one, save a checkpoint.
@@ -722,16 +577,20 @@ class GANTrainer:
             callback: Called after each epoch (e.g. to log metrics).
             checkpoints: Where to save checkpoints; None saves none.
             checkpoint_meta: Extra plain values stored in each checkpoint (e.g. a run id).
+            epochs: Stop after this many completed epochs (a benchmark's or a test's share);
+                None: ``cfg.epochs``. The learning-rate decay follows ``cfg.epochs`` either way.
 
         Returns:
             :attr:`history`, one dict per epoch.
 
         Raises:
-            DivergenceError: See :meth:`run_epoch`. The last checkpoint saved stays as it was.
+            DivergenceError: A loss was NaN or infinite at some step; the last checkpoint saved
+                stays as it was, and the trainer's state is unusable (restore a checkpoint).
+            StrategyError: Compiling or capturing the step failed at its first step.
         """
-        every = self.cfg.checkpoint_every
-        while self.epoch < self.cfg.epochs:
-            stats = self.run_epoch()
+        every, last = self.cfg.checkpoint_every, self.cfg.epochs if epochs is None else epochs
+        while self.epoch < last:
+            stats = self._run_epoch()
             self.history.append(stats.as_dict())
             if callback is not None:
                 callback(self, stats)
@@ -843,5 +702,5 @@ class GANTrainer:
         self.epoch = int(state["epoch"])
         self.history = [dict(h) for h in state["history"]]
         # The optimizers now hold new state tensors: a captured graph would update the old ones.
-        self._runner = self._new_runner(self.cuda_graph)
-        self._perm, self._cursor = None, 0
+        self._run_step = self._new_runner()
+        self._steps_run = 0
