@@ -114,7 +114,9 @@ def _set_alias(alias: str, version: str) -> None:
     try:
         registry.set_alias(alias, version)
     except (*tracking.tracking_failures(), OSError) as exc:  # OSError: a file store's disk
-        sys.exit(f"error: could not point {alias} at version {version}: {tracking.short(exc)}")
+        need = f"EDIT on the registered model {registry.REGISTERED_MODEL}"
+        why = tracking.refusal(tracking.tracking_uri(), exc, need) or tracking.short(exc)
+        sys.exit(f"error: could not point {alias} at version {version}: {why}")
 
 
 @click.command(help=__doc__)

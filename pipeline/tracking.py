@@ -59,6 +59,29 @@ def _one_try(timeout: float | None) -> Iterator[None]:
 _CONNECTION = re.compile(r"\[Errno -?\d+\] [^'\"()]+|\[SSL: \w+\][^'\"()]*|\w+ timed out")
 
 
+def _who() -> str:
+    """Whom MLflow's client logs in as, from its own environment variables."""
+    if user := os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return f"user {user!r}"
+    return "a token" if os.environ.get("MLFLOW_TRACKING_TOKEN") else "no credentials"
+
+
+def refusal(uri: str, exc: BaseException, need: str = f"READ on the experiment {EXPERIMENT}"
+            ) -> str | None:  # fmt: skip
+    """One line for a server's 401 (the login failed) or 403 (logged in, but ``need`` is
+    missing); None for any other failure."""
+    code = getattr(exc, "error_code", None)
+    if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED", "CUSTOMER_UNAUTHORIZED"):
+        return None
+    who = _who()
+    if code == "UNAUTHENTICATED":
+        fix = ("check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" if "user" in who
+               else "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")  # fmt: skip
+        return f"the login to the MLflow tracking server at {uri} failed with {who}: {fix}"
+    return (f"the MLflow tracking server at {uri} denied {who} ({code}): ask its admin for "
+            f"{need} (docs/team.md)")  # fmt: skip
+
+
 def _unusable(uri: str, exc: BaseException) -> str:
     """One line naming the store and what failed, from what the probe raised."""
     from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
@@ -71,11 +94,9 @@ def _unusable(uri: str, exc: BaseException) -> str:
                 f"unset it for the project's mlflow.db; {stop}")  # fmt: skip
     if not uri.startswith(("http://", "https://")):
         return f"the MLflow tracking store {uri} cannot be used ({short(exc, 300)}); {stop}"
+    if refused := refusal(uri, exc):
+        return f"{refused}; {stop}"
     code = getattr(exc, "error_code", None)
-    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED", "CUSTOMER_UNAUTHORIZED"):
-        return (f"the MLflow tracking server at {uri} refused the credentials ({code}): set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN; "
-                f"{stop}")  # fmt: skip
     if code == "ENDPOINT_NOT_FOUND":  # a web server, but no MLflow REST API at that path
         return (f"{uri} is not an MLflow tracking server (HTTP 404 from its REST API): fix "
                 f"MLFLOW_TRACKING_URI; {stop}")  # fmt: skip
