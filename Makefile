@@ -107,7 +107,7 @@ ui: $(BASE_STAMP)  ## open the MLflow UI on the tracking store, on $(HOST):$(POR
 	  2>/dev/null || true
 	$(BIN)/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host $(HOST) --port $(PORT)
 
-bench: $(BASE_STAMP)  ## training throughput against the common tutorial baseline
+bench: $(BASE_STAMP)  ## images/s: the trainer against the tutorial baseline, and compiled vs eager
 	$(BIN)/python benchmarks/train_throughput.py
 
 bench-ddp: $(BASE_STAMP)  ## images per second with 1 and 2 training processes (DDP, gloo) on this CPU

@@ -2,8 +2,10 @@
 
 Each world trains the same params on MNIST with the same global batch, the machine's threads
 split evenly between its processes (``--threads`` in all, 2 by default: ``base.threads``). A
-world is a set of spawned processes joined through a file store; after ``--warmup`` steps every
-rank waits at a barrier, runs ``--steps`` steps, and waits again, and rank 0 times the span.
+world is a set of spawned processes joined through a file store. Each rank's trainer has an
+epoch of ``--steps`` steps (it is built on the first ``steps * batch_size`` images, which DDP
+shards across the ranks); after a warm-up epoch every rank waits at a barrier, trains one epoch
+through ``fit``, and waits again, and rank 0 times the span.
 The worlds take turns ``--repeats`` times, so that a change in the machine's load hits each
 alike; the table gives the median images per second and the ratio to one process (the median
 of the per-repeat ratios). The same goes to a JSON file.
@@ -17,8 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,23 +29,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from train_throughput import BenchError, parse_set, resolve_raw_dir, train_config
-
-from mnist_gan.data import normalize, read_raw_split
-from mnist_gan.training import GANTrainer
+from common import (
+    BenchError,
+    device_name,
+    epoch_trainer,
+    load_mnist,
+    parse_set,
+    strategy_for,
+    timed_epochs,
+    train_config,
+)
 
 
 def _rank(rank: int, size: int, store: str, images: torch.Tensor, overrides: dict,
-          threads: int, warmup: int, steps: int, out: str) -> None:  # fmt: skip
+          threads: int, steps: int, out: str) -> None:  # fmt: skip
     torch.set_num_threads(threads)
     if size > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
-    trainer = GANTrainer(train_config(None, overrides), images, seed=0, progress=False)
-    trainer.run_steps(warmup)
+    cfg = train_config(None, overrides)
+    strategy = strategy_for(cfg, torch.device("cpu"), size)
+    trainer = epoch_trainer(cfg, images, steps, strategy=strategy)
+    timed_epochs(trainer)  # the warm-up epoch
     if size > 1:
         dist.barrier()
     start = time.perf_counter()
-    trainer.run_steps(steps)
+    timed_epochs(trainer)
     if size > 1:
         dist.barrier()
     seconds = time.perf_counter() - start
@@ -56,33 +64,22 @@ def _rank(rank: int, size: int, store: str, images: torch.Tensor, overrides: dic
 
 
 def images_per_second(size: int, images: torch.Tensor, overrides: dict, threads: int,
-                      warmup: int, steps: int, scratch: Path) -> float:  # fmt: skip
+                      steps: int, scratch: Path) -> float:  # fmt: skip
     """One world of ``size`` processes: global images per second over ``steps`` steps."""
     folder = Path(tempfile.mkdtemp(dir=scratch))
     out = folder / "result.json"
-    args = (size, str(folder / "store"), images, overrides, threads, warmup, steps, str(out))
+    args = (size, str(folder / "store"), images, overrides, threads, steps, str(out))
     mp.start_processes(_rank, args=args, nprocs=size, start_method="spawn")
     batch = train_config(None, overrides).batch_size
     return steps * batch / json.loads(out.read_text())["seconds"]
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="processes of the larger world (2)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads in all, split (2)")
-    p.add_argument("--steps", type=int, default=200, help="timed steps per run (200)")
-    p.add_argument("--warmup", type=int, default=20, help="steps before timing (20)")
+    p.add_argument("--steps", type=int, default=200,
+                   help="timed steps per run, and warm-up steps (200)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="turns of each world (3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a train param, e.g. --set model=dcgan (repeatable)")  # fmt: skip
@@ -101,9 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = train_config(None, overrides)
         if cfg.batch_size % args.nproc:
             raise BenchError(f"batch_size {cfg.batch_size} does not split across {args.nproc}")
+        images = load_mnist(args.data)[0][: args.steps * cfg.batch_size]
+        if len(images) < args.steps * cfg.batch_size:
+            raise BenchError(
+                f"--steps {args.steps} of batch {cfg.batch_size} need "
+                f"{args.steps * cfg.batch_size} images; there are {len(images)}"
+            )
         with tempfile.TemporaryDirectory() as scratch:
-            raw = resolve_raw_dir(args.data, Path(scratch))
-            images = normalize(read_raw_split(raw, "train")[0])
             sizes = (1, args.nproc)
             speed: dict[int, list[float]] = {n: [] for n in sizes}
             for turn in range(args.repeats):
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     threads = max(1, args.threads // n)
                     speed[n].append(
                         images_per_second(
-                            n, images, overrides, threads, args.warmup, args.steps, Path(scratch)
+                            n, images, overrides, threads, args.steps, Path(scratch)
                         )  # fmt: skip
                     )
     except BenchError as exc:
@@ -127,8 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         for n in sizes
     ]
+    cpu = device_name(torch.device("cpu"))
     print(f"{cfg.model}, global batch {cfg.batch_size}, {args.threads} threads in all, "
-          f"{args.steps} steps x {args.repeats} turns ({cpu_name()})")  # fmt: skip
+          f"{args.steps} steps x {args.repeats} turns ({cpu})")  # fmt: skip
     print(f"{'processes':>9} {'threads each':>12} {'images/s':>10}  runs")
     for r in rows:
         print(
@@ -138,8 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{', '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
     result = {
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
+        "cpu": cpu,
         "torch": torch.__version__,
         "model": cfg.model,
         "batch_size": cfg.batch_size,

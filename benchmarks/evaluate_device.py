@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from train_throughput import BenchError, resolve_raw_dir
+from common import BenchError, load_mnist
 
 from mnist_gan.classifier import train_classifier
-from mnist_gan.data import DataError, normalize, read_raw_split
 from mnist_gan.metrics import evaluate_samples
 from mnist_gan.params import ClassifierParams
 from mnist_gan.reference import compute_reference
@@ -46,12 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     devices = [resolve_device(d.strip()) for d in args.devices.split(",") if d.strip()]
-    with tempfile.TemporaryDirectory() as scratch:
-        raw = resolve_raw_dir(args.data, Path(scratch))
-        (train_x, train_y), (test_x, test_y) = (read_raw_split(raw, s) for s in ("train", "test"))
-    train, test = normalize(train_x), normalize(test_x)
-    train_labels = torch.from_numpy(train_y.astype("int64"))
-    test_labels = torch.from_numpy(test_y.astype("int64"))
+    train, train_labels = load_mnist(args.data, "train")
+    test, test_labels = load_mnist(args.data, "test")
     params = ClassifierParams(epochs=args.classifier_epochs)
     classifier, _ = train_classifier(train, train_labels, test, test_labels, params, seed=0,
                                      device=devices[0])  # fmt: skip
@@ -65,8 +59,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for device in devices:
         t0 = time.perf_counter()
         reference = compute_reference(
-            classifier, train, test, test_labels=test_labels, k=args.k, num_samples=len(samples),
-            is_splits=args.is_splits, seed=0, kid_subsets=args.kid_subsets, device=device)
+            classifier,
+            train,
+            test,
+            test_labels=test_labels,
+            k=args.k,
+            num_samples=len(samples),
+            is_splits=args.is_splits,
+            seed=0,
+            kid_subsets=args.kid_subsets,
+            device=device,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -96,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = run(args)
-    except (BenchError, DataError, RuntimeError, ValueError) as exc:
+    except (BenchError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     out = Path(args.out)

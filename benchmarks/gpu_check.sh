@@ -1,43 +1,39 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with only PyTorch (and torchvision, PyYAML) installed, no pip
-# install, no MLflow, no DVC, within about 8 minutes, each part in GPU_CHECK_PARTS (default all):
+# install, no MLflow, no DVC, within about 8 minutes, each part in GPU_CHECK_PARTS (default all,
+# in this order):
 #   (info) print the GPU (nvidia-smi and torch);
-#   step_variants: the step strategies (autograd, written-out, each eager or compiled, and the
-#      compiled one with several steps per CUDA graph replay) side by side: their gradients
-#      against autograd's, ms per step in the CUDA graph, kernels per step;
-#   train_full, train_full_uncompiled, train_full_replays: train the configuration of
-#      params.yaml for 100 epochs on the full MNIST, once per model in GPU_CHECK_MODELS (default
-#      mlp), as configured, with train.compile false (for mlp, autograd's step uncompiled), and
-#      with steps_per_replay=auto (several steps per CUDA graph replay): the training seconds,
-#      the final sample grid, a hash of the weights and the trained networks (models/gan form,
-#      for the evaluate stage to score elsewhere);
-#   repeat: train as configured twice for 5 epochs: are the weights bit-identical run to run?
-#   bench: the trainer against the tutorial baseline on CUDA (mlp and dcgan, batch 128);
+#   train_full: train the configuration of params.yaml for 100 epochs on the full MNIST, once
+#      per model in GPU_CHECK_MODELS (default mlp), with the strategy the params choose (auto on
+#      CUDA: the step compiled, in a CUDA graph, in bf16): the training seconds (the goal: under
+#      10 s for the mlp on one H100), the final sample grid, a hash of the weights and the
+#      trained networks (models/gan form, for the evaluate stage to score elsewhere);
+#   bench: the trainer against the tutorial baseline on CUDA (mlp and dcgan, batch 128), and
+#      the trainer compiled against uncompiled (benchmarks/train_throughput.py);
+#   train_full_uncompiled: the same 100 epochs with train.compile false (the CUDA graph and bf16
+#      kept): what compiling adds over a whole run;
+#   train_full_eager: 5 epochs of the plain eager float32 step (amp, compile and cuda_graph
+#      false): its pace, and what 100 epochs would take at it;
+#   repeat: train as configured twice for 3 epochs: are the weights bit-identical run to run?
 #   step_profile: where a step's time goes (benchmarks/step_profile.py): FLOPs, achieved GFLOP/s
 #      against a large GEMM, kernels per step (without the graph) and their GPU time;
 #   evaluate_device: the reference and evaluate stages' scoring on the CPU and on the GPU:
 #      seconds, and how far the GPU's metrics are from the CPU's;
-#   fid_check, with GPU_CHECK_FID=1: FID of the fast path against the plain eager path, 2 seeds;
-#   extras (GPU_CHECK_EXTRAS=0 skips them too): the variants the fast path was chosen from:
-#      dcgan without channels_last, mlp at batch 1024.
+#   fid_check, with GPU_CHECK_FID=1: FID of the chosen strategy against the plain eager step.
 # Every part runs under its own time bound, and a failing part does not stop the next one.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR] [MNIST_DIR]
-#   OUT_DIR    results (default: $OUT, else bench/gpu_check): step_variants.json, full_MODEL/,
-#              full_MODEL_uncompiled/ and full_MODEL_replays/ (train_full.json, samples.png,
-#              gan/), repeat_1/ and repeat_2/ (train_full.json, samples.png), throughput.json,
-#              step_profile.json, evaluate_device.json, fid_check.json, one .log per part,
-#              summary.txt
+#   OUT_DIR    results (default: $OUT, else bench/gpu_check): full_MODEL/, full_MODEL_uncompiled/
+#              and full_MODEL_eager/ (train_full.json, samples.png; gan/ for the first two),
+#              repeat_1/ and repeat_2/, throughput.json, step_profile.json,
+#              evaluate_device.json, fid_check.json, one .log per part, summary.txt
 #   MNIST_DIR  the four MNIST IDX files, decompressed or .gz (default: $MNIST_DATA, else
 #              .gpucheck/mnist, else data/raw); relative paths start at the repository root
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for all parts, default 450),
 #   GPU_CHECK_PARTS (space-separated part names), GPU_CHECK_MODELS (default mlp),
-#   GPU_CHECK_FID=1 to run fid_check (GPU_CHECK_FID_CAP: its bound in seconds, default 150;
-#   e.g. 100 epochs, 4 seeds a side, against the uncompiled step in the graph:
-#   GPU_CHECK_FID_CAP=300 FID_ARGS="--epochs 100 --seeds 0,1,2,3 --eager-off compile"),
-#   VARIANTS_ARGS / BENCH_ARGS / TRAIN_ARGS / PROFILE_ARGS /
-#   EVAL_ARGS / FID_ARGS extra arguments per part, GPU_CHECK_DEVICE (default cuda; cpu only to
-#   try the script's plumbing on a CPU machine).
+#   GPU_CHECK_FID=1 to run fid_check (GPU_CHECK_FID_CAP: its bound in seconds, default 150),
+#   BENCH_ARGS / TRAIN_ARGS / PROFILE_ARGS / EVAL_ARGS / FID_ARGS extra arguments per part,
+#   GPU_CHECK_DEVICE (default cuda; cpu only to try the script's plumbing on a CPU machine).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -99,46 +95,47 @@ EOF
 
 # want PART: whether GPU_CHECK_PARTS (default: every part) names PART.
 want() { [[ " ${GPU_CHECK_PARTS:-$ALL_PARTS} " == *" $1 "* ]]; }
-ALL_PARTS="step_variants train_full train_full_uncompiled train_full_replays repeat bench \
-step_profile evaluate_device fid_check extras"
+ALL_PARTS="train_full bench train_full_uncompiled train_full_eager repeat step_profile \
+evaluate_device fid_check"
 for asked in ${GPU_CHECK_PARTS:-}; do
   [[ " $ALL_PARTS " == *" $asked "* ]] || note "GPU_CHECK_PARTS: no part $asked (parts: $ALL_PARTS)"
 done
+MODELS=${GPU_CHECK_MODELS:-mlp}
+
+# full PART MODEL CAP ARGS...: train_full.py for MODEL into OUT_DIR/PART less "train_".
+full() {
+  local name=$1 model=$2 cap=$3
+  shift 3
+  part "$name" "$cap" "$PY" benchmarks/train_full.py --data "$DATA" \
+    --out "$OUT_DIR/${name#train_}" --set "model=$model" --device "$DEVICE" "$@"
+}
 
 # shellcheck disable=SC2086  # the *_ARGS variables are word lists on purpose
 {
-  if want step_variants; then
-    part step_variants 200 "$PY" benchmarks/step_variants.py --data "$DATA" --device "$DEVICE" \
-      --out "$OUT_DIR" ${VARIANTS_ARGS:-}
-  fi
-  for model in ${GPU_CHECK_MODELS:-mlp}; do
-    if want train_full; then
-      part "train_full_$model" 200 "$PY" benchmarks/train_full.py --data "$DATA" \
-        --out "$OUT_DIR/full_$model" --save-gan "$OUT_DIR/full_$model/gan" \
-        --set "model=$model" --device "$DEVICE" --time-limit 150 ${TRAIN_ARGS:-}
-    fi
-    if want train_full_uncompiled; then
-      part "train_full_${model}_uncompiled" 200 "$PY" benchmarks/train_full.py --data "$DATA" \
-        --out "$OUT_DIR/full_${model}_uncompiled" \
-        --save-gan "$OUT_DIR/full_${model}_uncompiled/gan" --set "model=$model" \
-        --set compile=false --device "$DEVICE" --time-limit 150 ${TRAIN_ARGS:-}
-    fi
-    if want train_full_replays; then
-      part "train_full_${model}_replays" 200 "$PY" benchmarks/train_full.py --data "$DATA" \
-        --out "$OUT_DIR/full_${model}_replays" --save-gan "$OUT_DIR/full_${model}_replays/gan" \
-        --set "model=$model" --trainer-option steps_per_replay=auto --device "$DEVICE" \
+  if want train_full; then
+    for model in $MODELS; do
+      full "train_full_$model" "$model" 200 --save-gan "$OUT_DIR/full_$model/gan" \
         --time-limit 150 ${TRAIN_ARGS:-}
-    fi
-  done
-  if want repeat; then
-    for run in 1 2; do
-      part "repeat_$run" 90 "$PY" benchmarks/train_full.py --data "$DATA" \
-        --out "$OUT_DIR/repeat_$run" --epochs 5 --device "$DEVICE" ${TRAIN_ARGS:-}
     done
   fi
   if want bench; then
     part bench 200 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" --models mlp,dcgan \
       --data "$DATA" --out "$OUT_DIR/throughput.json" ${BENCH_ARGS:-}
+  fi
+  for model in $MODELS; do
+    if want train_full_uncompiled; then
+      full "train_full_${model}_uncompiled" "$model" 150 --set compile=false \
+        --save-gan "$OUT_DIR/full_${model}_uncompiled/gan" --time-limit 100 ${TRAIN_ARGS:-}
+    fi
+    if want train_full_eager; then
+      full "train_full_${model}_eager" "$model" 90 --set compile=false --set cuda_graph=false \
+        --set amp=false --epochs 5 --time-limit 60 ${TRAIN_ARGS:-}
+    fi
+  done
+  if want repeat; then
+    for run in 1 2; do
+      full "repeat_$run" mlp 90 --epochs 3 ${TRAIN_ARGS:-}
+    done
   fi
   if want step_profile; then
     part step_profile 90 "$PY" benchmarks/step_profile.py --device "$DEVICE" \
@@ -156,14 +153,6 @@ done
   elif want fid_check; then
     note "fid_check: not asked for (GPU_CHECK_FID=1 runs it)"
   fi
-  if want extras && [[ ${GPU_CHECK_EXTRAS:-1} == 1 ]]; then
-    part bench_dcgan_nchw 90 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
-      --models dcgan --trainer-option channels_last=false --data "$DATA" \
-      --out "$OUT_DIR/throughput_dcgan_nchw.json" ${BENCH_ARGS:-}
-    part bench_mlp_b1024 90 "$PY" benchmarks/train_throughput.py --devices "$DEVICE" \
-      --models mlp --batch-size 1024 --steps 100 --warmup 20 --data "$DATA" \
-      --out "$OUT_DIR/throughput_mlp_b1024.json" ${BENCH_ARGS:-}
-  fi
 }
 
 note "results"
@@ -176,42 +165,31 @@ def load(name):
         return json.loads((out / name).read_text())
     except (OSError, ValueError):
         return None
-for name in ("throughput", "throughput_dcgan_nchw", "throughput_mlp_b1024"):
-    bench = load(f"{name}.json") or {}
-    extra = {k: v for k, v in bench.items() if k in ("trainer_options", "batch_size")}
-    for r in bench.get("results", []):
-        print(f"{name} {r['device']} {r['model']} {extra}: baseline "
-              f"{r['baseline']['images_per_sec']:,.0f} img/s, trainer "
-              f"{r['trainer']['images_per_sec']:,.0f} img/s, ratio {r['ratio']}, GPU peak MiB "
-              f"{r['baseline']['gpu_peak_mib']} / {r['trainer']['gpu_peak_mib']}, "
-              f"compiled {r['trainer']['compiled']}")
 for path in sorted(out.glob("full_*/train_full.json")):
     full = json.loads(path.read_text())
-    print(f"train_full {path.parent.name}: {full['epochs_done']}/"
-          f"{full['epochs_asked']} epochs in "
-          f"{full['train_seconds']} s ({full['images_per_sec']:,.0f} img/s; first epoch "
-          f"{full['first_epoch_seconds']} s, median epoch {full['median_epoch_seconds']} s) "
-          f"on {full['device']}, {full.get('steps_per_replay')} steps per replay, compiled "
-          f"{full['compiled']}, weights {full.get('weights_sha256', '?')[:12]}")
+    done, asked = full["epochs_done"], full["epochs_asked"]
+    pace = full["median_epoch_seconds"] * 100
+    print(f"train_full {path.parent.name}: {done}/{asked} epochs in {full['train_seconds']} s "
+          f"({full['images_per_sec']:,.0f} img/s; first epoch {full['first_epoch_seconds']} s, "
+          f"the others {full['later_epochs_seconds']} s; 100 epochs at the median pace: "
+          f"{pace:.1f} s) on {full['device']}, {full['strategy']}, "
+          f"weights {full['weights_sha256'][:12]}")
+for r in (load("throughput.json") or {}).get("results", []):
+    print(f"bench {r['device']} {r['model']}: baseline {r['baseline']['images_per_sec']:,.0f} "
+          f"img/s, trainer {r['trainer']['images_per_sec']:,.0f} img/s "
+          f"({r['trainer']['strategy']}), ratio {r['ratio']}; compiled/eager "
+          f"{r.get('compiled_vs_eager', 'not measured')}")
 repeats = [load(f"repeat_{run}/train_full.json") for run in (1, 2)]
 if all(repeats):
-    hashes = [r.get("weights_sha256", "?")[:12] for r in repeats]
-    print(f"repeat: {repeats[0]['epochs_done']} epochs twice, weights {hashes[0]} and "
-          f"{hashes[1]}: bit-identical run to run: {hashes[0] == hashes[1]}")
-variants = load("step_variants.json") or {}
-for name, row in variants.get("speed", {}).items():
-    agree = variants["agreement"]["by_strategy"].get(name, {})
-    kern = variants.get("kernels", {}).get(name, {})
-    print(f"step_variants {name}: {row['ms_per_step']} ms/step ({row['seconds_per_100_epochs']} s "
-          f"per 100 epochs; warm-up {row['warmup_seconds']} s), gradients vs autograd "
-          f"{agree.get('max_rel_grad_diff', float('nan')):.1e}, metrics "
-          f"{agree.get('max_abs_metric_diff', float('nan')):.1e}; "
-          f"{kern.get('kernels_per_step')} kernels/step ({kern.get('kernel_us_per_step')} us)")
+    hashes = [r["weights_sha256"][:12] for r in repeats]
+    print(f"repeat: {repeats[0]['epochs_done']} epochs twice ({repeats[0]['strategy']}), weights "
+          f"{hashes[0]} and {hashes[1]}: bit-identical run to run: {hashes[0] == hashes[1]}")
 profile = load("step_profile.json")
 for r in (profile or {}).get("results", []):
-    print(f"step_profile {r['model']}: {r['ms_per_step']} ms/step, {r['achieved_gflops']} GFLOP/s "
-          f"(fp32 GEMM {profile['ceiling']['fp32_gflops']}, bf16 {profile['ceiling']['bf16_gflops']}); "
-          f"eager {r.get('kernels_per_step')} kernels/step, {r.get('kernel_us_per_step')} us")
+    print(f"step_profile {r['model']} ({r['strategy']}): {r['ms_per_step']} ms/step, "
+          f"{r['achieved_gflops']} GFLOP/s (fp32 GEMM {profile['ceiling']['fp32_gflops']}, bf16 "
+          f"{profile['ceiling']['bf16_gflops']}); without the graph "
+          f"{r.get('kernels_per_step')} kernels/step, {r.get('kernel_us_per_step')} us")
 scoring = load("evaluate_device.json")
 for r in (scoring or {}).get("results", []):
     diff = r.get("max_abs_diff_from_first")
@@ -221,6 +199,6 @@ for r in (scoring or {}).get("results", []):
           f"{worst[1]:.2e}" if worst else "the base"))
 fid = load("fid_check.json")
 if fid:
-    print(f"fid_check: {fid['summary']}; verdict {fid['verdict']}")
+    print(f"fid_check {fid['strategies']}: {fid['summary']}; verdict {fid['verdict']}")
 EOF
 note "done in $((SECONDS - START))s"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
+import ast
 import gzip
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from torchvision import datasets, transforms
 from mnist_gan.data import RAW_FILES, normalize, read_raw_split
 from mnist_gan.models import load_generator, read_config
 from mnist_gan.params import TrainParams
-from mnist_gan.training import cpu_has_bf16
+from mnist_gan.strategy import EAGER, Strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -54,11 +56,24 @@ def bench(monkeypatch: pytest.MonkeyPatch):
     """The benchmark modules, imported the way the scripts import each other."""
     monkeypatch.syspath_prepend(str(BENCH))
     import baseline
+    import common
     import fid_check
     import train_full
     import train_throughput
 
-    return baseline, train_throughput, train_full, fid_check
+    return SimpleNamespace(baseline=baseline, common=common, fid_check=fid_check,
+                           train_full=train_full, tp=train_throughput)  # fmt: skip
+
+
+def test_no_benchmark_imports_a_private_name() -> None:
+    for path in BENCH.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mnist_gan"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"
+                assert not any(part.startswith("_") for part in node.module.split("."))
+        assert not re.search(r"mnist_gan(\.\w+)*\._", path.read_text()), path.name
 
 
 def test_benchmark_script_writes_table_and_json(tmp_path: Path) -> None:
@@ -66,7 +81,8 @@ def test_benchmark_script_writes_table_and_json(tmp_path: Path) -> None:
     out = tmp_path / "bench" / "throughput.json"
     cmd = [sys.executable, str(BENCH / "train_throughput.py"), "--devices", "cpu",
            "--models", "mlp,dcgan", "--steps", "3", "--warmup", "1", "--repeats", "2",
-           "--batch-size", "16", "--data", str(raw), "--out", str(out), *TINY]  # fmt: skip
+           "--batch-size", "16", "--data", str(raw), "--out", str(out), "--params", "",
+           "--no-compile-check", *TINY]  # fmt: skip
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "ratio" in res.stdout and "cpu    mlp" in res.stdout and "cpu    dcgan" in res.stdout
@@ -84,22 +100,71 @@ def test_benchmark_script_writes_table_and_json(tmp_path: Path) -> None:
         runs = zip(fast["images_per_sec_runs"], base["images_per_sec_runs"], strict=True)
         ratios = sorted(t / b for t, b in runs)
         assert row["ratio"] == pytest.approx(sum(ratios) / 2, abs=0.011)  # median of two
-        assert row["rss_peak_mib"] > 0
-        assert base["gpu_peak_mib"] is None and fast["gpu_peak_mib"] is None
-        assert fast["compiled"] is False  # train.compile is off
-        assert fast["amp"] is cpu_has_bf16()  # bf16 math where the CPU has it natively
+        assert len(row["ratio_runs"]) == 2 and row["rss_peak_mib"] > 0
+        assert fast["strategy"] == "eager float32"  # what auto chooses on the CPU
+        assert "compiled_vs_eager" not in row and "compile_flipped" not in row  # not asked for
         # 1 warm-up step + 2 repeats of 3: every step drew a loader batch and read two losses.
         assert base["steps"] == base["batches_loaded"] == 7
         assert base["item_calls"] == 14
+
+
+def bench_mlp_once(bench, tmp_path: Path) -> list[dict]:
+    """``make bench``'s rows for the tiny mlp on the CPU: one run of 2 steps per loop."""
+    raw = write_idx(tmp_path / "raw")
+    out = tmp_path / "throughput.json"
+    args = ["--devices", "cpu", "--models", "mlp", "--steps", "2", "--warmup", "1",
+            "--repeats", "1", "--batch-size", "16", "--data", str(raw), "--out", str(out),
+            "--params", "", *TINY]  # fmt: skip
+    assert bench.tp.main(args) == 0
+    return json.loads(out.read_text())["results"]
+
+
+@pytest.mark.slow  # compiles the step on the CPU
+def test_benchmark_reports_what_compiling_adds(bench, tmp_path: Path, capsys) -> None:
+    (row,) = bench_mlp_once(bench, tmp_path)
+    assert row["trainer"]["strategy"] == "eager float32"
+    assert row["compile_flipped"]["strategy"] == "compiled float32"
+    assert row["compile_flipped"]["images_per_sec"] > 0 and row["compiled_vs_eager"] > 0
+    table = capsys.readouterr().out
+    assert "compiled/eager" in table and f"{row['compiled_vs_eager']:.2f}" in table
+
+
+def test_benchmark_reports_a_compile_failure_and_measures_the_rest(
+    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    def broken_compile(fn=None, **kwargs):
+        def fails(*args, **kw):
+            raise RuntimeError("no C++ compiler here")
+
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    (row,) = bench_mlp_once(bench, tmp_path)
+    assert row["compiled_vs_eager"] is None and row["ratio"] > 0
+    assert "train.compile" in row["compile_flipped"]["error"]
+    printed = capsys.readouterr().out
+    assert "failed" in printed and "no C++ compiler here" in printed
+
+
+def test_epoch_trainer_times_whole_epochs_through_fit(bench) -> None:
+    common = bench.common
+    cfg = TrainParams(hidden=(16,), latent_dim=4, batch_size=8, channels=4)
+    images = torch.rand(40, 1, 28, 28) * 2 - 1
+    trainer = common.epoch_trainer(cfg, images, 3, strategy=EAGER)
+    assert trainer.steps_per_epoch == 3 and trainer.strategy == EAGER
+    seconds = common.timed_epochs(trainer, 2)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert trainer.epoch == 2 and [h["epoch"] for h in trainer.history] == [1, 2]
+    with pytest.raises(common.BenchError, match="6 steps of batch 8 need 48 images"):
+        common.epoch_trainer(cfg, images, 6, strategy=EAGER)
 
 
 @pytest.mark.slow  # four worlds of spawned processes
 def test_ddp_scaling_benchmark_times_both_worlds(tmp_path: Path) -> None:
     raw = write_idx(tmp_path / "raw", n_train=128)
     out = tmp_path / "ddp.json"
-    cmd = [sys.executable, str(BENCH / "ddp_scaling.py"), "--steps", "3", "--warmup", "1",
-           "--repeats", "2", "--data", str(raw), "--out", str(out), "--set", "batch_size=16",
-           *TINY]  # fmt: skip
+    cmd = [sys.executable, str(BENCH / "ddp_scaling.py"), "--steps", "3", "--repeats", "2",
+           "--data", str(raw), "--out", str(out), "--set", "batch_size=16", *TINY]  # fmt: skip
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "ratio 2 processes / 1:" in res.stdout
@@ -116,7 +181,7 @@ def test_ddp_scaling_benchmark_times_both_worlds(tmp_path: Path) -> None:
 def test_baseline_is_the_tutorial_loop(
     bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    baseline = bench[0]
+    baseline = bench.baseline
     raw = write_idx(tmp_path / "raw", n_train=40)
     calls = {"item": 0}
     real_item = torch.Tensor.item
@@ -151,7 +216,7 @@ def test_baseline_is_the_tutorial_loop(
 
 
 def test_torchvision_layout_needs_all_four_files(bench, tmp_path: Path) -> None:
-    baseline = bench[0]
+    baseline = bench.baseline
     raw = write_idx(tmp_path / "raw")
     (raw / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
@@ -161,7 +226,7 @@ def test_torchvision_layout_needs_all_four_files(bench, tmp_path: Path) -> None:
 def test_data_resolution_gz_and_mirror_fallback(
     bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tp = bench[1]
+    tp = bench.common
     mirror = write_idx(tmp_path / "mirror", gz=True)
     plain = write_idx(tmp_path / "plain")
     scratch = tmp_path / "scratch"
@@ -181,7 +246,7 @@ def test_data_resolution_gz_and_mirror_fallback(
 
 
 def test_bad_input_is_a_clear_error(bench, tmp_path: Path, capsys) -> None:
-    tp = bench[1]
+    tp = bench.tp
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "out.json"
@@ -195,33 +260,30 @@ def test_bad_input_is_a_clear_error(bench, tmp_path: Path, capsys) -> None:
     assert "lr_g" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tp.main(["--models", "resnet"])
+    # An explicit true this device cannot meet: the strategy's one-line error, before any work.
     raw = write_idx(tmp_path / "raw")
     args = ["--data", str(raw), "--out", str(out), "--devices", "cpu", "--models", "mlp",
-            "--batch-size", "16", "--trainer-option", "bogus=1", *TINY]  # fmt: skip
+            "--batch-size", "16", "--params", "", "--set", "cuda_graph=true", *TINY]  # fmt: skip
     assert tp.main(args) == 2
-    err = capsys.readouterr().err
-    assert "--trainer-option" in err and "bogus" in err
+    assert "train.cuda_graph: true needs a CUDA device" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_train_full_writes_grid_and_stops_at_time_limit(bench, tmp_path: Path) -> None:
-    train_full = bench[2]
     raw = write_idx(tmp_path / "raw")
     out = tmp_path / "out"
     args = ["--data", str(raw), "--out", str(out), "--device", "cpu", "--params", "",
             "--set", "batch_size=32", "--epochs", "3", "--time-limit", "1e-9", *TINY,
-            "--save-gan", str(tmp_path / "gan"),
-            "--trainer-option", "steps_per_replay=auto"]  # fmt: skip
-    assert train_full.main(args) == 0
+            "--save-gan", str(tmp_path / "gan")]  # fmt: skip
+    assert bench.train_full.main(args) == 0
     report = json.loads((out / "train_full.json").read_text())
     assert report["epochs_done"] == 1 and report["epochs_asked"] == 3
-    # 96 images in batches of 32: an epoch of 3 steps, all in one replay (no graph on a CPU)
-    assert report["steps_per_replay"] == 3 and report["cuda_graph"] is False
-    assert report["trainer_options"] == {"steps_per_replay": "auto"}
+    assert report["strategy"] == "eager float32"  # auto, on the CPU
     assert len(report["weights_sha256"]) == 64
     assert report["stopped_at_time_limit"] is True
     assert report["train_seconds"] > 0 and report["images_per_sec"] > 0
-    assert np.isfinite(report["final"]["loss_d"])
+    assert report["first_epoch_seconds"] > 0 and report["later_epochs_seconds"] == 0
+    assert np.isfinite(report["final"]["loss_d"]) and report["final"]["epoch"] == 1
     with Image.open(out / "samples.png") as grid:
         assert grid.size == (8 * 28 + 9 * 2, 8 * 28 + 9 * 2)  # save_image's 2-pixel padding
     # The trained networks, in the form the evaluate stage loads.
@@ -231,25 +293,23 @@ def test_train_full_writes_grid_and_stops_at_time_limit(bench, tmp_path: Path) -
         assert generator(torch.zeros(2, cfg.latent_dim)).shape == (2, 1, 28, 28)
 
 
-def test_train_full_refuses_a_bad_trainer_option(
+def test_train_full_trains_every_epoch_and_refuses_a_strategy_it_cannot_run(
     bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     raw = write_idx(tmp_path / "raw")
+    base = ["--data", str(raw), "--device", "cpu", "--params", "", "--set", "batch_size=32",
+            "--epochs", "2", *TINY]  # fmt: skip
+    assert bench.train_full.main([*base, "--out", str(tmp_path / "ok")]) == 0
+    report = json.loads((tmp_path / "ok" / "train_full.json").read_text())
+    assert report["epochs_done"] == 2 and report["stopped_at_time_limit"] is False
+    assert report["final"]["epoch"] == 2 and report["later_epochs_seconds"] > 0
     out = tmp_path / "out"
-    cases = (
-        ("bogus=1", "--trainer-option: GANTrainer takes none of ['bogus']"),
-        ("steps_per_replay=0", "steps_per_replay: 0 is not 'auto' or a whole number"),
-    )
-    for option, why in cases:
-        args = ["--data", str(raw), "--out", str(out), "--device", "cpu", "--params", "",
-                "--set", "batch_size=32", "--epochs", "1", *TINY,
-                "--trainer-option", option]  # fmt: skip
-        assert bench[2].main(args) == 2
-        assert why in capsys.readouterr().err
-        assert not out.exists()
+    assert bench.train_full.main([*base, "--out", str(out), "--set", "cuda_graph=true"]) == 2
+    assert "train.cuda_graph: true needs a CUDA device" in capsys.readouterr().err
+    assert not out.exists()
 
 
-def test_step_profile_counts_flops_and_times_the_step(
+def test_step_profile_counts_flops_and_splits_the_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.syspath_prepend(str(BENCH))
@@ -261,6 +321,7 @@ def test_step_profile_counts_flops_and_times_the_step(
     assert step_profile.main(args) == 0
     report = json.loads(out.read_text())
     (row,) = report["results"]
+    assert row["strategy"] == "eager float32"
     # G 8-32-32-784 and D 784-32-32-1 at batch 128: forward 2*b*sum(k*n); backward adds at most
     # twice that (weight and input gradients; fewer where none are needed: z's, the real
     # batch's, D's weights in G's update), so the count lies strictly between 2x and 3x.
@@ -269,30 +330,27 @@ def test_step_profile_counts_flops_and_times_the_step(
     fwd = 2 * 128 * (g + 3 * d)  # G once; D on real, fake, and fake again for G's update
     assert 2 * fwd < row["flops_per_step"] < 3 * fwd
     assert row["ms_per_step"] > 0 and row["achieved_gflops"] > 0
-    assert row["model_gemms_alone_gflops"] > 0 and report["ceiling"]["fp32_gflops"] > 0
-    # The CPU's op-by-op split: each kind of op where the step runs it, as often as it runs.
-    # Per step (the mlp's written-out step, mnist_gan.mlp_step): one draw for the dropout masks
-    # of D's passes in both updates; two fused Adam kernels; one EMA update; one norm of each
-    # network's flat gradient buffer.
-    ops = row["ops_per_step"]
-    kinds = ("dropout draws", "optimizer", "ema", "gradient norms")
-    assert [ops[k] for k in kinds] == [1, 2, 1, 2]
-    # Forward: G's 3 linear layers once, D's 3 twice (one pass over real and fake, one for G).
-    assert ops["matmuls"] >= 3 * 3 and ops["other"] > 0
-    assert all(us > 0 for us in row["op_us_per_step"].values())
-    assert row["ms_per_step_timed_ops"] * 1e3 > sum(row["op_us_per_step"].values()) * 0.9
+    assert report["ceiling"]["fp32_gflops"] > 0
+    # The CPU's split of the step by kind of op: every kind the mlp's step runs is there (the
+    # dropout masks, fused Adam for both networks, the EMA, the gradient norms).
+    calls, ms = row["calls_by_kind"], row["ms_by_kind"]
+    assert calls["matmuls"] >= 9 and calls["dropout draws"] > 0 and calls["optimizer"] >= 2
+    assert calls["ema"] > 0 and calls["gradient norms"] >= 2 and calls["autograd engine"] > 0
+    assert all(v >= 0 for v in ms.values()) and ms["matmuls"] > 0
+    # Each op's own time, summed, cannot exceed the profiled epoch's wall time.
+    assert sum(ms.values()) <= row["ms_per_step_profiled"] * 1.05
     assert step_profile.main([*args[: -len(TINY)], "--models", "bogus"]) == 2
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_step_profile_measures_a_bf16_ceiling_only_where_the_cpu_has_bf16(
+def test_step_profile_measures_a_bf16_ceiling_only_where_the_device_has_bf16(
     native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     # An AVX2-only CPU emulates bf16 matmuls at ~0.3 GFLOP/s: a 2048^3 product took minutes.
     monkeypatch.syspath_prepend(str(BENCH))
     import step_profile
 
-    monkeypatch.setattr("mnist_gan.training.cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(step_profile, "native_bf16", lambda device: native)
     out = tmp_path / "profile.json"
     args = ["--device", "cpu", "--params", "", "--models", "mlp", "--steps", "1",
             "--repeats", "1", "--gemm-size", "32", "--out", str(out), *TINY]  # fmt: skip
@@ -306,21 +364,17 @@ def test_step_profile_measures_a_bf16_ceiling_only_where_the_cpu_has_bf16(
         assert ceiling["bf16_gflops"] is None and "bf16 not native here" in first_line
 
 
-def test_eager_variant_turns_every_fast_switch_off(bench) -> None:
-    fid_check = bench[3]
-    cfg = TrainParams(amp=True, compile=True, cuda_graph=True)
-    assert fid_check.variant_params(cfg, "fast") == cfg
-    eager = fid_check.variant_params(cfg, "eager")
-    assert (eager.amp, eager.compile, eager.cuda_graph) == (False, False, False)
-    assert eager == dataclasses.replace(cfg, amp=False, compile=False, cuda_graph=False)
+def test_eager_variant_turns_the_strategys_switches_off(bench) -> None:
+    variant_strategy = bench.fid_check.variant_strategy
+    fast = Strategy(amp=True, compile=True, cuda_graph=True)
+    assert variant_strategy(fast, "fast") == fast
+    assert variant_strategy(fast, "eager") == EAGER
     # --eager-off compile: the uncompiled step, with bf16 and the CUDA graph
-    assert fid_check.variant_params(cfg, "eager", ["compile"]) == dataclasses.replace(
-        cfg, compile=False
-    )
+    assert variant_strategy(fast, "eager", ["compile"]) == Strategy(amp=True, cuda_graph=True)
 
 
 def test_fid_verdict_compares_the_gap_with_the_seeds_spread(bench) -> None:
-    summarise = bench[3].summarise
+    summarise = bench.fid_check.summarise
 
     def runs(eager: list[float], fast: list[float]) -> list[dict]:
         return [{"variant": "eager", "fid": f} for f in eager] + [
@@ -354,17 +408,14 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
         **os.environ,
         "GPU_CHECK_DEVICE": "cpu",
         "GPU_CHECK_FID": "1",
-        "GPU_CHECK_EXTRAS": "0",
-        # Every part but the second training (train_full's plumbing again, with one param set).
-        "GPU_CHECK_PARTS": "step_variants train_full train_full_replays repeat bench step_profile "
+        # Every part but the uncompiled training (train_full's plumbing again, with one param).
+        "GPU_CHECK_PARTS": "train_full bench train_full_eager repeat step_profile "
         "evaluate_device fid_check",
         "PYTHON": sys.executable,
-        "VARIANTS_ARGS": "--strategies autograd,written_out --check-steps 2 --steps 2 "
-        f"--set batch_size=16 --warmup 1 --repeats 1 {tiny}",
-        "BENCH_ARGS": f"--steps 2 --warmup 1 --repeats 1 --batch-size 16 {tiny}",
-        "GPU_CHECK_MODELS": "mlp dcgan",
+        "BENCH_ARGS": f"--steps 2 --warmup 1 --repeats 1 --batch-size 16 --no-compile-check {tiny}",
+        "GPU_CHECK_MODELS": "mlp",
         "TRAIN_ARGS": f"--epochs 1 --set batch_size=16 {tiny}",
-        "PROFILE_ARGS": "--models mlp --steps 2 --repeats 1 --gemm-size 64",
+        "PROFILE_ARGS": f"--models mlp --steps 2 --repeats 1 --gemm-size 64 {tiny}",
         "EVAL_ARGS": "--samples 40 --k 3 --is-splits 2 --kid-subsets 2",
         "FID_ARGS": f"--epochs 1 --seeds 0,1 --samples 50 --classifier-epochs 1 "
         f"--set batch_size=16 {tiny}",
@@ -375,32 +426,32 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     summary = (out / "summary.txt").read_text()
-    for part in ("step_variants", "bench", "train_full_mlp", "train_full_dcgan", "step_profile",
-                 "evaluate_device", "fid_check", "train_full_mlp_replays", "repeat_1",
-                 "repeat_2"):  # fmt: skip
+    for part in ("train_full_mlp", "bench", "train_full_mlp_eager", "repeat_1", "repeat_2",
+                 "step_profile", "evaluate_device", "fid_check"):  # fmt: skip
         assert f"{part}: exit 0" in summary, summary
     assert "train_full_mlp_uncompiled" not in summary  # not asked for
-    assert "train_full full_mlp_replays: 1/1 epochs" in summary
+    for name in ("full_mlp", "full_mlp_eager"):
+        assert f"train_full {name}: 1/1 epochs in " in summary, summary
+    assert "eager float32" in summary and "100 epochs at the median pace: " in summary
     assert "bit-identical run to run: True" in summary  # on the CPU, run to run
-    assert "throughput cpu mlp" in summary and "train_full full_mlp: 1/1 epochs" in summary
-    assert "train_full full_dcgan: 1/1 epochs" in summary and "step_profile mlp: " in summary
-    for name in ("autograd", "written_out"):
-        assert f"step_variants {name}: " in summary, summary
-    variants = json.loads((out / "step_variants.json").read_text())
-    assert variants["agreement"]["by_strategy"]["written_out"]["max_rel_grad_diff"] < 1e-4
+    for model in ("mlp", "dcgan"):
+        assert f"bench cpu {model}: baseline " in summary
+    assert "compiled/eager not measured" in summary  # --no-compile-check
+    assert "step_profile mlp (eager float32): " in summary
     # The same computation on the same device twice: the same numbers.
     scoring = [line for line in summary.splitlines() if line.startswith("evaluate_device cpu:")]
     assert len(scoring) == 2 and scoring[0].endswith("the base"), summary
     assert "largest difference from the CPU: " in scoring[1] and scoring[1].endswith(" 0.00e+00")
-    for model in ("mlp", "dcgan"):
-        assert (out / f"full_{model}" / "samples.png").is_file()
-        assert read_config(out / f"full_{model}" / "gan")[0].model == model
+    assert (out / "full_mlp" / "samples.png").is_file()
+    assert read_config(out / "full_mlp" / "gan")[0].model == "mlp"
+    assert not (out / "full_mlp_eager" / "gan").exists()  # only the full runs save theirs
     fid = json.loads((out / "fid_check.json").read_text())
+    assert fid["strategies"] == {"eager": "eager float32", "fast": "eager float32"}
     assert [(r["variant"], r["seed"]) for r in fid["runs"]] == [
         ("eager", 0),
         ("fast", 0),
         ("eager", 1),
         ("fast", 1),
     ]
-    summary, verdict = bench[3].summarise(fid["runs"])
+    summary, verdict = bench.fid_check.summarise(fid["runs"])
     assert fid["summary"] == summary and fid["verdict"] == verdict and verdict is not None
