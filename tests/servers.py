@@ -16,12 +16,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent  # the venv's scripts: moto_server, mlflow
+ROOT = Path(__file__).resolve().parents[1]
 
 BUCKET = "mnist-gan-cache"
 USER = "team-member"
@@ -192,31 +193,39 @@ class TrackingServer:
 
 @contextmanager
 def mlflow_server(
-    workdir: Path, wait: bool = True, port: int | None = None
+    workdir: Path,
+    wait: bool = True,
+    port: int | None = None,
+    options: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[TrackingServer]:
-    """A tracking server with a SQLite backend store and proxied artifacts (``make server``).
+    """A tracking server as ``make server`` starts it (``pipeline/server.py serve``): by default
+    a SQLite backend store and proxied artifacts under ``workdir``, no login.
 
     It takes seconds to start (tens on a busy machine): with ``wait=False`` the caller does
     other set-up first and calls ``wait_ready()`` before the first run. ``port``: a port to
-    reuse (to restart a server where clients expect it), else a free one.
+    reuse (to restart a server where clients expect it), else a free one. ``options``: more
+    ``serve`` options (``--auth basic``, ``--db postgresql``); ``env``: for the server (the
+    admin's first password).
     """
     port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{workdir / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(workdir / "artifacts"),
+        str(BIN / "python"),
+        str(ROOT / "pipeline" / "server.py"),
+        "serve",
+        "--dir",
+        str(workdir),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
+        *options,
+        "--",
         "--workers",
         "1",
     ]
     log = workdir / "mlflow.log"
-    with server_process(cmd, f"{uri}/health", log, timeout=180, wait=wait) as proc:
+    with server_process(cmd, f"{uri}/health", log, timeout=180, env=env, wait=wait) as proc:
         yield TrackingServer(uri, proc)
