@@ -35,6 +35,7 @@ import click
 AUTH_INI = "basic_auth.ini"  # MLflow's auth config, written under --dir when none is given
 SECRET_FILE = "flask_secret_key"  # the login forms' CSRF key, kept across restarts
 PG_DATA, PG_PASSWORD = "postgres", "postgres.password"  # the demo PostgreSQL, under --dir
+KEEP_ALIVE = 300  # seconds an idle client connection stays open (uvicorn's default: 5)
 PERMISSIONS = ("READ", "EDIT", "MANAGE", "DENY")  # what MLflow grants on one resource
 
 
@@ -247,6 +248,12 @@ def serve(
     if auth == "basic":
         env.update(auth_env(server_dir))
         cmd += ["--app-name", "basic-auth"]
+    if not any(a.startswith(("--uvicorn-opts", "--gunicorn-opts")) for a in mlflow_args) and (
+        "MLFLOW_UVICORN_OPTS" not in os.environ
+    ):
+        # uvicorn closes an idle connection after 5 s, and a client that reuses it between two
+        # epochs gets "connection reset" (fatal with MLFLOW_HTTP_REQUEST_MAX_RETRIES=0).
+        cmd += ["--uvicorn-opts", f"--timeout-keep-alive {KEEP_ALIVE}"]
     cmd += list(mlflow_args)
     where = db_uri.split("@")[-1] if db_uri else None  # the URI without its password
     if db == "sqlite":
