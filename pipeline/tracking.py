@@ -395,4 +395,3 @@ def log_image_grid(images: Any, key: str, step: int, nrow: int = 8) -> None:
     grid = make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1))  # (3, H', W')
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")  # (H', W', 3)
     mlflow.log_image(array, key=key, step=step)
-
