@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import (
+from benchkit import (
     BenchError,
     device_name,
     epoch_trainer,

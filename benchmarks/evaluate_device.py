@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import BenchError, load_mnist
+from benchkit import BenchError, load_mnist
 
 from mnist_gan.classifier import train_classifier
 from mnist_gan.metrics import evaluate_samples

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import BenchError, add_run_args, device_name, load_mnist, run_settings, strategy_for
+from benchkit import BenchError, add_run_args, device_name, load_mnist, run_settings, strategy_for
 
 from mnist_gan.classifier import embed, train_classifier
 from mnist_gan.metrics import frechet_distance

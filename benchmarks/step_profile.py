@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from common import (
+from benchkit import (
     BenchError,
     device_name,
     epoch_trainer,

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import BenchError, add_run_args, device_name, load_mnist, run_settings, strategy_for
+from benchkit import BenchError, add_run_args, device_name, load_mnist, run_settings, strategy_for
 from torchvision.utils import save_image
 
 from mnist_gan.models import save_gan

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from baseline import BaselineTrainer
-from common import (
+from benchkit import (
     BenchError,
     device_name,
     epoch_trainer,

@@ -56,12 +56,12 @@ def bench(monkeypatch: pytest.MonkeyPatch):
     """The benchmark modules, imported the way the scripts import each other."""
     monkeypatch.syspath_prepend(str(BENCH))
     import baseline
-    import common
+    import benchkit
     import fid_check
     import train_full
     import train_throughput
 
-    return SimpleNamespace(baseline=baseline, common=common, fid_check=fid_check,
+    return SimpleNamespace(baseline=baseline, benchkit=benchkit, fid_check=fid_check,
                            train_full=train_full, tp=train_throughput)  # fmt: skip
 
 
@@ -147,16 +147,16 @@ def test_benchmark_reports_a_compile_failure_and_measures_the_rest(
 
 
 def test_epoch_trainer_times_whole_epochs_through_fit(bench) -> None:
-    common = bench.common
+    kit = bench.benchkit
     cfg = TrainParams(hidden=(16,), latent_dim=4, batch_size=8, channels=4)
     images = torch.rand(40, 1, 28, 28) * 2 - 1
-    trainer = common.epoch_trainer(cfg, images, 3, strategy=EAGER)
+    trainer = kit.epoch_trainer(cfg, images, 3, strategy=EAGER)
     assert trainer.steps_per_epoch == 3 and trainer.strategy == EAGER
-    seconds = common.timed_epochs(trainer, 2)
+    seconds = kit.timed_epochs(trainer, 2)
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
     assert trainer.epoch == 2 and [h["epoch"] for h in trainer.history] == [1, 2]
-    with pytest.raises(common.BenchError, match="6 steps of batch 8 need 48 images"):
-        common.epoch_trainer(cfg, images, 6, strategy=EAGER)
+    with pytest.raises(kit.BenchError, match="6 steps of batch 8 need 48 images"):
+        kit.epoch_trainer(cfg, images, 6, strategy=EAGER)
 
 
 @pytest.mark.slow  # four worlds of spawned processes
@@ -226,7 +226,7 @@ def test_torchvision_layout_needs_all_four_files(bench, tmp_path: Path) -> None:
 def test_data_resolution_gz_and_mirror_fallback(
     bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tp = bench.common
+    tp = bench.benchkit
     mirror = write_idx(tmp_path / "mirror", gz=True)
     plain = write_idx(tmp_path / "plain")
     scratch = tmp_path / "scratch"
@@ -455,3 +455,10 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
     ]
     summary, verdict = bench.fid_check.summarise(fid["runs"])
     assert fid["summary"] == summary and fid["verdict"] == verdict and verdict is not None
+
+
+def test_no_benchmark_module_shadows_a_stage_module() -> None:
+    """Tests import both folders' scripts by bare name into one process: a shared name (say
+    ``common``) would hand a stage the benchmarks' module."""
+    stages = {p.stem for p in (BENCH.parent / "pipeline").glob("*.py")}
+    assert not stages & {p.stem for p in BENCH.glob("*.py")}
