@@ -60,7 +60,7 @@ STEPS = {("cpu", "mlp"): 40, ("cpu", "dcgan"): 4, ("cuda", "mlp"): 1000, ("cuda"
 # are "other". Autograd's engine: its bookkeeping around each backward function.
 OP_KINDS: dict[str, Callable[[str], bool]] = {
     "matmuls": lambda n: n in ("aten::mm", "aten::addmm", "aten::bmm") or "conv" in n,
-    "dropout draws": lambda n: n in ("aten::bernoulli_", "aten::native_dropout"),
+    "dropout draws": lambda n: n in ("aten::uniform_", "aten::bernoulli_", "aten::native_dropout"),
     "optimizer": lambda n: n.startswith(("Optimizer.", "aten::_fused_adam", "aten::_foreach_")),
     "ema": lambda n: n == "aten::lerp_",
     "gradient norms": lambda n: n == "aten::linalg_vector_norm",

@@ -23,12 +23,14 @@ from torchvision import datasets, transforms
 from mnist_gan.data import RAW_FILES, normalize, read_raw_split
 from mnist_gan.models import load_generator, read_config
 from mnist_gan.params import TrainParams
-from mnist_gan.strategy import EAGER, Strategy
+from mnist_gan.strategy import EAGER, Strategy, choose_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 # Small networks, so a step takes milliseconds.
 TINY = ["--set", "hidden=[32,32]", "--set", "channels=4", "--set", "latent_dim=8"]
+# What auto runs on this CPU, in words: bf16 where the CPU computes it natively.
+CPU_AUTO = str(choose_strategy(TrainParams(), "cpu"))
 
 
 def write_idx(folder: Path, n_train: int = 96, n_test: int = 20, gz: bool = False) -> Path:
@@ -101,7 +103,7 @@ def test_benchmark_script_writes_table_and_json(tmp_path: Path) -> None:
         ratios = sorted(t / b for t, b in runs)
         assert row["ratio"] == pytest.approx(sum(ratios) / 2, abs=0.011)  # median of two
         assert len(row["ratio_runs"]) == 2 and row["rss_peak_mib"] > 0
-        assert fast["strategy"] == "eager float32"  # what auto chooses on the CPU
+        assert fast["strategy"] == CPU_AUTO  # what auto chooses on the CPU
         assert "compiled_vs_eager" not in row and "compile_flipped" not in row  # not asked for
         # 1 warm-up step + 2 repeats of 3: every step drew a loader batch and read two losses.
         assert base["steps"] == base["batches_loaded"] == 7
@@ -122,8 +124,8 @@ def bench_mlp_once(bench, tmp_path: Path) -> list[dict]:
 @pytest.mark.slow  # compiles the step on the CPU
 def test_benchmark_reports_what_compiling_adds(bench, tmp_path: Path, capsys) -> None:
     (row,) = bench_mlp_once(bench, tmp_path)
-    assert row["trainer"]["strategy"] == "eager float32"
-    assert row["compile_flipped"]["strategy"] == "compiled float32"
+    assert row["trainer"]["strategy"] == CPU_AUTO
+    assert row["compile_flipped"]["strategy"] == CPU_AUTO.replace("eager", "compiled")
     assert row["compile_flipped"]["images_per_sec"] > 0 and row["compiled_vs_eager"] > 0
     table = capsys.readouterr().out
     assert "compiled/eager" in table and f"{row['compiled_vs_eager']:.2f}" in table
@@ -278,7 +280,7 @@ def test_train_full_writes_grid_and_stops_at_time_limit(bench, tmp_path: Path) -
     assert bench.train_full.main(args) == 0
     report = json.loads((out / "train_full.json").read_text())
     assert report["epochs_done"] == 1 and report["epochs_asked"] == 3
-    assert report["strategy"] == "eager float32"  # auto, on the CPU
+    assert report["strategy"] == CPU_AUTO  # auto, on the CPU
     assert len(report["weights_sha256"]) == 64
     assert report["stopped_at_time_limit"] is True
     assert report["train_seconds"] > 0 and report["images_per_sec"] > 0
@@ -321,7 +323,7 @@ def test_step_profile_counts_flops_and_splits_the_step(
     assert step_profile.main(args) == 0
     report = json.loads(out.read_text())
     (row,) = report["results"]
-    assert row["strategy"] == "eager float32"
+    assert row["strategy"] == CPU_AUTO
     # G 8-32-32-784 and D 784-32-32-1 at batch 128: forward 2*b*sum(k*n); backward adds at most
     # twice that (weight and input gradients; fewer where none are needed: z's, the real
     # batch's, D's weights in G's update), so the count lies strictly between 2x and 3x.
@@ -432,7 +434,7 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
     assert "train_full_mlp_uncompiled" not in summary  # not asked for
     for name in ("full_mlp", "full_mlp_eager"):
         assert f"train_full {name}: 1/1 epochs in " in summary, summary
-    assert "eager float32" in summary and "100 epochs at the median pace: " in summary
+    assert CPU_AUTO in summary and "100 epochs at the median pace: " in summary
     assert "bit-identical run to run: True" in summary  # on the CPU, run to run
     for model in ("mlp", "dcgan"):
         assert f"bench cpu {model}: baseline " in summary
@@ -446,7 +448,7 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
     assert read_config(out / "full_mlp" / "gan")[0].model == "mlp"
     assert not (out / "full_mlp_eager" / "gan").exists()  # only the full runs save theirs
     fid = json.loads((out / "fid_check.json").read_text())
-    assert fid["strategies"] == {"eager": "eager float32", "fast": "eager float32"}
+    assert fid["strategies"] == {"eager": str(EAGER), "fast": CPU_AUTO}
     assert [(r["variant"], r["seed"]) for r in fid["runs"]] == [
         ("eager", 0),
         ("fast", 0),

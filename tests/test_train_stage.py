@@ -31,13 +31,15 @@ from mnist_gan.checkpoint import CheckpointStore, fingerprint
 from mnist_gan.data import save_normalized
 from mnist_gan.models import load_generator
 from mnist_gan.params import TrainParams, load_params
-from mnist_gan.strategy import EAGER, Strategy
+from mnist_gan.strategy import Strategy, choose_strategy
 from mnist_gan.training import METRICS, GANTrainer
 from mnist_gan.utils import set_threads, sha256_file
 from mnist_gan_cli import main as cli_main
 
 SCRIPT = ROOT / "pipeline" / "train.py"
-STRATEGY = str(EAGER)  # what the stage's trainer runs on a CPU: part of the fingerprint
+# What the stage's trainer runs on this CPU (bf16 where the CPU has it): part of the fingerprint.
+CPU_AUTO = choose_strategy(TrainParams(), "cpu")
+STRATEGY = str(CPU_AUTO)
 SMALL = {
     "hidden": [32],
     "batch_size": 64,
@@ -82,7 +84,7 @@ def reference(root: Path) -> GANTrainer:
     set_threads(params.base.threads)  # the stage's thread count (the autouse fixture restores it)
     images = blobs(load_file(str(root / "data/normalized/train.safetensors"))["images"].shape[0])
     seed = params.base.seed if params.train.seed is None else params.train.seed
-    trainer = GANTrainer(params.train, images, seed=seed, progress=False, strategy=EAGER)
+    trainer = GANTrainer(params.train, images, seed=seed, progress=False, strategy=CPU_AUTO)
     trainer.fit()
     return trainer
 
@@ -132,10 +134,10 @@ def test_train_seed_seeds_the_gan_and_base_seed_the_rest(
     assert params.base.seed == 0 and params.train.seed == 3
     set_threads(params.base.threads)
     images = blobs(320)
-    trainer = GANTrainer(params.train, images, seed=3, progress=False, strategy=EAGER)
+    trainer = GANTrainer(params.train, images, seed=3, progress=False, strategy=CPU_AUTO)
     trainer.fit()
     assert_weights_equal(root / "models/gan", trainer)
-    other = GANTrainer(params.train, images, seed=0, progress=False, strategy=EAGER)
+    other = GANTrainer(params.train, images, seed=0, progress=False, strategy=CPU_AUTO)
     other.fit()
     with pytest.raises(AssertionError):
         assert_weights_equal(root / "models/gan", other)
@@ -147,7 +149,7 @@ def test_stage_writes_every_output_and_logs_the_run(
     root = make_project(tmp_path, SMALL)
     # A checkpoint made with other params must not be resumed from (it claims to be complete).
     cfg = TrainParams(**{**SMALL, "hidden": (32,), "lr_g": 1e-3})
-    foreign = GANTrainer(cfg, blobs(320), seed=5, strategy=EAGER)
+    foreign = GANTrainer(cfg, blobs(320), seed=5, strategy=CPU_AUTO)
     data_sha = sha256_file(root / "data/normalized/train.safetensors")
     foreign_fp = fingerprint(cfg, 0, data_sha, "cpu", "", strategy=STRATEGY)
     CheckpointStore(root / "checkpoints/train", foreign_fp).save(
@@ -251,7 +253,7 @@ def test_a_conditional_run_registers_a_generator_that_draws_digits_on_request(
     assert version.tags["generator_sha256"] == sha256_file(gan / "generator.safetensors")
     assert (
         version.tags["params_sha256"]
-        == fingerprint(cfg, 0, sha, "cpu", "", strategy=str(EAGER))["params"]
+        == fingerprint(cfg, 0, sha, "cpu", "", strategy=STRATEGY)["params"]
     )
     uri = f"models:/mnist-gan-generator/{version.version}"
     mlflow.set_tracking_uri(store)
@@ -309,7 +311,9 @@ def test_checkpoints_of_other_code_or_that_do_not_fit_are_not_resumed(
     cfg = load_params(root / "params.yaml").train
     data_sha = sha256_file(root / "data/normalized/train.safetensors")
     code = stage.code_digest(SCRIPT)  # what the stage computes, in this process
-    wide = GANTrainer(TrainParams(**{**SMALL, "hidden": (48,)}), blobs(320), seed=5, strategy=EAGER)
+    wide = GANTrainer(
+        TrainParams(**{**SMALL, "hidden": (48,)}), blobs(320), seed=5, strategy=CPU_AUTO
+    )
     cases = {  # fingerprint, what the stage says
         "made with other code; not resumed from": fingerprint(
             cfg, 0, data_sha, "cpu", "old", strategy=STRATEGY

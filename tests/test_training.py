@@ -390,13 +390,16 @@ def test_progress_bar_only_when_asked(capsys: pytest.CaptureFixture[str]) -> Non
 # --- the strategy: chosen once, before the first step ----------------------------------------
 
 
-def test_auto_on_the_cpu_is_the_eager_float32_step() -> None:
-    """auto leaves all three off on the CPU, where none was measured to pay; explicit false
-    is the same step."""
-    assert choose_strategy(TrainParams(), "cpu") == EAGER
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_the_cpu_is_eager_in_bf16_where_native(monkeypatch, native: bool) -> None:
+    """auto on the CPU: bf16 autocast where the CPU computes bf16 natively (measured faster),
+    never compiled (measured slower); explicit false is the plain float32 step."""
+    monkeypatch.setattr("mnist_gan.strategy.native_bf16", lambda device: native)
+    assert choose_strategy(TrainParams(), "cpu") == Strategy(amp=native)
     off = TrainParams(amp=False, compile=False, cuda_graph=False)
     assert choose_strategy(off, "cpu") == EAGER
     assert str(EAGER) == "eager float32"
+    assert str(Strategy(amp=True)) == "eager bf16"
     assert str(Strategy(amp=True, compile=True, cuda_graph=True)) == "compiled cuda_graph bf16"
 
 
@@ -447,7 +450,7 @@ def test_compile_true_where_torch_compile_fails_is_a_strategy_error(monkeypatch)
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.raises(StrategyError, match=r"train\.compile: true, but torch\.compile fails"):
         choose_strategy(TrainParams(compile=True), "cpu")
-    assert choose_strategy(TrainParams(compile="auto"), "cpu") == EAGER
+    assert not choose_strategy(TrainParams(compile="auto"), "cpu").compile
 
 
 def test_a_step_that_fails_to_compile_stops_training_never_falls_back(monkeypatch) -> None:
