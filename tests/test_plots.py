@@ -28,12 +28,16 @@ def write_curves(repo: Path, epochs: int, offset: float) -> None:
 
 @pytest.fixture
 def plots_repo(tmp_path: Path) -> Path:
-    """A git + DVC repository with the project's top-level plots, its DVC config (the page
-    template) and vendor/vega/, and a small curves.json committed twice (two revisions)."""
+    """A git + DVC repository with the project's top-level plots, the train stage's outputs
+    (so that a plot it declares is drawn too), its DVC config (the page template) and
+    vendor/vega/, and a small curves.json committed twice (two revisions)."""
     repo = tmp_path / "repo"
     (repo / "plots" / "train").mkdir(parents=True)
     top = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": top["plots"]}), encoding="utf-8")
+    train = {k: v for k, v in top["stages"]["train"].items() if k in ("cmd", "outs", "plots")}
+    dvc_yaml = {"stages": {"train": train}, "plots": top["plots"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml), encoding="utf-8")
+    shutil.copy2(ROOT / "plots" / "train" / "samples.png", repo / "plots" / "train")
     shutil.copytree(ROOT / "vendor" / "vega", repo / "vendor" / "vega")
     run(["git", "init", "-q", "-b", "main"], cwd=repo)
     run([str(BIN / "dvc"), "init", "-q"], cwd=repo)
