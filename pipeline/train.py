@@ -70,10 +70,13 @@ def _lost_tracking(exc: BaseException, trainer: GANTrainer, store: CheckpointSto
         store.save(trainer.state_dict(), run_id=run_id)
         kept = f"epoch {trainer.epoch} is saved in {store.path}"
     tracking.give_up_quickly()
+    uri = tracking.tracking_uri()
+    # Logged in, but only to read (a READ user): the server refuses the run it would log into.
+    if refused := tracking.refusal(uri, exc, f"EDIT on the experiment {tracking.EXPERIMENT}"):
+        sys.exit(f"error: {refused}; {kept}")
     sys.exit(
-        f"error: the MLflow tracking store {tracking.tracking_uri()} failed "
-        f"({tracking.short(exc)}); {kept}: run again once it answers, and training resumes in "
-        "the same run"
+        f"error: the MLflow tracking store {uri} failed ({tracking.short(exc)}); {kept}: run "
+        "again once it answers, and training resumes in the same run"
     )
 
 

@@ -193,8 +193,8 @@ def test_edit_user_trains_evaluates_and_promotes(team_server: TeamServer, promot
 
 
 @pytest.mark.slow
-def test_read_user_searches_runs_but_cannot_move_champion(
-    team_server: TeamServer, promoted: str
+def test_read_user_searches_runs_but_cannot_train_or_move_champion(
+    team_server: TeamServer, promoted: str, tmp_path: Path
 ) -> None:
     t = team_server
     run_id = (t.project / ".mlflow_run_id").read_text().strip()
@@ -211,6 +211,29 @@ def test_read_user_searches_runs_but_cannot_move_champion(
     assert f"{t.uri} denied user 'reader' (PERMISSION_DENIED)" in lines[0]
     assert f"EDIT on the registered model {NAME}" in lines[0]
     assert aliases(t) == before
+    # Without a login, promote stops at its first request, with the same one line as a stage.
+    res = run(py("promote.py", "--gan", "models/gan"), cwd=t.project, env=t.env, check=False)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and len(lines) == 1, res.stdout + res.stderr
+    login = f"the login to the MLflow tracking server at {t.uri} failed with no credentials"
+    assert login in lines[0], lines[0]
+    assert aliases(t) == before
+    # The reader cannot log a training run: one line asking for EDIT, before any epoch.
+    with t.client("admin") as admin:
+        runs_before = len(admin.search_runs([experiment]))
+    out = {name: str(tmp_path / name) for name in ("gan", "train.json", "plots", "ckpt", "id")}
+    train = py("train.py", "--data", "data/normalized", "--out", out["gan"],
+               "--metrics", out["train.json"], "--plots", out["plots"],
+               "--checkpoints", out["ckpt"], "--run-id-file", out["id"])  # fmt: skip
+    res = run(train, cwd=t.project, env=t.login("reader"), check=False, timeout=300)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode != 0 and len(errors) == 1, res.stderr
+    assert f"{t.uri} denied user 'reader' (PERMISSION_DENIED)" in errors[0], errors[0]
+    assert "EDIT on the experiment mnist-gan" in errors[0] and "nothing was trained" in errors[0]
+    assert "Traceback" not in res.stderr and "epoch 1/" not in res.stderr
+    assert not (tmp_path / "gan").exists()
+    with t.client("admin") as admin:
+        assert len(admin.search_runs([experiment])) == runs_before
     # The outsider, with no grant, does not see the runs (the server filters them out).
     with t.client("outsider") as outsider:
         seen = [r.info.run_id for r in outsider.search_runs([experiment])]
