@@ -439,7 +439,7 @@ def test_gpu_check_plumbing_on_cpu(tmp_path: Path, bench) -> None:
     for model in ("mlp", "dcgan"):
         assert f"bench cpu {model}: baseline " in summary
     assert "compiled/eager not measured" in summary  # --no-compile-check
-    assert "step_profile mlp (eager float32): " in summary
+    assert f"step_profile mlp ({CPU_AUTO}): " in summary
     # The same computation on the same device twice: the same numbers.
     scoring = [line for line in summary.splitlines() if line.startswith("evaluate_device cpu:")]
     assert len(scoring) == 2 and scoring[0].endswith("the base"), summary
