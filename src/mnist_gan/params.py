@@ -150,7 +150,7 @@ class TrainParams:
     label_smoothing: float = 0.1  # one-sided: real targets become 1 - label_smoothing
     # How the step runs (mnist_gan.strategy): each true | false | auto. auto decides before the
     # first step by device; true where it cannot be met stops the stage (exit 2).
-    amp: bool | Literal["auto"] = "auto"  # bf16 autocast (auto: CUDA GPUs with native bf16)
+    amp: bool | Literal["auto"] = "auto"  # bf16 autocast (auto: where bf16 is native)
     compile: bool | Literal["auto"] = "auto"  # torch.compile G, D, Adam (auto: on CUDA)
     cuda_graph: bool | Literal["auto"] = "auto"  # one CUDA graph per step (auto: on CUDA)
     # How lr_g and lr_d (tuned for batch 128) change with batch_size: none | sqrt | linear.
