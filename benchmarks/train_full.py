@@ -31,7 +31,6 @@ import torch
 from benchkit import BenchError, add_run_args, device_name, load_mnist, run_settings, strategy_for
 from torchvision.utils import save_image
 
-from mnist_gan.models import save_gan
 from mnist_gan.strategy import StrategyError
 from mnist_gan.training import EpochStats, GANTrainer, fixed_noise
 from mnist_gan.utils import atomic_dir, resolve_device, write_json
@@ -132,8 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(out / "train_full.json", report)
     if args.save_gan:  # a complete folder replaces any earlier one (no stale EMA file)
         with atomic_dir(args.save_gan) as tmp:
-            save_gan(tmp, cfg, args.seed, trainer.generator, trainer.discriminator,
-                     trainer.ema_generator)  # fmt: skip
+            trainer.save(tmp)
     print(
         f"{trainer.epoch} epochs of {cfg.model} in {seconds:.1f} s "
         f"({report['images_per_sec']:,.0f} img/s; first epoch {epoch_seconds[0]:.1f} s) on "

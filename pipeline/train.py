@@ -44,7 +44,7 @@ from torchvision.utils import save_image
 from mnist_gan import distributed
 from mnist_gan.checkpoint import CheckpointStore, fingerprint
 from mnist_gan.data import DataError, load_normalized
-from mnist_gan.models import GENERATOR_FILE, save_gan
+from mnist_gan.models import GENERATOR_FILE
 from mnist_gan.params import Params, params_to_dict
 from mnist_gan.strategy import StrategyError, choose_strategy
 from mnist_gan.training import DivergenceError, EpochStats, GANTrainer, fixed_noise
@@ -266,7 +266,7 @@ def _train(params: Params, world: distributed.World, device: torch.device, data:
         _lost_ranks(exc, world)
 
     with atomic_dir(out) as tmp:
-        save_gan(tmp, cfg, seed, trainer.generator, trainer.discriminator, trainer.ema_generator)
+        trainer.save(tmp)
     seconds = sum(h["epoch_seconds"] for h in history)
     seen = trainer.steps_per_epoch * cfg.batch_size * len(history)
     final = {k: history[-1][k] for k in ("loss_d", "loss_g", "d_real", "d_fake")}

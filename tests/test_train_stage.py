@@ -93,7 +93,7 @@ def assert_weights_equal(model_dir: Path, trainer: GANTrainer) -> None:
     for name, net in (
         ("generator", trainer.generator),
         ("discriminator", trainer.discriminator),
-        ("generator_ema", trainer.ema_generator),
+        ("generator_ema", trainer.sampling_generator()),  # with its standing statistics
     ):
         saved = load_file(str(model_dir / f"{name}.safetensors"))
         live = net.state_dict()

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from mnist_gan.checkpoint import CheckpointStore, fingerprint
-from mnist_gan.models import build_discriminator
+from mnist_gan.models import build_discriminator, build_generator
 from mnist_gan.params import TrainParams
 from mnist_gan.strategy import EAGER, Strategy, StrategyError, choose_strategy
-from mnist_gan.training import METRICS, DivergenceError, GANTrainer, fixed_noise
+from mnist_gan.training import METRICS, DivergenceError, GANTrainer, fixed_noise, standing_stats
 from mnist_gan.utils import native_bf16
 
 TINY = TrainParams(
@@ -525,3 +525,44 @@ def test_one_pass_would_mix_the_batch_statistics_of_dcgans_d() -> None:
     real, fake = images(64, seed=1), -images(64, seed=2)
     one, two = d(torch.cat([real, fake])), torch.cat([d(real), d(fake)])
     assert not torch.allclose(one, two, atol=1e-3)
+
+
+def test_standing_stats_are_the_generators_own_batch_statistics() -> None:
+    """Each BatchNorm's running mean and variance become the plain average, over the noise
+    batches, of what that layer sees: here one batch, whose z the test draws again."""
+    cfg = dataclasses.replace(TINY, hidden=(16, 8))
+    g = build_generator(cfg)
+    linear, norm = g.net[0], g.net[1]
+    norm.running_mean.fill_(5.0)  # stale statistics, as an EMA of other weights leaves
+    standing_stats(g, batch_size=64, seed=7, batches=1)
+    z = torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        h = linear(z)
+    torch.testing.assert_close(norm.running_mean, h.mean(0))
+    torch.testing.assert_close(norm.running_var, h.var(0))  # unbiased, as BatchNorm keeps it
+    assert not g.training and norm.momentum == 0.1
+    again = standing_stats(build_generator(cfg), batch_size=64, seed=7, batches=1)
+    again.load_state_dict(g.state_dict())
+    standing_stats(again, batch_size=64, seed=7, batches=1)
+    for k, v in g.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k  # the same every time
+
+
+def test_the_sampling_generator_is_the_ema_with_standing_stats() -> None:
+    """What grids and the saved model use: the EMA's weights, its own BatchNorm statistics,
+    and no draw from the global RNG; train.standing_stats: false gives the EMA itself."""
+    t = trainer(TINY, images(), seed=0)
+    t.fit(epochs=1)
+    rng = torch.get_rng_state()
+    net = t.sampling_generator()
+    assert torch.equal(torch.get_rng_state(), rng)
+    ema = t.ema_generator.state_dict()
+    own = net.state_dict()
+    stats = [k for k in own if "running_" in k]
+    assert stats and all(torch.equal(own[k], ema[k]) for k in own if k not in stats
+                         and "num_batches" not in k)  # fmt: skip
+    assert not any(torch.allclose(own[k], ema[k]) for k in stats)
+    z = fixed_noise(8, TINY.latent_dim, 0)
+    assert torch.equal(t.sample(z), net(z))
+    off = trainer(dataclasses.replace(TINY, standing_stats=False), images(), seed=0)
+    assert off.sampling_generator() is off.ema_generator

@@ -146,6 +146,9 @@ class TrainParams:
     beta1: float = 0.5
     beta2: float = 0.999
     ema: float = 0.9995  # decay of the generator's weight EMA; 0 disables it
+    # The EMA generator's BatchNorm statistics recomputed for its own weights when it samples
+    # and is saved ("standing statistics"), instead of the EMA of the live G's statistics.
+    standing_stats: bool = True
     spectral_norm: bool = False  # spectral norm on D's layers
     label_smoothing: float = 0.1  # one-sided: real targets become 1 - label_smoothing
     # How the step runs (mnist_gan.strategy): each true | false | auto. auto decides before the

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,12 +40,26 @@ from torch import nn
 from mnist_gan import distributed
 from mnist_gan.checkpoint import CHECKPOINT_FORMAT, CheckpointStore
 from mnist_gan.losses import discriminator_loss, generator_loss
-from mnist_gan.models import IMAGE_SHAPE, NUM_CLASSES, build_discriminator, build_generator
+from mnist_gan.models import (
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    build_discriminator,
+    build_generator,
+    save_gan,
+)
 from mnist_gan.params import TrainParams
 from mnist_gan.strategy import Strategy, StrategyError
 from mnist_gan.utils import seed_everything
 
-__all__ = ["METRICS", "DivergenceError", "EpochStats", "GANTrainer", "fixed_noise", "scaled_lr"]
+__all__ = [
+    "METRICS",
+    "DivergenceError",
+    "EpochStats",
+    "GANTrainer",
+    "fixed_noise",
+    "scaled_lr",
+    "standing_stats",
+]
 
 # What each step records, in this order (one row per step of the epoch).
 METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_g", "grad_norm_d")
@@ -119,6 +134,37 @@ class EpochStats:
     def as_dict(self) -> dict[str, float]:
         """The stats as a plain dict (``epoch`` included)."""
         return asdict(self)
+
+
+STANDING_BATCHES = 100  # noise batches that standing statistics average over
+
+
+@torch.no_grad()
+def standing_stats(
+    generator: nn.Module, *, batch_size: int, seed: int, batches: int = STANDING_BATCHES
+) -> nn.Module:
+    """Set ``generator``'s BatchNorm running statistics to its own, and return it in eval mode.
+
+    "Standing statistics" (as in BigGAN's code): the mean and variance each BatchNorm layer
+    sees over ``batches`` batches of fresh noise (and, for a conditional generator, uniformly
+    drawn digits), averaged with equal weights. Drawn from a generator seeded with ``seed``, on
+    the network's device, so the result is the same every time.
+    """
+    norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    device = next(generator.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    classes, latent = getattr(generator, "num_classes", 0), generator.latent_dim
+    generator.train()
+    for _ in range(batches if norms else 0):
+        z = torch.randn(batch_size, latent, generator=gen, device=device)
+        y = torch.randint(classes, (batch_size,), generator=gen, device=device) if classes else None
+        generator(z, y)
+    for m in norms:
+        m.momentum = 0.1  # BatchNorm's default again, as loaded networks have
+    return generator.eval()
 
 
 def fixed_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
@@ -601,14 +647,39 @@ class GANTrainer:
 
     # --- sampling ----------------------------------------------------------------------------
 
+    def sampling_generator(self) -> nn.Module:
+        """The generator that samples, in eval mode: what grids show and what is saved.
+
+        The EMA generator when there is one, else G itself. With ``train.standing_stats`` the
+        EMA generator is a copy whose BatchNorm statistics are its own (:func:`standing_stats`):
+        the EMA of G's running statistics belongs to none of the weights it averages. Touches
+        no RNG and no training state.
+        """
+        if self.ema_generator is None:
+            return self.generator
+        if not self.cfg.standing_stats:
+            return self.ema_generator
+        # A fresh network of the configured layers (plain BatchNorm where DDP made it
+        # SyncBatchNorm), built without touching the global RNG, holding the EMA's weights.
+        with torch.random.fork_rng(devices=[]):
+            net = build_generator(self.cfg).to(self.device)
+        net.load_state_dict(self.ema_generator.state_dict())
+        return standing_stats(net, batch_size=self.cfg.batch_size, seed=self.seed)
+
+    def save(self, model_dir: str | Path) -> None:
+        """Write the GAN folder (:func:`mnist_gan.models.save_gan`): G, D and, when there is
+        an EMA, the generator that samples (:meth:`sampling_generator`)."""
+        ema = self.sampling_generator() if self.ema_generator is not None else None
+        save_gan(model_dir, self.cfg, self.seed, self.generator, self.discriminator, ema)
+
     @torch.no_grad()
     def sample(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (B, 1, 28, 28) on the CPU for z (B, latent_dim), in eval mode.
+        """Images (B, 1, 28, 28) on the CPU for z (B, latent_dim), from
+        :meth:`sampling_generator` in eval mode.
 
-        ``y`` (B,): the digits asked for, for a conditional generator. Uses the EMA generator
-        when there is one. Touches no RNG and no training state.
+        ``y`` (B,): the digits asked for, for a conditional generator.
         """
-        net = self.ema_generator if self.ema_generator is not None else self.generator
+        net = self.sampling_generator()
         was_training = net.training
         net.eval()
         try:
