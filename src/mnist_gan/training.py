@@ -648,12 +648,12 @@ class GANTrainer:
     # --- sampling ----------------------------------------------------------------------------
 
     def sampling_generator(self) -> nn.Module:
-        """The generator that samples, in eval mode: what grids show and what is saved.
+        """The generator that samples: what grids show and what is saved.
 
-        The EMA generator when there is one, else G itself. With ``train.standing_stats`` the
-        EMA generator is a copy whose BatchNorm statistics are its own (:func:`standing_stats`):
-        the EMA of G's running statistics belongs to none of the weights it averages. Touches
-        no RNG and no training state.
+        The EMA generator when there is one (in eval mode), else G itself. With
+        ``train.standing_stats`` the EMA generator is a copy whose BatchNorm statistics are its
+        own (:func:`standing_stats`): the EMA of G's running statistics belongs to none of the
+        weights it averages. Touches no RNG and no training state.
         """
         if self.ema_generator is None:
             return self.generator
