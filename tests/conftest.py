@@ -14,8 +14,14 @@ from types import ModuleType
 import pytest
 import torch
 
+from mnist_gan.params import TrainParams
+from mnist_gan.strategy import choose_strategy
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's scripts: dvc, mlflow, ...
+# What train.amp/compile/cuda_graph: auto run on this CPU (bf16 where the CPU has it natively):
+# the strategy of every stage and benchmark run in the tests, and part of its fingerprint.
+CPU_AUTO = choose_strategy(TrainParams(), "cpu")
 
 # Deterministic identity for the throwaway git repositories the tests create.
 GIT_ENV = {

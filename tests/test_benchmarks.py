@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -23,14 +24,13 @@ from torchvision import datasets, transforms
 from mnist_gan.data import RAW_FILES, normalize, read_raw_split
 from mnist_gan.models import load_generator, read_config
 from mnist_gan.params import TrainParams
-from mnist_gan.strategy import EAGER, Strategy, choose_strategy
+from mnist_gan.strategy import EAGER, Strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 # Small networks, so a step takes milliseconds.
 TINY = ["--set", "hidden=[32,32]", "--set", "channels=4", "--set", "latent_dim=8"]
-# What auto runs on this CPU, in words: bf16 where the CPU computes it natively.
-CPU_AUTO = str(choose_strategy(TrainParams(), "cpu"))
+CPU_AUTO = str(conftest.CPU_AUTO)  # what auto runs on this CPU, in words
 
 
 def write_idx(folder: Path, n_train: int = 96, n_test: int = 20, gz: bool = False) -> Path:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import ROOT, load_stage, run
+from conftest import CPU_AUTO, ROOT, load_stage, run
 from ddpkit import blobs
 from packaging.version import Version
 from PIL import Image
@@ -31,15 +31,13 @@ from mnist_gan.checkpoint import CheckpointStore, fingerprint
 from mnist_gan.data import save_normalized
 from mnist_gan.models import load_generator
 from mnist_gan.params import TrainParams, load_params
-from mnist_gan.strategy import Strategy, choose_strategy
+from mnist_gan.strategy import Strategy
 from mnist_gan.training import METRICS, GANTrainer
 from mnist_gan.utils import set_threads, sha256_file
 from mnist_gan_cli import main as cli_main
 
 SCRIPT = ROOT / "pipeline" / "train.py"
-# What the stage's trainer runs on this CPU (bf16 where the CPU has it): part of the fingerprint.
-CPU_AUTO = choose_strategy(TrainParams(), "cpu")
-STRATEGY = str(CPU_AUTO)
+STRATEGY = str(CPU_AUTO)  # what the stage's trainer runs here: part of the fingerprint
 SMALL = {
     "hidden": [32],
     "batch_size": 64,

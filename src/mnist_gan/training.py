@@ -151,19 +151,22 @@ def standing_stats(
     the network's device, so the result is the same every time.
     """
     norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    if not norms:
+        return generator.eval()
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches below
     device = next(generator.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    classes, latent = getattr(generator, "num_classes", 0), generator.latent_dim
+    classes = generator.num_classes
     generator.train()
-    for _ in range(batches if norms else 0):
-        z = torch.randn(batch_size, latent, generator=gen, device=device)
+    for _ in range(batches):
+        z = torch.randn(batch_size, generator.latent_dim, generator=gen, device=device)
         y = torch.randint(classes, (batch_size,), generator=gen, device=device) if classes else None
         generator(z, y)
-    for m in norms:
-        m.momentum = 0.1  # BatchNorm's default again, as loaded networks have
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
     return generator.eval()
 
 
