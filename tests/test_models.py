@@ -12,6 +12,7 @@ import torch
 
 from mnist_gan.models import (
     DCGANDiscriminator,
+    Dropout,
     MLPDiscriminator,
     build_discriminator,
     build_generator,
@@ -27,6 +28,9 @@ CONFIGS = {
     "mlp-small-sn": TrainParams(hidden=(32, 16), latent_dim=8, spectral_norm=True),
     "dcgan": TrainParams(model="dcgan", channels=8),
     "dcgan-sn": TrainParams(model="dcgan", channels=8, spectral_norm=True, latent_dim=16),
+    "dcgan-bn-wide-d": TrainParams(
+        model="dcgan", channels=8, d_channels=16, d_batchnorm=True, d_dropout=0.0
+    ),
 }
 
 
@@ -121,7 +125,44 @@ def test_stabiliser_options_change_the_networks() -> None:
     assert len(linear) == 2 and all(torch.nn.utils.parametrize.is_parametrized(m) for m in linear)
     dc = DCGANDiscriminator(8, spectral_norm=True)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dc.modules())
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in DCGANDiscriminator(8, False).modules())
+
+
+def test_dcgan_discriminator_options() -> None:
+    """d_dropout, d_batchnorm and d_channels build the dcgan D they name."""
+
+    def layers(**changes: object) -> list[torch.nn.Module]:
+        return list(build_discriminator(TrainParams(model="dcgan", channels=8, **changes)).net)
+
+    def count(kind: type, modules: list[torch.nn.Module]) -> int:
+        return sum(isinstance(m, kind) for m in modules)
+
+    default = layers()  # d_dropout 0.3 after both LeakyReLUs, no BatchNorm
+    assert count(torch.nn.Dropout, default) == 2 and count(torch.nn.BatchNorm2d, default) == 0
+    assert all(m.p == 0.3 for m in default if isinstance(m, torch.nn.Dropout))
+    paper = layers(d_batchnorm=True, d_dropout=0.0)  # the DCGAN paper's D
+    assert count(torch.nn.Dropout, paper) == 0 and count(torch.nn.BatchNorm2d, paper) == 1
+    assert paper[2].bias is None  # BatchNorm's shift replaces the convolution's bias
+    wide = layers(d_channels=24)
+    convs = [m for m in wide if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels) for m in convs] == [(1, 24), (24, 48), (48, 1)]
+    g = build_generator(TrainParams(model="dcgan", channels=8, d_channels=24))
+    assert g.net[0].out_channels == 16  # G keeps channels
+    with pytest.raises(ValueError, match="spectral norm"):
+        DCGANDiscriminator(8, spectral_norm=True, batchnorm=True)
+    with pytest.raises(ValueError, match="d_batchnorm"):
+        TrainParams(model="dcgan", spectral_norm=True, d_batchnorm=True)
+    with pytest.raises(ValueError, match="d_channels"):
+        TrainParams(model="dcgan", d_channels=0)
+
+
+def test_dropout_keeps_the_memory_format() -> None:
+    """Dropout's mask is drawn in its input's memory format (channels-last for dcgan's D), the
+    same numbers as nn.Dropout's distribution would give: zeros, or 1 / (1 - p)."""
+    x = torch.ones(4, 8, 7, 7).to(memory_format=torch.channels_last)
+    out = Dropout(0.25).train()(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert 0.15 < (out == 0).float().mean().item() < 0.35
 
 
 def test_discriminator_compiles_as_one_graph_outside_training() -> None:

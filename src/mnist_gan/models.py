@@ -8,10 +8,11 @@ Two families, chosen by ``train.model``:
   through the same widths (``train.d_activation``, ``train.d_dropout``) to one logit.
 - ``dcgan``: a DCGAN for 28x28. The generator lifts z to (2C, 7, 7) with a 7x7 transposed
   convolution, then doubles the side twice (14, 28); BatchNorm and ReLU between. The
-  discriminator mirrors it with strided convolutions and LeakyReLU(0.2).
+  discriminator mirrors it with strided convolutions (base width ``train.d_channels``, by
+  default G's) and LeakyReLU(0.2), with ``train.d_dropout`` after each, and with
+  ``train.d_batchnorm`` the DCGAN paper's BatchNorm after the second.
 
-With ``train.spectral_norm`` every weight layer of the discriminator is spectrally normalised
-(and the dcgan discriminator drops its BatchNorm, which would undo the Lipschitz bound).
+With ``train.spectral_norm`` every weight layer of the discriminator is spectrally normalised.
 
 With ``train.conditional`` both families are class-conditional: G gets a learned embedding of
 the digit asked for beside z, and D is a projection discriminator (Miyato & Koyama 2018): its
@@ -155,7 +156,8 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = torch.rand(x.shape, device=x.device) >= self.p  # float32 draws, also under autocast
+        # float32 draws also under autocast, in x's memory format (channels-last for dcgan)
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p
         return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
 
 
@@ -243,20 +245,39 @@ class DCGANDiscriminator(nn.Module):
 
     Args:
         channels: Base width C.
-        spectral_norm: Spectral normalisation of every convolution, replacing the BatchNorm.
+        spectral_norm: Spectral normalisation of every convolution.
         num_classes: 0 for an unconditional discriminator; else a projection discriminator:
             the inner product of y's embedding with the (2C, 7, 7) features joins the logit.
+        dropout: Dropout after each LeakyReLU; 0 disables it.
+        batchnorm: BatchNorm after the second convolution, as in the DCGAN paper (not with
+            ``spectral_norm``, whose bound it would undo).
     """
 
-    def __init__(self, channels: int, spectral_norm: bool, num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        channels: int,
+        spectral_norm: bool,
+        num_classes: int = 0,
+        *,
+        dropout: float = 0.0,
+        batchnorm: bool = False,
+    ) -> None:
         super().__init__()
+        if batchnorm and spectral_norm:
+            raise ValueError("BatchNorm would undo spectral norm's bound on D: pick one")
         c = channels
+
+        def drop() -> list[nn.Module]:
+            return [Dropout(dropout)] if dropout > 0 else []
+
         self.net = nn.Sequential(
             _sn(nn.Conv2d(1, c, 4, 2, 1), spectral_norm),  # -> (C, 14, 14)
             nn.LeakyReLU(LEAKY_SLOPE),
-            _sn(nn.Conv2d(c, 2 * c, 4, 2, 1, bias=spectral_norm), spectral_norm),  # (2C, 7, 7)
-            nn.Identity() if spectral_norm else nn.BatchNorm2d(2 * c),
+            *drop(),
+            _sn(nn.Conv2d(c, 2 * c, 4, 2, 1, bias=not batchnorm), spectral_norm),  # (2C, 7, 7)
+            *([nn.BatchNorm2d(2 * c)] if batchnorm else []),
             nn.LeakyReLU(LEAKY_SLOPE),
+            *drop(),
             _sn(nn.Conv2d(2 * c, 1, 7, 1, 0), spectral_norm),  # -> (1, 1, 1)
         )
         self.num_classes = num_classes
@@ -290,7 +311,9 @@ def build_discriminator(cfg: TrainParams) -> nn.Module:
         return MLPDiscriminator(tuple(cfg.hidden), cfg.d_activation, cfg.d_dropout,
                                 cfg.spectral_norm, classes)  # fmt: skip
     if cfg.model == "dcgan":
-        return DCGANDiscriminator(cfg.channels, cfg.spectral_norm, classes)
+        width = cfg.channels if cfg.d_channels is None else cfg.d_channels
+        return DCGANDiscriminator(width, cfg.spectral_norm, classes, dropout=cfg.d_dropout,
+                                  batchnorm=cfg.d_batchnorm)  # fmt: skip
     raise ValueError(f"train.model: unknown model {cfg.model!r} (expected mlp or dcgan)")
 
 

@@ -132,8 +132,10 @@ class TrainParams:
     hidden: tuple[int, ...] = (256, 256, 256)  # mlp hidden widths (G and D)
     g_batchnorm: bool = True  # BatchNorm on G's hidden layers (mlp); off = the article literally
     d_activation: Literal["relu", "leaky_relu"] = "leaky_relu"  # mlp discriminator
-    d_dropout: float = 0.3  # mlp discriminator; 0 = the article literally
+    d_dropout: float = 0.3  # D: after each hidden activation; 0 = the article literally
     channels: int = 64  # dcgan base width
+    d_channels: int | None = None  # dcgan: D's base width; None: channels
+    d_batchnorm: bool = False  # dcgan: BatchNorm after D's second convolution (DCGAN paper)
     # Class-conditional: G draws the digit it is asked for, D judges image and digit together.
     conditional: bool = False
     # The GAN's seed (weights, noise, data order); None: base.seed. A sweep varies this one, so
@@ -173,6 +175,12 @@ class TrainParams:
         _check(all(h >= 1 for h in self.hidden), "hidden: widths must be >= 1")
         _check(0.0 <= self.d_dropout < 1.0, "d_dropout: must be in [0, 1)")
         _check(self.channels >= 1, "channels: must be >= 1")
+        _check(self.d_channels is None or self.d_channels >= 1,
+               "d_channels: must be >= 1 (or null: channels)")  # fmt: skip
+        _check(
+            not (self.d_batchnorm and self.spectral_norm),
+            "d_batchnorm: BatchNorm would undo spectral_norm's bound on D; set one of them false",
+        )
         _check(self.batch_size >= 2, "batch_size: must be >= 2")
         _check(self.epochs >= 1, "epochs: must be >= 1")
         _check(self.lr_g > 0, "lr_g: must be > 0")
