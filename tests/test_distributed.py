@@ -73,6 +73,16 @@ def test_a_batchnorm_discriminator_trains_on_two_ranks(tmp_path: Path) -> None:
     assert stats[0].keys() and max_diff(stats[0], stats[1]) > 0
 
 
+def test_the_r1_penalty_trains_one_model_on_two_ranks(tmp_path: Path) -> None:
+    """R1's double backward runs through D under DDP: its share of D's gradients is averaged
+    with the rest (the ranks' different shards would otherwise part their weights)."""
+    cfg = {"hidden": [32], "batch_size": 32, "epochs": 1, "r1_gamma": 1.0}
+    ranks = ddpkit.spawn(ddpkit.fit_epochs, 2, tmp_path, cfg, None)
+    assert max_diff(params_only(ranks[0]["weights"]), params_only(ranks[1]["weights"])) == 0.0
+    plain = ddpkit.spawn(ddpkit.fit_epochs, 2, tmp_path, {**cfg, "r1_gamma": 0.0}, None)
+    assert max_diff(params_only(ranks[0]["weights"]), params_only(plain[0]["weights"])) > 0
+
+
 def test_a_batch_the_ranks_do_not_divide_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("train:\n  batch_size: 130\n  nproc: 4\n")
     with pytest.raises(ParamsError, match=r"train\.batch_size: 130 does not split evenly"):

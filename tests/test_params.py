@@ -68,6 +68,7 @@ def test_params_are_frozen() -> None:
         ("base:\n  device: gpu\n", "base.device: must be one of 'auto', 'cpu', 'cuda', got 'gpu'"),
         ("base:\n  seed: -1\n", "base.seed: must be >= 0"),
         ("train:\n  seed: -1\n", "train.seed: must be >= 0 (or null: base.seed)"),
+        ("train:\n  r1_gamma: -0.1\n", "train.r1_gamma: must be >= 0 (0 = off)"),
         ("train:\n  seed: one\n", "train.seed: must be an integer, got 'one'"),
         (
             "train:\n  compile: yes please\n",

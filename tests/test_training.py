@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from mnist_gan.checkpoint import CheckpointStore, fingerprint
+from mnist_gan.losses import discriminator_loss
 from mnist_gan.models import build_discriminator, build_generator
 from mnist_gan.params import TrainParams
 from mnist_gan.strategy import EAGER, Strategy, StrategyError, choose_strategy
@@ -470,6 +472,20 @@ def test_a_step_that_fails_to_compile_stops_training_never_falls_back(monkeypatc
     assert t.epoch == 0 and t.strategy == Strategy(compile=True)
 
 
+def test_r1_rules_out_compiling_the_step(monkeypatch) -> None:
+    """R1's penalty is a double backward, which compiled code does not support: auto leaves
+    the step uncompiled (on CUDA, where it would compile), true is a one-line error that names
+    both params."""
+    monkeypatch.setattr("mnist_gan.strategy.native_bf16", lambda device: True)
+    monkeypatch.setattr("mnist_gan.strategy._compiles", lambda device: None)
+    r1 = TrainParams(r1_gamma=1.0)
+    assert choose_strategy(TrainParams(), "cuda").compile
+    assert not choose_strategy(r1, "cuda").compile
+    with pytest.raises(StrategyError, match=r"train\.compile: true.*r1_gamma") as err:
+        choose_strategy(dataclasses.replace(r1, compile=True), "cpu")
+    assert "\n" not in str(err.value)
+
+
 def test_a_cuda_graph_is_refused_off_cuda() -> None:
     with pytest.raises(StrategyError, match="CUDA"):
         trainer(TINY, images(), seed=0, strategy=Strategy(cuda_graph=True))
@@ -566,3 +582,44 @@ def test_the_sampling_generator_is_the_ema_with_standing_stats() -> None:
     assert torch.equal(t.sample(z), net(z))
     off = trainer(dataclasses.replace(TINY, standing_stats=False), images(), seed=0)
     assert off.sampling_generator() is off.ema_generator
+
+
+# --- the R1 penalty --------------------------------------------------------------------------
+
+
+def d_update_by_hand(
+    g: torch.nn.Module, d: torch.nn.Module, real: torch.Tensor, z: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """D's loss and D's gradients for one batch, written out: the bce loss plus
+    gamma / 2 * the mean over the real images of ||grad_x D(x)||^2."""
+    real = real.clone().requires_grad_()
+    real_logits, fake_logits = d(real), d(g(z).detach())
+    loss = discriminator_loss("bce", real_logits, fake_logits, 0.0)
+    (grad_x,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    loss = loss + gamma / 2 * grad_x.pow(2).flatten(1).sum(1).mean()
+    return loss, list(torch.autograd.grad(loss, list(d.parameters())))
+
+
+@pytest.mark.parametrize("model", ["mlp", "dcgan"])
+def test_r1_penalty_is_in_ds_loss_and_its_gradient(model: str) -> None:
+    """The trainer's D update with r1_gamma: the loss and D's gradients (the penalty's
+    dependence on D's weights included) of the formula written out by hand, and a different
+    update from r1_gamma 0."""
+    cfg = dataclasses.replace(TINY, model=model, channels=4, d_dropout=0.0, r1_gamma=10.0)
+    grads = {}
+    for gamma in (0.0, cfg.r1_gamma):
+        t = trainer(dataclasses.replace(cfg, r1_gamma=gamma), images(), seed=0)
+        g, d = copy.deepcopy(t.generator), copy.deepcopy(t.discriminator)
+        t._draw_batch(torch.arange(64))
+        real, z = t._batch["real"].clone(), t._batch["z"].clone()
+        t._one_step()
+        loss, expected = d_update_by_hand(g, d, real, z, gamma)
+        assert t._step_metrics[METRICS.index("loss_d")].item() == pytest.approx(loss.item(), 1e-5)
+        grads[gamma] = [p.grad for p in t.discriminator.parameters()]
+        for got, want in zip(grads[gamma], expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # The penalty moves D's update by far more than the tolerance above.
+    close = [
+        torch.allclose(a, b, rtol=1e-2, atol=1e-5) for a, b in zip(*grads.values(), strict=True)
+    ]
+    assert not all(close)

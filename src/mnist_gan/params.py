@@ -153,6 +153,8 @@ class TrainParams:
     standing_stats: bool = True
     spectral_norm: bool = False  # spectral norm on D's layers
     label_smoothing: float = 0.1  # one-sided: real targets become 1 - label_smoothing
+    # R1 penalty: r1_gamma / 2 * E||grad_x D(x)||^2 on real images, added to D's loss; 0 = off.
+    r1_gamma: float = 0.0
     # How the step runs (mnist_gan.strategy): each true | false | auto. auto decides before the
     # first step by device; true where it cannot be met stops the stage (exit 2).
     amp: bool | Literal["auto"] = "auto"  # bf16 autocast (auto: where bf16 is native)
@@ -193,6 +195,7 @@ class TrainParams:
             self.label_smoothing == 0.0 or self.loss != "hinge",
             "label_smoothing: applies to the bce and minimax losses only; use 0 with hinge",
         )
+        _check(self.r1_gamma >= 0.0, "r1_gamma: must be >= 0 (0 = off)")
         _check(self.nproc >= 1, "nproc: must be >= 1")
         _check(
             self.batch_size % self.nproc == 0,

@@ -7,7 +7,9 @@ of the same name (``true``, ``false`` or ``auto``):
   CUDA GPUs from Ampere on and on CPUs with AMX or AVX512-BF16 (on a Zen 4 CPU the mlp step
   measured 1.3x faster than in float32: docs/performance.md); float32 elsewhere.
 - ``train.compile``: ``torch.compile`` of G, D, both Adam steps and the EMA update. ``auto``: on
-  CUDA. On the CPU compiling measured slower than the eager step (docs/performance.md).
+  CUDA, unless ``train.r1_gamma`` asks for its penalty (a double backward, which compiled code
+  does not support). On the CPU compiling measured slower than the eager step
+  (docs/performance.md).
 - ``train.cuda_graph``: the whole step (forward and backward passes, both Adam steps, EMA,
   metrics) captured once as a CUDA graph and replayed. ``auto``: on CUDA in one process (DDP's
   gradient all-reduce is not captured here).
@@ -97,9 +99,14 @@ def choose_strategy(cfg: TrainParams, device: torch.device | str, world_size: in
             )
 
     if cfg.compile == "auto":
-        compile_ = cuda and world_size == 1 and _compiles(device) is None
+        compile_ = cuda and world_size == 1 and not cfg.r1_gamma and _compiles(device) is None
     else:
         compile_ = bool(cfg.compile)
+        if compile_ and cfg.r1_gamma:
+            raise StrategyError(
+                "train.compile: true, but torch.compile does not support the double backward "
+                "of train.r1_gamma's penalty; set compile to auto or false, or r1_gamma to 0"
+            )
         why = _compiles(device) if compile_ else None
         if why:
             raise StrategyError(

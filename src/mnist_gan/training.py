@@ -496,6 +496,8 @@ class GANTrainer:
         y_real, y_fake = batch.get("y_real"), batch.get("y_fake")  # None unless conditional
         opt_d_step, opt_g_step = self._opt_steps
 
+        if cfg.r1_gamma:  # the R1 penalty differentiates D's output by its real input
+            real = real.detach().requires_grad_()
         with self._autocast():
             fake = self._g(z, y_fake)  # (B, 1, 28, 28)
             if self._one_pass_d:
@@ -506,6 +508,12 @@ class GANTrainer:
         logits = logits.float()
         real_logits, fake_logits = logits.chunk(2)  # (B,) each
         loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
+        if cfg.r1_gamma:
+            # R1 (Mescheder et al. 2018): create_graph, so that D's update also follows the
+            # penalty's dependence on D's weights (a double backward).
+            (grad_real,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            r1 = grad_real.float().square().sum(dim=(1, 2, 3)).mean()
+            loss_d = loss_d + 0.5 * cfg.r1_gamma * r1
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward(inputs=self._d_params)
         grad_norm_d = _grad_norm(self._d_params)
