@@ -14,6 +14,8 @@ squashing twice. Here the discriminator returns raw logits and every loss is wri
 
 One-sided label smoothing replaces the discriminator's real targets 1 with ``1 - s``; it is
 defined for the cross-entropy losses only (``TrainParams`` rejects it with ``hinge``).
+
+:func:`r1_penalty` is the regulariser that ``train.r1_gamma`` adds to any of them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOSSES", "discriminator_loss", "generator_loss"]
+__all__ = ["LOSSES", "discriminator_loss", "generator_loss", "r1_penalty"]
 
 LOSSES = ("bce", "minimax", "hinge")
 
@@ -72,3 +74,18 @@ def generator_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
     if kind == "minimax":
         return -F.softplus(fake).mean()  # log(1 - sigmoid(x))
     return -fake.mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): the mean over the real images of ``||grad_x D(x)||^2``.
+
+    Args:
+        real_logits: D's logits (B,) on ``real``.
+        real: The real images (B, 1, 28, 28) D judged, with ``requires_grad``.
+
+    Returns:
+        A scalar float32 tensor with a graph back to D's weights (``create_graph``: a
+        backward through it is a double backward, so D's update follows the penalty too).
+    """
+    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.float().square().sum(dim=(1, 2, 3)).mean()

@@ -39,7 +39,7 @@ from torch import nn
 
 from mnist_gan import distributed
 from mnist_gan.checkpoint import CHECKPOINT_FORMAT, CheckpointStore
-from mnist_gan.losses import discriminator_loss, generator_loss
+from mnist_gan.losses import discriminator_loss, generator_loss, r1_penalty
 from mnist_gan.models import (
     IMAGE_SHAPE,
     NUM_CLASSES,
@@ -509,11 +509,7 @@ class GANTrainer:
         real_logits, fake_logits = logits.chunk(2)  # (B,) each
         loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
         if cfg.r1_gamma:
-            # R1 (Mescheder et al. 2018): create_graph, so that D's update also follows the
-            # penalty's dependence on D's weights (a double backward).
-            (grad_real,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-            r1 = grad_real.float().square().sum(dim=(1, 2, 3)).mean()
-            loss_d = loss_d + 0.5 * cfg.r1_gamma * r1
+            loss_d = loss_d + 0.5 * cfg.r1_gamma * r1_penalty(real_logits, real)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward(inputs=self._d_params)
         grad_norm_d = _grad_norm(self._d_params)
