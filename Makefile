@@ -131,11 +131,13 @@ sweep: $(BASE_STAMP)  ## queue the grid SWEEP (2 seeds per point) as DVC experim
 	@# experiment and never run it (pipeline/queue_workers.py).
 	$(BIN)/python pipeline/queue_workers.py
 	$(BIN)/dvc exp run --queue $(SWEEP)
-	$(BIN)/dvc queue start --jobs $(JOBS)
-	@# The workers run in the background; wait for them, so that `make sweep report` works.
-	@while $(BIN)/dvc queue status 2>/dev/null | grep -qE 'Queued|Running'; do sleep 20; done
+	@# Start the workers and wait for their processes to exit, so that `make sweep report` works;
+	@# start them again if they exited with experiments still queued (a worker can die on a
+	@# half-written broker message). Polling `dvc queue status` would wait forever then, and its
+	@# pings through that broker are when workers were seen to die (pipeline/queue_workers.py).
+	$(BIN)/python pipeline/queue_workers.py --run-queue $(JOBS)
+	@# No worker runs any more: this status call can upset none.
 	$(BIN)/dvc queue status
-	$(BIN)/python pipeline/queue_workers.py
 	@echo "done: make report (or dvc exp show) compares them"
 
 report: $(BASE_STAMP)  ## reports/experiments.html: the experiments' metrics, sample grids and curves

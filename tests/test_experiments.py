@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from teamkit import (
     stages_run,
     start_queue,
     wait_for_queue,
+    wait_for_workers_to_exit,
 )
 
 pytestmark = pytest.mark.slow
@@ -186,8 +188,12 @@ def test_queued_sweep_lands_in_the_project_store(clean: Lab) -> None:
     names = re.findall(r"Queued experiment '([\w-]+)'", res.stdout + res.stderr)
     assert len(names) == 3, res.stdout + res.stderr
 
-    start_queue(lab.project, lab.env)
-    status = wait_for_queue(lab.project, lab.env, names, QUEUE_TIMEOUT)
+    # As `make sweep` runs them: start the queue, wait for its worker's process to exit, then
+    # read the status once (pipeline/queue_workers.py).
+    wait_for_workers_to_exit(lab.project)
+    cmd = [sys.executable, "pipeline/queue_workers.py", "--run-queue", "1"]
+    run(cmd, lab.project, lab.env, timeout=QUEUE_TIMEOUT)
+    status = run(["dvc", "queue", "status"], lab.project, lab.env).stdout
     for name in names:
         assert re.search(rf"{name}\s.*Success", status), status
 
