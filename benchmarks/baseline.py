@@ -11,8 +11,9 @@ Everything here is deliberately ordinary, not tuned to look slow:
 - ``.to(device)`` on every batch, plain ``torch.optim.Adam`` with its defaults;
 - ``.item()`` on each loss every step, to keep a per-step loss history.
 
-The networks and losses are the project's own (``mnist_gan.models``, ``mnist_gan.losses``), so a
-benchmark against this loop measures the training loop and nothing else.
+The networks and losses are the project's own (``mnist_gan.models``, ``mnist_gan.losses``, with
+the R1 penalty where ``train.r1_gamma`` asks for it), so a benchmark against this loop measures
+the training loop and nothing else.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from mnist_gan.data import RAW_FILES
-from mnist_gan.losses import discriminator_loss, generator_loss
+from mnist_gan.losses import discriminator_loss, generator_loss, r1_penalty
 from mnist_gan.models import build_discriminator, build_generator
 from mnist_gan.params import TrainParams
 
@@ -144,7 +145,12 @@ class BaselineTrainer:
         self.opt_d.zero_grad()
         z = torch.randn(b, cfg.latent_dim, device=self.device)
         fake = g(z)
-        loss_d = discriminator_loss(cfg.loss, d(real), d(fake.detach()), cfg.label_smoothing)
+        if cfg.r1_gamma:  # R1 differentiates D's output by the real images
+            real.requires_grad_()
+        real_logits = d(real)
+        loss_d = discriminator_loss(cfg.loss, real_logits, d(fake.detach()), cfg.label_smoothing)
+        if cfg.r1_gamma:
+            loss_d = loss_d + 0.5 * cfg.r1_gamma * r1_penalty(real_logits, real)
         loss_d.backward()
         self.opt_d.step()
 

@@ -5,13 +5,17 @@
 #   (info) print the GPU (nvidia-smi and torch);
 #   train_full: train the configuration of params.yaml for 100 epochs on the full MNIST, once
 #      per model in GPU_CHECK_MODELS (default mlp), with the strategy the params choose (auto on
-#      CUDA: the step compiled, in a CUDA graph, in bf16): the training seconds (the goal: under
-#      10 s for the mlp on one H100), the final sample grid, a hash of the weights and the
-#      trained networks (models/gan form, for the evaluate stage to score elsewhere);
+#      CUDA: bf16, the step compiled and in a CUDA graph where train.r1_gamma is 0; with the
+#      default's R1 penalty neither): the training seconds (the goal: under 10 s for the mlp on
+#      one H100), the final sample grid, a hash of the weights and the trained networks
+#      (models/gan form, for the evaluate stage to score elsewhere);
 #   bench: the trainer against the tutorial baseline on CUDA (mlp and dcgan, batch 128), and
 #      the trainer compiled against uncompiled (benchmarks/train_throughput.py);
 #   train_full_uncompiled: the same 100 epochs with train.compile false (the CUDA graph and bf16
 #      kept): what compiling adds over a whole run;
+#   train_full_graph: the same 100 epochs with train.cuda_graph true: whether the R1 penalty's
+#      double backward can be captured (auto does not try it until this part has passed), and
+#      what the graph adds to it;
 #   train_full_eager: 5 epochs of the plain eager float32 step (amp, compile and cuda_graph
 #      false): its pace, and what 100 epochs would take at it;
 #   repeat: train as configured twice for 3 epochs: are the weights bit-identical run to run?
@@ -23,8 +27,9 @@
 # Every part runs under its own time bound, and a failing part does not stop the next one.
 #
 # Usage: benchmarks/gpu_check.sh [OUT_DIR] [MNIST_DIR]
-#   OUT_DIR    results (default: $OUT, else bench/gpu_check): full_MODEL/, full_MODEL_uncompiled/
-#              and full_MODEL_eager/ (train_full.json, samples.png; gan/ for the first two),
+#   OUT_DIR    results (default: $OUT, else bench/gpu_check): full_MODEL/, full_MODEL_uncompiled/,
+#              full_MODEL_graph/ and full_MODEL_eager/ (train_full.json, samples.png; gan/ for
+#              the first three),
 #              repeat_1/ and repeat_2/, throughput.json, step_profile.json,
 #              evaluate_device.json, fid_check.json, one .log per part, summary.txt
 #   MNIST_DIR  the four MNIST IDX files, decompressed or .gz (default: $MNIST_DATA, else
@@ -95,8 +100,8 @@ EOF
 
 # want PART: whether GPU_CHECK_PARTS (default: every part) names PART.
 want() { [[ " ${GPU_CHECK_PARTS:-$ALL_PARTS} " == *" $1 "* ]]; }
-ALL_PARTS="train_full bench train_full_uncompiled train_full_eager repeat step_profile \
-evaluate_device fid_check"
+ALL_PARTS="train_full bench train_full_uncompiled train_full_graph train_full_eager repeat \
+step_profile evaluate_device fid_check"
 for asked in ${GPU_CHECK_PARTS:-}; do
   [[ " $ALL_PARTS " == *" $asked "* ]] || note "GPU_CHECK_PARTS: no part $asked (parts: $ALL_PARTS)"
 done
@@ -126,6 +131,10 @@ full() {
     if want train_full_uncompiled; then
       full "train_full_${model}_uncompiled" "$model" 150 --set compile=false \
         --save-gan "$OUT_DIR/full_${model}_uncompiled/gan" --time-limit 100 ${TRAIN_ARGS:-}
+    fi
+    if want train_full_graph; then
+      full "train_full_${model}_graph" "$model" 150 --set cuda_graph=true \
+        --save-gan "$OUT_DIR/full_${model}_graph/gan" --time-limit 100 ${TRAIN_ARGS:-}
     fi
     if want train_full_eager; then
       full "train_full_${model}_eager" "$model" 90 --set compile=false --set cuda_graph=false \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import gzip
 import json
 import os
@@ -110,20 +111,24 @@ def test_benchmark_script_writes_table_and_json(tmp_path: Path) -> None:
         assert base["item_calls"] == 14
 
 
-def bench_mlp_once(bench, tmp_path: Path) -> list[dict]:
+# What compiling adds is measured without R1, whose double backward cannot be compiled.
+NO_R1 = ["--set", "r1_gamma=0"]
+
+
+def bench_mlp_once(bench, tmp_path: Path, *extra: str) -> list[dict]:
     """``make bench``'s rows for the tiny mlp on the CPU: one run of 2 steps per loop."""
     raw = write_idx(tmp_path / "raw")
     out = tmp_path / "throughput.json"
     args = ["--devices", "cpu", "--models", "mlp", "--steps", "2", "--warmup", "1",
             "--repeats", "1", "--batch-size", "16", "--data", str(raw), "--out", str(out),
-            "--params", "", *TINY]  # fmt: skip
+            "--params", "", *TINY, *extra]  # fmt: skip
     assert bench.tp.main(args) == 0
     return json.loads(out.read_text())["results"]
 
 
 @pytest.mark.slow  # compiles the step on the CPU
 def test_benchmark_reports_what_compiling_adds(bench, tmp_path: Path, capsys) -> None:
-    (row,) = bench_mlp_once(bench, tmp_path)
+    (row,) = bench_mlp_once(bench, tmp_path, *NO_R1)
     assert row["trainer"]["strategy"] == CPU_AUTO
     assert row["compile_flipped"]["strategy"] == CPU_AUTO.replace("eager", "compiled")
     assert row["compile_flipped"]["images_per_sec"] > 0 and row["compiled_vs_eager"] > 0
@@ -141,11 +146,39 @@ def test_benchmark_reports_a_compile_failure_and_measures_the_rest(
         return fails
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    (row,) = bench_mlp_once(bench, tmp_path)
+    (row,) = bench_mlp_once(bench, tmp_path, *NO_R1)
     assert row["compiled_vs_eager"] is None and row["ratio"] > 0
     assert "train.compile" in row["compile_flipped"]["error"]
     printed = capsys.readouterr().out
     assert "failed" in printed and "no C++ compiler here" in printed
+
+
+def test_benchmark_with_r1_says_why_it_does_not_compile(
+    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The default's R1 penalty cannot be compiled: the compiled run is not tried, and the row
+    and the printout say why and how to measure it."""
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled with R1"))
+    (row,) = bench_mlp_once(bench, tmp_path)  # TrainParams' defaults: r1_gamma 0.1
+    assert row["compiled_vs_eager"] is None and row["ratio"] > 0
+    assert "r1_gamma=0" in row["compile_flipped"]["error"]
+    printed = capsys.readouterr().out
+    assert "not measured" in printed and "double backward" in printed
+
+
+def test_baseline_adds_the_r1_penalty_the_params_ask_for(bench, tmp_path: Path) -> None:
+    """Like for like with the trainer: the tutorial loop's D loss holds R1's term too."""
+    raw = write_idx(tmp_path / "raw")
+    cfg = TrainParams(hidden=(16,), latent_dim=4, batch_size=16, d_dropout=0.0)
+    losses = []
+    for gamma in (0.0, 100.0):
+        base = bench.baseline.BaselineTrainer(
+            dataclasses.replace(cfg, r1_gamma=gamma), raw, torch.device("cpu"), seed=0
+        )
+        base.run(1)
+        base.close()
+        losses.append(base.losses_d[0])
+    assert losses[1] > losses[0] + 1e-3  # the same batch, weights and noise, plus the penalty
 
 
 def test_epoch_trainer_times_whole_epochs_through_fit(bench) -> None:
@@ -319,14 +352,15 @@ def test_step_profile_counts_flops_and_splits_the_step(
 
     out = tmp_path / "profile.json"
     args = ["--device", "cpu", "--params", "", "--models", "mlp", "--steps", "2",
-            "--repeats", "1", "--gemm-size", "64", "--out", str(out), *TINY]  # fmt: skip
+            "--repeats", "1", "--gemm-size", "64", "--out", str(out), *NO_R1, *TINY]  # fmt: skip
     assert step_profile.main(args) == 0
     report = json.loads(out.read_text())
     (row,) = report["results"]
     assert row["strategy"] == CPU_AUTO
-    # G 8-32-32-784 and D 784-32-32-1 at batch 128: forward 2*b*sum(k*n); backward adds at most
-    # twice that (weight and input gradients; fewer where none are needed: z's, the real
-    # batch's, D's weights in G's update), so the count lies strictly between 2x and 3x.
+    # Without R1's double backward: G 8-32-32-784 and D 784-32-32-1 at batch 128: forward
+    # 2*b*sum(k*n); backward adds at most twice that (weight and input gradients; fewer where
+    # none are needed: z's, the real batch's, D's weights in G's update), so the count lies
+    # strictly between 2x and 3x.
     g = 8 * 32 + 32 * 32 + 32 * 784
     d = 784 * 32 + 32 * 32 + 32 * 1
     fwd = 2 * 128 * (g + 3 * d)  # G once; D on real, fake, and fake again for G's update

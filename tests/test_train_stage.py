@@ -374,7 +374,10 @@ def test_bad_params_exit_2(tmp_path: Path, stage: object, store: str) -> None:
     ("train", "message"),
     [
         ({"cuda_graph": True}, "train.cuda_graph: true needs a CUDA device"),
-        ({"compile": True, "epochs": 1}, "train.compile: compiling the training step failed"),
+        (
+            {"compile": True, "epochs": 1, "r1_gamma": 0.0},
+            "train.compile: compiling the training step failed",
+        ),
     ],
     ids=["graph-on-cpu", "compile-fails"],
 )

@@ -122,8 +122,8 @@ class TrainParams:
 
     Defaults: the article's sizes, loss, optimiser, batch and epochs, with the fixes that
     measurement chose (BatchNorm in G, LeakyReLU and dropout in D, an EMA of G, one-sided label
-    smoothing). The article literally: ``g_batchnorm=False, d_activation="relu",
-    d_dropout=0.0, ema=0.0, label_smoothing=0.0``.
+    smoothing, an R1 penalty on D). The article literally: ``g_batchnorm=False,
+    d_activation="relu", d_dropout=0.0, ema=0.0, label_smoothing=0.0, r1_gamma=0.0``.
     """
 
     model: Literal["mlp", "dcgan"] = "mlp"
@@ -154,7 +154,7 @@ class TrainParams:
     spectral_norm: bool = False  # spectral norm on D's layers
     label_smoothing: float = 0.1  # one-sided: real targets become 1 - label_smoothing
     # R1 penalty: r1_gamma / 2 * E||grad_x D(x)||^2 on real images, added to D's loss; 0 = off.
-    r1_gamma: float = 0.0
+    r1_gamma: float = 0.1
     # How the step runs (mnist_gan.strategy): each true | false | auto. auto decides before the
     # first step by device; true where it cannot be met stops the stage (exit 2).
     amp: bool | Literal["auto"] = "auto"  # bf16 autocast (auto: where bf16 is native)

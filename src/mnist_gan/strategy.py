@@ -12,7 +12,9 @@ of the same name (``true``, ``false`` or ``auto``):
   (docs/performance.md).
 - ``train.cuda_graph``: the whole step (forward and backward passes, both Adam steps, EMA,
   metrics) captured once as a CUDA graph and replayed. ``auto``: on CUDA in one process (DDP's
-  gradient all-reduce is not captured here).
+  gradient all-reduce is not captured here), unless ``train.r1_gamma`` asks for its penalty:
+  capturing its double backward has not been checked on a GPU yet (``benchmarks/gpu_check.sh``
+  does), so only ``true`` tries it.
 
 :func:`choose_strategy` turns the params into a :class:`Strategy` for a device. An explicit
 ``true`` that cannot be met raises :class:`StrategyError`, whose message is one line that says
@@ -89,7 +91,7 @@ def choose_strategy(cfg: TrainParams, device: torch.device | str, world_size: in
             )
 
     if cfg.cuda_graph == "auto":
-        graph = cuda and world_size == 1
+        graph = cuda and world_size == 1 and not cfg.r1_gamma
     else:
         graph = bool(cfg.cuda_graph)
         if graph and (not cuda or world_size > 1):
