@@ -19,9 +19,12 @@ queue_workers = load_stage("queue_workers")
 
 
 def _worker_file(project: Path, n: int, **data: object) -> None:
+    """Write worker ``n``'s file as dvc-task does: whole, through a renamed temporary file."""
     celery = project / ".dvc" / "tmp" / "exps" / "celery"
     celery.mkdir(parents=True, exist_ok=True)
-    (celery / f"dvc-exp-worker-{n}.json").write_text(json.dumps(data))
+    tmp = celery / f"dvc-exp-worker-{n}.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(data))
+    tmp.replace(celery / f"dvc-exp-worker-{n}.json")
 
 
 def _exited_pid() -> int:
@@ -109,7 +112,7 @@ class FakeDvc:
         self.statuses, self.worker_s, self.starts = statuses, worker_s, starts
         self.calls: list[str] = []
         self.spawns: list[threading.Timer] = []
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.workers: list[subprocess.Popen[bytes]] = []  # appended before the worker's file
 
     def __call__(self, args: list[str], project: Path) -> str:
         command = " ".join(args[:2])
@@ -120,7 +123,7 @@ class FakeDvc:
                 self.spawns[-1].start()
             return "Started '1' new experiments task queue workers.\n"
         assert command == "queue status"
-        assert not any(spawn.is_alive() for spawn in self.spawns), "asked before a worker began"
+        assert len(self.workers) == len(self.spawns), "asked before a worker began"
         assert all(worker.poll() is not None for worker in self.workers), "asked while one ran"
         return self.statuses.pop(0)
 
