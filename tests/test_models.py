@@ -136,9 +136,11 @@ def test_dcgan_discriminator_options() -> None:
     def count(kind: type, modules: list[torch.nn.Module]) -> int:
         return sum(isinstance(m, kind) for m in modules)
 
-    default = layers()  # d_dropout 0.3 after both LeakyReLUs, no BatchNorm
+    default = layers()  # d_dropout after both LeakyReLUs, no BatchNorm
     assert count(torch.nn.Dropout, default) == 2 and count(torch.nn.BatchNorm2d, default) == 0
-    assert all(m.p == 0.3 for m in default if isinstance(m, torch.nn.Dropout))
+    assert all(m.p == TrainParams().d_dropout for m in default if isinstance(m, torch.nn.Dropout))
+    dropout = layers(d_dropout=0.3)
+    assert [m.p for m in dropout if isinstance(m, torch.nn.Dropout)] == [0.3, 0.3]
     paper = layers(d_batchnorm=True, d_dropout=0.0)  # the DCGAN paper's D
     assert count(torch.nn.Dropout, paper) == 0 and count(torch.nn.BatchNorm2d, paper) == 1
     assert paper[2].bias is None  # BatchNorm's shift replaces the convolution's bias

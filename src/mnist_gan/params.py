@@ -132,7 +132,7 @@ class TrainParams:
     hidden: tuple[int, ...] = (256, 256, 256)  # mlp hidden widths (G and D)
     g_batchnorm: bool = True  # BatchNorm on G's hidden layers (mlp); off = the article literally
     d_activation: Literal["relu", "leaky_relu"] = "leaky_relu"  # mlp discriminator
-    d_dropout: float = 0.3  # D: after each hidden activation; 0 = the article literally
+    d_dropout: float = 0.1  # D: after each hidden activation; 0 = the article literally
     channels: int = 64  # dcgan base width
     d_channels: int | None = None  # dcgan: D's base width; None: channels
     d_batchnorm: bool = False  # dcgan: BatchNorm after D's second convolution (DCGAN paper)
