@@ -96,10 +96,29 @@ def gemm_gflops(side: int, dtype: torch.dtype, device: torch.device, repeats: in
     return 2.0 * side**3 * inner / timed(run, device, repeats) / 1e9
 
 
+class _GlobalOnly:
+    """Stands in for ``FlopCounterMode``'s module tracker: every FLOP is counted as Global's.
+
+    The tracker hooks each module's inputs that require grad, and its hook fails inside
+    ``torch.autograd.grad`` when such an input is a leaf ("A leaf node was passed to
+    _will_engine_execute_node"): R1's gradient through a D that judges the real batch in a
+    pass of its own (BatchNorm, a minibatch standard deviation). The total needs no tracker.
+    """
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def step_flops(cfg: TrainParams, images: torch.Tensor, device: torch.device) -> int:
     """Matmul and convolution FLOPs of one eager step (forward and backward passes)."""
     trainer = epoch_trainer(cfg, images, 1, strategy=EAGER, device=device)
     counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
     with counter:
         trainer.fit(epochs=1)
     return int(counter.get_total_flops())
