@@ -13,6 +13,7 @@ import torch
 from mnist_gan.models import (
     DCGANDiscriminator,
     Dropout,
+    MinibatchStd,
     MLPDiscriminator,
     build_discriminator,
     build_generator,
@@ -23,7 +24,9 @@ from mnist_gan.models import (
 from mnist_gan.params import ParamsError, TrainParams, load_params, params_to_dict
 
 CONFIGS = {
-    "mlp-article": TrainParams(g_batchnorm=False, d_activation="relu", d_dropout=0.0),
+    "mlp-article": TrainParams(
+        g_batchnorm=False, d_activation="relu", d_dropout=0.0, d_minibatch_std=0
+    ),
     "mlp-default": TrainParams(),
     "mlp-small-sn": TrainParams(hidden=(32, 16), latent_dim=8, spectral_norm=True),
     "dcgan": TrainParams(model="dcgan", channels=8),
@@ -39,22 +42,27 @@ def test_shapes_and_ranges(name: str) -> None:
     cfg = CONFIGS[name]
     torch.manual_seed(0)
     g, d = build_generator(cfg), build_discriminator(cfg)
-    z = torch.randn(5, cfg.latent_dim) * 10  # large z pushes tanh towards its bounds
+    z = torch.randn(8, cfg.latent_dim) * 10  # large z pushes tanh towards its bounds
     images = g(z)
-    assert images.shape == (5, 1, 28, 28)
+    assert images.shape == (8, 1, 28, 28)
     assert images.min() >= -1 and images.max() <= 1
     assert images.std() > 0  # not a constant output
     logits = d(images)
-    assert logits.shape == (5,)
+    assert logits.shape == (8,)
     assert torch.isfinite(logits).all()
     # Logits are unbounded (no sigmoid inside D): large inputs move them well past (0, 1).
     assert d.eval()(torch.randn(4, 1, 28, 28) * 1000).abs().max() > 1
 
 
+# d_minibatch_std 0: D judges one image as each of the 10 digits, a batch of 10.
 CONDITIONAL = {
-    "mlp": TrainParams(hidden=(32, 16), latent_dim=8, conditional=True),
-    "mlp-sn": TrainParams(hidden=(32,), latent_dim=8, conditional=True, spectral_norm=True),
-    "dcgan": TrainParams(model="dcgan", channels=4, latent_dim=8, conditional=True),
+    "mlp": TrainParams(hidden=(32, 16), latent_dim=8, conditional=True, d_minibatch_std=0),
+    "mlp-sn": TrainParams(
+        hidden=(32,), latent_dim=8, conditional=True, spectral_norm=True, d_minibatch_std=0
+    ),
+    "dcgan": TrainParams(
+        model="dcgan", channels=4, latent_dim=8, conditional=True, d_minibatch_std=0
+    ),
 }
 
 
@@ -144,9 +152,11 @@ def test_dcgan_discriminator_options() -> None:
     paper = layers(d_batchnorm=True, d_dropout=0.0)  # the DCGAN paper's D
     assert count(torch.nn.Dropout, paper) == 0 and count(torch.nn.BatchNorm2d, paper) == 1
     assert paper[2].bias is None  # BatchNorm's shift replaces the convolution's bias
-    wide = layers(d_channels=24)
+    wide = layers(d_channels=24, d_minibatch_std=0)
     convs = [m for m in wide if isinstance(m, torch.nn.Conv2d)]
     assert [(m.in_channels, m.out_channels) for m in convs] == [(1, 24), (24, 48), (48, 1)]
+    convs = [m for m in layers(d_channels=24, d_minibatch_std=4) if isinstance(m, torch.nn.Conv2d)]
+    assert convs[-1].in_channels == 49  # the group's spread, one channel more
     g = build_generator(TrainParams(model="dcgan", channels=8, d_channels=24))
     assert g.net[0].out_channels == 16  # G keeps channels
     with pytest.raises(ValueError, match="spectral norm"):
@@ -155,6 +165,54 @@ def test_dcgan_discriminator_options() -> None:
         TrainParams(model="dcgan", spectral_norm=True, d_batchnorm=True)
     with pytest.raises(ValueError, match="d_channels"):
         TrainParams(model="dcgan", d_channels=0)
+
+
+def test_minibatch_std_is_each_groups_spread() -> None:
+    """The joined feature: the standard deviation over each group (samples i, i + B/g, ...) of
+    every feature, averaged; the same value for each member of a group."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, 5.0]])  # groups {0, 2}, {1, 3}
+    out = MinibatchStd(2)(x)
+    assert out.shape == (4, 3) and torch.equal(out[:, :2], x)
+    # group {0, 2}: stds 1 and 0 -> 0.5; group {1, 3}: stds 0 and 2 -> 1 (up to the 1e-8)
+    torch.testing.assert_close(out[:, 2], torch.tensor([0.5, 1.0, 0.5, 1.0]), atol=1e-4, rtol=0)
+    same = MinibatchStd(4)(torch.ones(4, 3))  # a batch of copies: no spread
+    assert same[:, 3].max().item() < 1e-3
+    images = torch.randn(8, 3, 7, 7).to(memory_format=torch.channels_last)
+    out = MinibatchStd(4)(images)  # (B, C, H, W): one more channel, constant over positions
+    assert out.shape == (8, 4, 7, 7) and torch.equal(out[:, :3], images)
+    groups = images.reshape(4, 2, 3, 7, 7).std(dim=0, unbiased=False).flatten(1).mean(dim=1)
+    torch.testing.assert_close(out[:, 3, 0, 0], groups.repeat(4), atol=1e-4, rtol=0)
+    assert torch.equal(out[:, 3], out[:, 3, :1, :1].expand(8, 7, 7))
+    torch.testing.assert_close(MinibatchStd(16)(x), MinibatchStd(4)(x))  # a small batch: 1 group
+    with pytest.raises(ValueError, match="a batch of 6 does not split into groups of 4"):
+        MinibatchStd(4)(torch.zeros(6, 2))
+    with pytest.raises(ValueError, match="group must be >= 1"):
+        MinibatchStd(0)
+
+
+@pytest.mark.parametrize("model", ["mlp", "dcgan"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+def test_minibatch_std_lets_d_see_the_rest_of_a_group(model: str, conditional: bool) -> None:
+    """With d_minibatch_std, D's logit for a sample moves when another member of its group
+    changes, and not when a sample of another group does; without it, never."""
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(10, (8,)) if conditional else None
+
+    def logits(d: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return d.eval()(batch, y)
+
+    for group in (0, 4):  # groups of 4 in a batch of 8: {0, 2, 4, 6} and {1, 3, 5, 7}
+        cfg = TrainParams(model=model, channels=8, hidden=(32, 16), conditional=conditional,
+                          d_minibatch_std=group)  # fmt: skip
+        torch.manual_seed(0)
+        d = build_discriminator(cfg)
+        assert sum(isinstance(m, MinibatchStd) for m in d.modules()) == (1 if group else 0)
+        before = logits(d, x)
+        in_group, other_group = x.clone(), x.clone()
+        in_group[2] += 1.0
+        other_group[3] += 1.0
+        assert torch.equal(logits(d, other_group)[0], before[0])
+        assert torch.equal(logits(d, in_group)[0], before[0]) == (group == 0)
 
 
 def test_dropout_keeps_the_memory_format() -> None:

@@ -69,6 +69,15 @@ def test_params_are_frozen() -> None:
         ("base:\n  seed: -1\n", "base.seed: must be >= 0"),
         ("train:\n  seed: -1\n", "train.seed: must be >= 0 (or null: base.seed)"),
         ("train:\n  r1_gamma: -0.1\n", "train.r1_gamma: must be >= 0 (0 = off)"),
+        ("train:\n  d_minibatch_std: -1\n", "train.d_minibatch_std: must be >= 0 (0 = off)"),
+        (
+            "train:\n  d_minibatch_std: 5\n",
+            "train.d_minibatch_std: groups of 5 do not split each process's batch of 128 evenly",
+        ),
+        (
+            "train:\n  d_minibatch_std: 64\n  nproc: 4\n",
+            "train.d_minibatch_std: groups of 64 do not split each process's batch of 32 evenly",
+        ),
         ("train:\n  seed: one\n", "train.seed: must be an integer, got 'one'"),
         (
             "train:\n  compile: yes please\n",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import random
 from pathlib import Path
 
@@ -60,7 +61,9 @@ CASES = {
     "mlp-bce": TINY,
     "mlp-minimax-smoothing": dataclasses.replace(TINY, loss="minimax", label_smoothing=0.1),
     "mlp-hinge-sn": dataclasses.replace(TINY, loss="hinge", spectral_norm=True, ema=0.0),
-    "mlp-article": dataclasses.replace(TINY, g_batchnorm=False, d_activation="relu", d_dropout=0),
+    "mlp-article": dataclasses.replace(
+        TINY, g_batchnorm=False, d_activation="relu", d_dropout=0, d_minibatch_std=0
+    ),
     "dcgan": dataclasses.replace(TINY, model="dcgan", channels=4),
     "dcgan-sn-hinge": dataclasses.replace(
         TINY, model="dcgan", channels=4, spectral_norm=True, loss="hinge"
@@ -521,7 +524,7 @@ def test_one_pass_of_the_mlp_d_is_two_passes(conditional: bool) -> None:
     """What the trainer's one pass over real and fake relies on: for the mlp D (no batch
     statistics) the logits and D's gradients are those of two passes, each image judged with
     its own digit."""
-    cfg = dataclasses.replace(TINY, d_dropout=0.0, conditional=conditional)
+    cfg = dataclasses.replace(TINY, d_dropout=0.0, d_minibatch_std=0, conditional=conditional)
     torch.manual_seed(0)
     d = build_discriminator(cfg)
     real, fake = images(64, seed=1), images(64, seed=2)
@@ -539,13 +542,28 @@ def test_one_pass_of_the_mlp_d_is_two_passes(conditional: bool) -> None:
 
 
 def test_one_pass_would_mix_the_batch_statistics_of_dcgans_d() -> None:
-    """Why dcgan's D (BatchNorm) gets two passes: one pass normalises real and fake together."""
-    cfg = dataclasses.replace(TINY, model="dcgan", channels=4)
+    """Why the DCGAN paper's D (BatchNorm) gets two passes: one pass normalises real and fake
+    together."""
+    cfg = dataclasses.replace(TINY, model="dcgan", channels=4, d_batchnorm=True, d_dropout=0.0)
     torch.manual_seed(0)
     d = build_discriminator(cfg)
     real, fake = images(64, seed=1), -images(64, seed=2)
     one, two = d(torch.cat([real, fake])), torch.cat([d(real), d(fake)])
     assert not torch.allclose(one, two, atol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["mlp", "dcgan"])
+def test_minibatch_std_gets_two_passes_and_trains(model: str) -> None:
+    """A D with MinibatchStd judges real and fake batches apart (one pass would put real and
+    fake in one group), and trains like any other D."""
+    cfg = dataclasses.replace(TINY, model=model, channels=4, d_minibatch_std=4, epochs=1)
+    t = trainer(cfg, images())
+    assert not t._one_pass_d
+    assert trainer(dataclasses.replace(cfg, d_minibatch_std=0), images())._one_pass_d
+    before = {k: v.clone() for k, v in t.discriminator.state_dict().items()}
+    t.fit()
+    assert all(math.isfinite(v) for v in t.history[-1].values())
+    assert any(not torch.equal(v, t.discriminator.state_dict()[k]) for k, v in before.items())
 
 
 def test_standing_stats_are_the_generators_own_batch_statistics() -> None:

@@ -13,6 +13,8 @@ Two families, chosen by ``train.model``:
   ``train.d_batchnorm`` the DCGAN paper's BatchNorm after the second.
 
 With ``train.spectral_norm`` every weight layer of the discriminator is spectrally normalised.
+With ``train.d_minibatch_std`` its last layer also sees how much a group of samples varies
+(``MinibatchStd``), so a generator that draws one digit over and over is told apart.
 
 With ``train.conditional`` both families are class-conditional: G gets a learned embedding of
 the digit asked for beside z, and D is a projection discriminator (Miyato & Koyama 2018): its
@@ -45,6 +47,7 @@ __all__ = [
     "DCGANGenerator",
     "MLPDiscriminator",
     "MLPGenerator",
+    "MinibatchStd",
     "build_discriminator",
     "build_generator",
     "load_generator",
@@ -111,6 +114,7 @@ class MLPDiscriminator(nn.Module):
         num_classes: 0 for an unconditional discriminator; else it judges an image as a
             picture of the digit y: a projection discriminator (Miyato & Koyama 2018), whose
             logit gains the inner product of y's embedding with the last hidden features.
+        minibatch_std: Group size of a ``MinibatchStd`` feature before the last layer; 0: none.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class MLPDiscriminator(nn.Module):
         dropout: float,
         spectral_norm: bool,
         num_classes: int = 0,
+        minibatch_std: int = 0,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]  # (B, 1, 28, 28) -> (B, 784)
@@ -130,6 +135,9 @@ class MLPDiscriminator(nn.Module):
             if dropout > 0:
                 layers.append(Dropout(dropout))
             width = h
+        if minibatch_std:
+            layers.append(MinibatchStd(minibatch_std))
+            width += 1
         layers.append(_sn(nn.Linear(width, 1), spectral_norm))
         self.net = nn.Sequential(*layers)
         self.num_classes = num_classes
@@ -142,6 +150,39 @@ class MLPDiscriminator(nn.Module):
         if self.embed is None:
             return logits
         return _project(logits, features, y, self.embed)
+
+
+class MinibatchStd(nn.Module):
+    """ProGAN's minibatch standard deviation (Karras et al. 2018, section 3), as one feature.
+
+    The batch is split into groups of ``group`` samples; each group's standard deviation of
+    every feature (and position), averaged, is joined to each member's features: (B, F) ->
+    (B, F + 1), (B, C, H, W) -> (B, C + 1, H, W). A batch of near-identical samples gets a
+    value near 0 that real batches never have, which D can learn to reject. As in ProGAN's
+    code, group g holds samples g, g + B / group, g + 2 B / group, ...; B must be a multiple
+    of ``group`` (a smaller batch is one group). D's output for a sample then depends on the
+    others in its batch, so the trainer judges real and fake batches in separate passes.
+    """
+
+    def __init__(self, group: int) -> None:
+        super().__init__()
+        if group < 1:
+            raise ValueError(f"MinibatchStd: group must be >= 1, got {group}")
+        self.group = group
+
+    def extra_repr(self) -> str:
+        return f"group={self.group}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, *rest = x.shape
+        g = min(self.group, b)
+        if b % g:
+            raise ValueError(f"MinibatchStd: a batch of {b} does not split into groups of {g}")
+        grouped = x.float().reshape(g, b // g, *rest)  # [i, j]: sample i * (B / g) + j
+        std = (grouped.var(dim=0, unbiased=False) + 1e-8).sqrt()  # (B / g, *rest)
+        per_group = std.flatten(1).mean(dim=1)  # (B / g,)
+        feature = per_group.repeat(g).view(b, 1, *[1] * (len(rest) - 1))
+        return torch.cat([x, feature.to(x.dtype).expand(b, 1, *rest[1:])], dim=1)
 
 
 class Dropout(nn.Dropout):
@@ -251,6 +292,8 @@ class DCGANDiscriminator(nn.Module):
         dropout: Dropout after each LeakyReLU; 0 disables it.
         batchnorm: BatchNorm after the second convolution, as in the DCGAN paper (not with
             ``spectral_norm``, whose bound it would undo).
+        minibatch_std: Group size of a ``MinibatchStd`` channel before the last convolution;
+            0: none.
     """
 
     def __init__(
@@ -261,11 +304,13 @@ class DCGANDiscriminator(nn.Module):
         *,
         dropout: float = 0.0,
         batchnorm: bool = False,
+        minibatch_std: int = 0,
     ) -> None:
         super().__init__()
         if batchnorm and spectral_norm:
             raise ValueError("BatchNorm would undo spectral norm's bound on D: pick one")
         c = channels
+        last = 2 * c + (1 if minibatch_std else 0)  # channels the last convolution sees
 
         def drop() -> list[nn.Module]:
             return [Dropout(dropout)] if dropout > 0 else []
@@ -278,12 +323,13 @@ class DCGANDiscriminator(nn.Module):
             *([nn.BatchNorm2d(2 * c)] if batchnorm else []),
             nn.LeakyReLU(LEAKY_SLOPE),
             *drop(),
-            _sn(nn.Conv2d(2 * c, 1, 7, 1, 0), spectral_norm),  # -> (1, 1, 1)
+            *([MinibatchStd(minibatch_std)] if minibatch_std else []),
+            _sn(nn.Conv2d(last, 1, 7, 1, 0), spectral_norm),  # -> (1, 1, 1)
         )
         self.num_classes = num_classes
         self.embed = None
-        if num_classes:  # one number per feature of (2C, 7, 7)
-            self.embed = _label_embedding(num_classes, 2 * c * 7 * 7, spectral_norm)
+        if num_classes:  # one number per feature the last convolution sees
+            self.embed = _label_embedding(num_classes, last * 7 * 7, spectral_norm)
         _dcgan_init(self)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -309,11 +355,12 @@ def build_discriminator(cfg: TrainParams) -> nn.Module:
     classes = NUM_CLASSES if cfg.conditional else 0
     if cfg.model == "mlp":
         return MLPDiscriminator(tuple(cfg.hidden), cfg.d_activation, cfg.d_dropout,
-                                cfg.spectral_norm, classes)  # fmt: skip
+                                cfg.spectral_norm, classes, cfg.d_minibatch_std)  # fmt: skip
     if cfg.model == "dcgan":
         width = cfg.channels if cfg.d_channels is None else cfg.d_channels
         return DCGANDiscriminator(width, cfg.spectral_norm, classes, dropout=cfg.d_dropout,
-                                  batchnorm=cfg.d_batchnorm)  # fmt: skip
+                                  batchnorm=cfg.d_batchnorm,
+                                  minibatch_std=cfg.d_minibatch_std)  # fmt: skip
     raise ValueError(f"train.model: unknown model {cfg.model!r} (expected mlp or dcgan)")
 
 

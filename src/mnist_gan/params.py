@@ -122,8 +122,9 @@ class TrainParams:
 
     Defaults: the article's sizes, loss, optimiser, batch and epochs, with the fixes that
     measurement chose (BatchNorm in G, LeakyReLU and dropout in D, an EMA of G, one-sided label
-    smoothing, an R1 penalty on D). The article literally: ``g_batchnorm=False,
-    d_activation="relu", d_dropout=0.0, ema=0.0, label_smoothing=0.0, r1_gamma=0.0``.
+    smoothing, an R1 penalty on D, a minibatch standard deviation in D). The article literally:
+    ``g_batchnorm=False, d_activation="relu", d_dropout=0.0, ema=0.0, label_smoothing=0.0,
+    r1_gamma=0.0, d_minibatch_std=0``.
     """
 
     model: Literal["mlp", "dcgan"] = "mlp"
@@ -136,6 +137,9 @@ class TrainParams:
     channels: int = 64  # dcgan base width
     d_channels: int | None = None  # dcgan: D's base width; None: channels
     d_batchnorm: bool = False  # dcgan: BatchNorm after D's second convolution (DCGAN paper)
+    # D: ProGAN's minibatch standard deviation over groups of this many samples, one feature
+    # more before D's last layer; 0 = off.
+    d_minibatch_std: int = 4
     # Class-conditional: G draws the digit it is asked for, D judges image and digit together.
     conditional: bool = False
     # The GAN's seed (weights, noise, data order); None: base.seed. A sweep varies this one, so
@@ -201,6 +205,13 @@ class TrainParams:
             self.batch_size % self.nproc == 0,
             f"batch_size: {self.batch_size} does not split evenly across nproc {self.nproc} "
             "processes",
+        )
+        _check(self.d_minibatch_std >= 0, "d_minibatch_std: must be >= 0 (0 = off)")
+        per_process = self.batch_size // self.nproc
+        _check(
+            self.d_minibatch_std == 0 or per_process % self.d_minibatch_std == 0,
+            f"d_minibatch_std: groups of {self.d_minibatch_std} do not split each process's "
+            f"batch of {per_process} evenly",
         )
         _check(self.checkpoint_every >= 0, "checkpoint_every: must be >= 0")
         _check(self.sample_every >= 0, "sample_every: must be >= 0")

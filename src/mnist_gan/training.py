@@ -43,6 +43,7 @@ from mnist_gan.losses import discriminator_loss, generator_loss, r1_penalty
 from mnist_gan.models import (
     IMAGE_SHAPE,
     NUM_CLASSES,
+    MinibatchStd,
     build_discriminator,
     build_generator,
     save_gan,
@@ -212,7 +213,9 @@ def _set_numpy_state(state: dict[str, Any] | None) -> None:
 
 
 def _has_batch_statistics(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    """Whether a sample's output depends on the rest of its batch (BatchNorm, MinibatchStd)."""
+    batch_wise = (nn.modules.batchnorm._BatchNorm, MinibatchStd)
+    return any(isinstance(m, batch_wise) for m in module.modules())
 
 
 def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
@@ -301,8 +304,9 @@ class GANTrainer:
         progress: Show a per-epoch progress bar; None shows one when stderr is a terminal.
 
     D judges the real and the fake batch in one pass (larger matmuls, half the launches) where
-    that is the same computation: not when D has BatchNorm (real and fake batch statistics
-    would mix) nor spectral norm (each training pass runs one power iteration). Dropout then
+    that is the same computation: not when D has BatchNorm or a minibatch standard deviation
+    (real and fake would be judged together) nor spectral norm (each training pass runs one
+    power iteration). Dropout then
     draws one mask for both halves, from the same distribution. The dcgan networks are kept in
     the channels-last memory format (faster convolutions; the same weights).
 
