@@ -225,10 +225,12 @@ def test_dropout_keeps_the_memory_format() -> None:
     assert 0.15 < (out == 0).float().mean().item() < 0.35
 
 
-def test_discriminator_compiles_as_one_graph_outside_training() -> None:
+@pytest.mark.parametrize("minibatch_std", [0, 4])
+def test_discriminator_compiles_as_one_graph_outside_training(minibatch_std: int) -> None:
     # train.compile compiles D as one graph: nothing in its forward breaks it.
-    d = MLPDiscriminator((16, 8), "leaky_relu", 0.3, spectral_norm=False).eval()
-    explained = torch._dynamo.explain(d)(torch.randn(4, 1, 28, 28))
+    d = MLPDiscriminator((16, 8), "leaky_relu", 0.3, spectral_norm=False,
+                         minibatch_std=minibatch_std).eval()  # fmt: skip
+    explained = torch._dynamo.explain(d)(torch.randn(8, 1, 28, 28))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 

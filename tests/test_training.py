@@ -137,6 +137,18 @@ def test_partial_batch_dropped_and_batch_larger_than_data_rejected() -> None:
         trainer(TINY, torch.zeros(100, 28, 28), seed=0)
 
 
+def test_minibatch_groups_that_do_not_split_a_ranks_batch_are_rejected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The params check a batch against train.nproc; a world of another size (torchrun run
+    by hand, a benchmark) is checked by the trainer before the first step."""
+    cfg = dataclasses.replace(TINY, batch_size=24, d_minibatch_std=4)  # 24 / 4 ranks = 6
+    monkeypatch.setattr("mnist_gan.distributed.rank_and_size", lambda: (0, 4))
+    with pytest.raises(ValueError, match=r"groups of 4 do not split each of the 4 processes' "
+                       r"batch of 6 evenly"):  # fmt: skip
+        trainer(cfg, images(), seed=0)
+
+
 def test_two_identical_runs_give_identical_weights() -> None:
     a = trainer(TINY, images(), seed=3, progress=False)
     b = trainer(TINY, images(), seed=3, progress=False)
@@ -544,7 +556,9 @@ def test_one_pass_of_the_mlp_d_is_two_passes(conditional: bool) -> None:
 def test_one_pass_would_mix_the_batch_statistics_of_dcgans_d() -> None:
     """Why the DCGAN paper's D (BatchNorm) gets two passes: one pass normalises real and fake
     together."""
-    cfg = dataclasses.replace(TINY, model="dcgan", channels=4, d_batchnorm=True, d_dropout=0.0)
+    cfg = dataclasses.replace(
+        TINY, model="dcgan", channels=4, d_batchnorm=True, d_dropout=0.0, d_minibatch_std=0
+    )
     torch.manual_seed(0)
     d = build_discriminator(cfg)
     real, fake = images(64, seed=1), -images(64, seed=2)

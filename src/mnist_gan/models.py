@@ -145,7 +145,8 @@ class MLPDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Map images (B, 1, 28, 28), and digits y (B,) when conditional, to logits (B,)."""
-        features = _body(self.net, x)  # (B, H): the last hidden layer's output
+        features = _body(self.net, x)  # (B, H): the last hidden layer's output (H + 1 with
+        # the minibatch standard deviation's feature)
         logits = self.net[-1](features).squeeze(1)  # (B, 1) -> (B,)
         if self.embed is None:
             return logits
@@ -288,7 +289,8 @@ class DCGANDiscriminator(nn.Module):
         channels: Base width C.
         spectral_norm: Spectral normalisation of every convolution.
         num_classes: 0 for an unconditional discriminator; else a projection discriminator:
-            the inner product of y's embedding with the (2C, 7, 7) features joins the logit.
+            the inner product of y's embedding with the (2C, 7, 7) features (2C + 1 channels
+            with ``minibatch_std``) joins the logit.
         dropout: Dropout after each LeakyReLU; 0 disables it.
         batchnorm: BatchNorm after the second convolution, as in the DCGAN paper (not with
             ``spectral_norm``, whose bound it would undo).

@@ -206,7 +206,10 @@ class TrainParams:
             f"batch_size: {self.batch_size} does not split evenly across nproc {self.nproc} "
             "processes",
         )
-        _check(self.d_minibatch_std >= 0, "d_minibatch_std: must be >= 0 (0 = off)")
+        _check(
+            self.d_minibatch_std == 0 or self.d_minibatch_std >= 2,
+            "d_minibatch_std: must be 0 (off) or a group of >= 2 samples",
+        )
         per_process = self.batch_size // self.nproc
         _check(
             self.d_minibatch_std == 0 or per_process % self.d_minibatch_std == 0,

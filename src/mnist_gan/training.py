@@ -350,6 +350,11 @@ class GANTrainer:
                 f"{self.world_size} training processes"
             )
         self.batch_size = cfg.batch_size // self.world_size  # this rank's share of a batch
+        if cfg.d_minibatch_std and self.batch_size % cfg.d_minibatch_std:
+            raise ValueError(
+                f"train.d_minibatch_std: groups of {cfg.d_minibatch_std} do not split each of "
+                f"the {self.world_size} processes' batch of {self.batch_size} evenly"
+            )
         if images.shape[0] // self.world_size < self.batch_size:
             raise ValueError(
                 f"train.batch_size: {cfg.batch_size} is larger than the training set "
