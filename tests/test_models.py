@@ -168,20 +168,20 @@ def test_dcgan_discriminator_options() -> None:
 
 
 def test_minibatch_std_is_each_groups_spread() -> None:
-    """The joined feature: the standard deviation over each group (samples i, i + B/g, ...) of
+    """The joined feature: the standard deviation over each group (g consecutive samples) of
     every feature, averaged; the same value for each member of a group."""
-    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, 5.0]])  # groups {0, 2}, {1, 3}
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 1.0], [1.0, 5.0]])  # groups {0, 1}, {2, 3}
     out = MinibatchStd(2)(x)
     assert out.shape == (4, 3) and torch.equal(out[:, :2], x)
-    # group {0, 2}: stds 1 and 0 -> 0.5; group {1, 3}: stds 0 and 2 -> 1 (up to the 1e-8)
-    torch.testing.assert_close(out[:, 2], torch.tensor([0.5, 1.0, 0.5, 1.0]), atol=1e-4, rtol=0)
+    # group {0, 1}: stds 1 and 0 -> 0.5; group {2, 3}: stds 0 and 2 -> 1 (up to the 1e-8)
+    torch.testing.assert_close(out[:, 2], torch.tensor([0.5, 0.5, 1.0, 1.0]), atol=1e-4, rtol=0)
     same = MinibatchStd(4)(torch.ones(4, 3))  # a batch of copies: no spread
     assert same[:, 3].max().item() < 1e-3
     images = torch.randn(8, 3, 7, 7).to(memory_format=torch.channels_last)
     out = MinibatchStd(4)(images)  # (B, C, H, W): one more channel, constant over positions
     assert out.shape == (8, 4, 7, 7) and torch.equal(out[:, :3], images)
-    groups = images.reshape(4, 2, 3, 7, 7).std(dim=0, unbiased=False).flatten(1).mean(dim=1)
-    torch.testing.assert_close(out[:, 3, 0, 0], groups.repeat(4), atol=1e-4, rtol=0)
+    groups = images.reshape(2, 4, 3, 7, 7).std(dim=1, unbiased=False).flatten(1).mean(dim=1)
+    torch.testing.assert_close(out[:, 3, 0, 0], groups.repeat_interleave(4), atol=1e-4, rtol=0)
     assert torch.equal(out[:, 3], out[:, 3, :1, :1].expand(8, 7, 7))
     torch.testing.assert_close(MinibatchStd(16)(x), MinibatchStd(4)(x))  # a small batch: 1 group
     with pytest.raises(ValueError, match="a batch of 6 does not split into groups of 4"):
@@ -201,7 +201,7 @@ def test_minibatch_std_lets_d_see_the_rest_of_a_group(model: str, conditional: b
         with torch.no_grad():
             return d.eval()(batch, y)
 
-    for group in (0, 4):  # groups of 4 in a batch of 8: {0, 2, 4, 6} and {1, 3, 5, 7}
+    for group in (0, 4):  # groups of 4 in a batch of 8: {0, 1, 2, 3} and {4, 5, 6, 7}
         cfg = TrainParams(model=model, channels=8, hidden=(32, 16), conditional=conditional,
                           d_minibatch_std=group)  # fmt: skip
         torch.manual_seed(0)
@@ -209,8 +209,8 @@ def test_minibatch_std_lets_d_see_the_rest_of_a_group(model: str, conditional: b
         assert sum(isinstance(m, MinibatchStd) for m in d.modules()) == (1 if group else 0)
         before = logits(d, x)
         in_group, other_group = x.clone(), x.clone()
-        in_group[2] += 1.0
-        other_group[3] += 1.0
+        in_group[3] += 1.0
+        other_group[4] += 1.0
         assert torch.equal(logits(d, other_group)[0], before[0])
         assert torch.equal(logits(d, in_group)[0], before[0]) == (group == 0)
 

@@ -523,20 +523,34 @@ def test_compiled_step_trains_like_the_eager_one() -> None:
     for a, b in zip(compiled.history, eager.history, strict=True):
         for key in METRICS:
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
+    # The bias of G's Linear in front of BatchNorm has no gradient but rounding, which Adam
+    # turns into steps of up to lr: it, and the running mean that follows it, are compared by
+    # what they do together, G's output.
+    shifted = {
+        f"{net}.{key}" for net in ("g", "ema") for key in ("net.0.bias", "net.1.running_mean")
+    }
     for (name, a), b in zip(weights(compiled).items(), weights(eager).values(), strict=True):
-        if a.is_floating_point():
+        if a.is_floating_point() and name not in shifted:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+    z = torch.randn(64, TINY.latent_dim, generator=torch.Generator().manual_seed(1))
+    for net in ("generator", "ema_generator"):
+        with torch.no_grad():
+            out = [getattr(t, net).eval()(z) for t in (compiled, eager)]
+        torch.testing.assert_close(*out, rtol=1e-3, atol=1e-4, msg=net)
 
 
 # --- D judges real and fake in one pass where that is the same computation -------------------
 
 
+@pytest.mark.parametrize("model", ["mlp", "dcgan"])
+@pytest.mark.parametrize("minibatch_std", [0, 4])
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
-def test_one_pass_of_the_mlp_d_is_two_passes(conditional: bool) -> None:
-    """What the trainer's one pass over real and fake relies on: for the mlp D (no batch
-    statistics) the logits and D's gradients are those of two passes, each image judged with
-    its own digit."""
-    cfg = dataclasses.replace(TINY, d_dropout=0.0, d_minibatch_std=0, conditional=conditional)
+def test_one_pass_of_d_is_two_passes(model: str, minibatch_std: int, conditional: bool) -> None:
+    """What the trainer's one pass over real and fake relies on: for a D without BatchNorm the
+    logits and D's gradients are those of two passes, each image judged with its own digit.
+    MinibatchStd's groups of consecutive samples stay within the real or the fake half."""
+    cfg = dataclasses.replace(TINY, model=model, channels=4, d_dropout=0.0,
+                              d_minibatch_std=minibatch_std, conditional=conditional)  # fmt: skip
     torch.manual_seed(0)
     d = build_discriminator(cfg)
     real, fake = images(64, seed=1), images(64, seed=2)
@@ -549,8 +563,8 @@ def test_one_pass_of_the_mlp_d_is_two_passes(conditional: bool) -> None:
     two = torch.cat([d(real, y_real), d(fake, y_fake)])
     two.sum().backward()
     torch.testing.assert_close(one, two)
-    for a, p in zip(grads_one, d.parameters(), strict=True):
-        torch.testing.assert_close(a, p.grad)
+    for a, p in zip(grads_one, d.parameters(), strict=True):  # convolutions sum in other orders
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_one_pass_would_mix_the_batch_statistics_of_dcgans_d() -> None:
@@ -567,13 +581,14 @@ def test_one_pass_would_mix_the_batch_statistics_of_dcgans_d() -> None:
 
 
 @pytest.mark.parametrize("model", ["mlp", "dcgan"])
-def test_minibatch_std_gets_two_passes_and_trains(model: str) -> None:
-    """A D with MinibatchStd judges real and fake batches apart (one pass would put real and
-    fake in one group), and trains like any other D."""
+def test_minibatch_std_gets_one_pass_and_trains(model: str) -> None:
+    """A D with MinibatchStd judges real and fake in one pass (its groups never mix them), and
+    trains like any other D; BatchNorm in D still gets two passes."""
     cfg = dataclasses.replace(TINY, model=model, channels=4, d_minibatch_std=4, epochs=1)
     t = trainer(cfg, images())
-    assert not t._one_pass_d
-    assert trainer(dataclasses.replace(cfg, d_minibatch_std=0), images())._one_pass_d
+    assert t._one_pass_d
+    if model == "dcgan":
+        assert not trainer(dataclasses.replace(cfg, d_batchnorm=True), images())._one_pass_d
     before = {k: v.clone() for k, v in t.discriminator.state_dict().items()}
     t.fit()
     assert all(math.isfinite(v) for v in t.history[-1].values())

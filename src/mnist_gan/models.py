@@ -156,13 +156,14 @@ class MLPDiscriminator(nn.Module):
 class MinibatchStd(nn.Module):
     """ProGAN's minibatch standard deviation (Karras et al. 2018, section 3), as one feature.
 
-    The batch is split into groups of ``group`` samples; each group's standard deviation of
-    every feature (and position), averaged, is joined to each member's features: (B, F) ->
-    (B, F + 1), (B, C, H, W) -> (B, C + 1, H, W). A batch of near-identical samples gets a
-    value near 0 that real batches never have, which D can learn to reject. As in ProGAN's
-    code, group g holds samples g, g + B / group, g + 2 B / group, ...; B must be a multiple
-    of ``group`` (a smaller batch is one group). D's output for a sample then depends on the
-    others in its batch, so the trainer judges real and fake batches in separate passes.
+    The batch is split into groups of ``group`` consecutive samples; each group's standard
+    deviation of every feature (and position), averaged, is joined to each member's features:
+    (B, F) -> (B, F + 1), (B, C, H, W) -> (B, C + 1, H, W). A batch of near-identical samples
+    gets a value near 0 that real batches never have, which D can learn to reject. B must be a
+    multiple of ``group`` (a smaller batch is one group). ProGAN's code groups samples g,
+    g + B / group, ... instead; with shuffled data either way draws groups at random. Groups
+    of consecutive samples never straddle the halves of a [real; fake] batch whose halves are
+    multiples of ``group``, so one pass over both gives each sample what two passes give.
     """
 
     def __init__(self, group: int) -> None:
@@ -179,10 +180,10 @@ class MinibatchStd(nn.Module):
         g = min(self.group, b)
         if b % g:
             raise ValueError(f"MinibatchStd: a batch of {b} does not split into groups of {g}")
-        grouped = x.float().reshape(g, b // g, *rest)  # [i, j]: sample i * (B / g) + j
-        std = (grouped.var(dim=0, unbiased=False) + 1e-8).sqrt()  # (B / g, *rest)
+        grouped = x.float().reshape(b // g, g, *rest)  # [i, j]: sample i * g + j
+        std = (grouped.var(dim=1, unbiased=False) + 1e-8).sqrt()  # (B / g, *rest)
         per_group = std.flatten(1).mean(dim=1)  # (B / g,)
-        feature = per_group.repeat(g).view(b, 1, *[1] * (len(rest) - 1))
+        feature = per_group.repeat_interleave(g).view(b, 1, *[1] * (len(rest) - 1))
         return torch.cat([x, feature.to(x.dtype).expand(b, 1, *rest[1:])], dim=1)
 
 

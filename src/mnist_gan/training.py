@@ -43,7 +43,6 @@ from mnist_gan.losses import discriminator_loss, generator_loss, r1_penalty
 from mnist_gan.models import (
     IMAGE_SHAPE,
     NUM_CLASSES,
-    MinibatchStd,
     build_discriminator,
     build_generator,
     save_gan,
@@ -212,10 +211,11 @@ def _set_numpy_state(state: dict[str, Any] | None) -> None:
     np.random.set_state(legacy)  # noqa: NPY002
 
 
-def _has_batch_statistics(module: nn.Module) -> bool:
-    """Whether a sample's output depends on the rest of its batch (BatchNorm, MinibatchStd)."""
-    batch_wise = (nn.modules.batchnorm._BatchNorm, MinibatchStd)
-    return any(isinstance(m, batch_wise) for m in module.modules())
+def _has_batch_norm(module: nn.Module) -> bool:
+    """Whether a sample's output depends on the statistics of its whole batch (BatchNorm).
+    MinibatchStd's groups of consecutive samples do not count: with halves that are multiples
+    of the group (checked), one pass over [real; fake] keeps each group within one half."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
@@ -304,10 +304,10 @@ class GANTrainer:
         progress: Show a per-epoch progress bar; None shows one when stderr is a terminal.
 
     D judges the real and the fake batch in one pass (larger matmuls, half the launches) where
-    that is the same computation: not when D has BatchNorm or a minibatch standard deviation
-    (real and fake would be judged together) nor spectral norm (each training pass runs one
-    power iteration). Dropout then
-    draws one mask for both halves, from the same distribution. The dcgan networks are kept in
+    that is the same computation: not when D has BatchNorm (real and fake would be normalised
+    together) nor spectral norm (each training pass runs one power iteration). A minibatch
+    standard deviation is fine: its groups never straddle the halves. Dropout then draws one
+    mask for both halves, from the same distribution. The dcgan networks are kept in
     the channels-last memory format (faster convolutions; the same weights).
 
     In a process group of several ranks (DDP, see :mod:`mnist_gan.distributed`), ``images`` is
@@ -433,7 +433,7 @@ class GANTrainer:
             self._d = self._d_for_g if self._d is self.discriminator else compile_(self._d)
             self._opt_steps = tuple(torch.compile(step) for step in self._opt_steps)
             self._ema_step = torch.compile(self._update_ema)
-        self._one_pass_d = not (_has_batch_statistics(self.discriminator) or cfg.spectral_norm)
+        self._one_pass_d = not (_has_batch_norm(self.discriminator) or cfg.spectral_norm)
         if self.ema_generator is not None:
             pairs = zip([*self.ema_generator.parameters(), *self.ema_generator.buffers()],
                         [*self._g_params, *self.generator.buffers()], strict=True)  # fmt: skip
