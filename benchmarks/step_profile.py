@@ -102,7 +102,7 @@ class _GlobalOnly:
     The tracker hooks each module's inputs that require grad, and its hook fails inside
     ``torch.autograd.grad`` when such an input is a leaf ("A leaf node was passed to
     _will_engine_execute_node"): R1's gradient through a D that judges the real batch in a
-    pass of its own (BatchNorm, a minibatch standard deviation). The total needs no tracker.
+    pass of its own (BatchNorm, spectral norm). The total needs no tracker.
     """
 
     parents = frozenset({"Global"})

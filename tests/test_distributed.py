@@ -62,14 +62,18 @@ def test_ranks_hold_shards_and_a_two_rank_run_resumes_exactly(tmp_path: Path) ->
 
 
 def test_a_batchnorm_discriminator_trains_on_two_ranks(tmp_path: Path) -> None:
-    """dcgan's D (BatchNorm) runs twice before one backward: DDP must not touch its buffers."""
-    cfg = {"model": "dcgan", "channels": 4, "batch_size": 16, "epochs": 1}
+    """The DCGAN paper's D (BatchNorm) runs twice before one backward: DDP must not touch its
+    buffers."""
+    cfg = {"model": "dcgan", "channels": 4, "batch_size": 16, "epochs": 1, "d_batchnorm": True}
     ranks = ddpkit.spawn(ddpkit.fit_epochs, 2, tmp_path, cfg, None)
     assert max_diff(params_only(ranks[0]["weights"]), params_only(ranks[1]["weights"])) == 0.0
     loss = ranks[0]["history"][0]["loss_d"]
     assert loss == loss and ranks[0]["steps_per_epoch"] == 15  # finite; 120 images / 8 a step
     # Each rank's D normalised its own images: their BatchNorm statistics differ.
-    stats = [{k: v for k, v in r["weights"].items() if k.endswith("running_mean")} for r in ranks]
+    stats = [
+        {k: v for k, v in r["weights"].items() if k.startswith("d.") and "running_mean" in k}
+        for r in ranks
+    ]
     assert stats[0].keys() and max_diff(stats[0], stats[1]) > 0
 
 

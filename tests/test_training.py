@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import random
 from pathlib import Path
@@ -523,12 +524,18 @@ def test_compiled_step_trains_like_the_eager_one() -> None:
     for a, b in zip(compiled.history, eager.history, strict=True):
         for key in METRICS:
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
-    # The bias of G's Linear in front of BatchNorm has no gradient but rounding, which Adam
+    # The bias of a Linear in front of BatchNorm has no gradient but rounding, which Adam
     # turns into steps of up to lr: it, and the running mean that follows it, are compared by
     # what they do together, G's output.
+    layers = list(eager.generator.named_modules())
     shifted = {
-        f"{net}.{key}" for net in ("g", "ema") for key in ("net.0.bias", "net.1.running_mean")
+        f"{net}.{key}"
+        for net in ("g", "ema")
+        for (a, linear), (b, norm) in itertools.pairwise(layers)
+        if isinstance(linear, torch.nn.Linear) and isinstance(norm, torch.nn.BatchNorm1d)
+        for key in (f"{a}.bias", f"{b}.running_mean")
     }
+    assert shifted and shifted <= weights(eager).keys()
     for (name, a), b in zip(weights(compiled).items(), weights(eager).values(), strict=True):
         if a.is_floating_point() and name not in shifted:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
@@ -583,10 +590,11 @@ def test_one_pass_would_mix_the_batch_statistics_of_dcgans_d() -> None:
 @pytest.mark.parametrize("model", ["mlp", "dcgan"])
 def test_minibatch_std_gets_one_pass_and_trains(model: str) -> None:
     """A D with MinibatchStd judges real and fake in one pass (its groups never mix them), and
-    trains like any other D; BatchNorm in D still gets two passes."""
+    trains like any other D; BatchNorm in D and spectral norm still get two passes."""
     cfg = dataclasses.replace(TINY, model=model, channels=4, d_minibatch_std=4, epochs=1)
     t = trainer(cfg, images())
     assert t._one_pass_d
+    assert not trainer(dataclasses.replace(cfg, spectral_norm=True), images())._one_pass_d
     if model == "dcgan":
         assert not trainer(dataclasses.replace(cfg, d_batchnorm=True), images())._one_pass_d
     before = {k: v.clone() for k, v in t.discriminator.state_dict().items()}
