@@ -69,9 +69,6 @@ def test_params_are_frozen() -> None:
         ("base:\n  seed: -1\n", "base.seed: must be >= 0"),
         ("train:\n  seed: -1\n", "train.seed: must be >= 0 (or null: base.seed)"),
         ("train:\n  r1_gamma: -0.1\n", "train.r1_gamma: must be >= 0 (0 = off)"),
-        ("train:\n  topk: 0\n", "train.topk: must be in (0, 1] (1 = off)"),
-        ("train:\n  topk: 1.5\n", "train.topk: must be in (0, 1] (1 = off)"),
-        ("train:\n  topk_decay: 0\n", "train.topk_decay: must be in (0, 1]"),
         ("train:\n  d_minibatch_std: -1\n", "train.d_minibatch_std: must be 0 (off) or a group"),
         ("train:\n  d_minibatch_std: 1\n", "train.d_minibatch_std: must be 0 (off) or a group"),
         (

@@ -304,36 +304,6 @@ def test_linear_lr_decay_per_epoch_and_exact_resume(tmp_path: Path) -> None:
     assert_same_weights(resumed, t)
 
 
-def test_topk_keeps_a_decaying_share_of_the_batch_and_resumes_exactly(tmp_path: Path) -> None:
-    """Top-k's weights per epoch (share max(topk, decay ** (epoch - 1)) of the batch of 64),
-    a different training from topk off, and a resume that restores the schedule exactly."""
-    cfg = dataclasses.replace(TINY, topk=0.3, topk_decay=0.5, epochs=4)
-    t = trainer(cfg, images(), seed=0, progress=False)
-    assert t._topk_weights is not None
-    kept = []
-    for epoch in range(1, 5):
-        t.fit(epochs=epoch)
-        w = t._topk_weights
-        k = int((w > 0).sum())
-        assert torch.equal(w[:k], torch.full((k,), 1 / k)) and not w[k:].any()
-        kept.append(k)
-    assert kept == [64, 32, 19, 19]  # shares 1, 0.5, then topk's 0.3 (0.25 < 0.3)
-    assert trainer(TINY, images(), seed=0)._topk_weights is None  # topk 1.0: off
-    off = trainer(dataclasses.replace(cfg, topk=1.0), images(), seed=0, progress=False)
-    off.fit()
-    with pytest.raises(AssertionError):
-        assert_same_weights(t, off)  # G learned from fewer samples
-
-    store = CheckpointStore(tmp_path, FP)
-    half = trainer(cfg, images(), seed=0, progress=False)
-    half.fit(epochs=2)
-    store.save(half.state_dict())
-    resumed = trainer(cfg, images(), seed=0, progress=False)
-    resumed.load_state_dict(store.load())
-    resumed.fit()
-    assert_same_weights(resumed, t)
-
-
 def test_clear_removes_checkpoint_and_leftovers_only(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     store = CheckpointStore(folder, FP)

@@ -16,11 +16,6 @@ One-sided label smoothing replaces the discriminator's real targets 1 with ``1 -
 defined for the cross-entropy losses only (``TrainParams`` rejects it with ``hinge``).
 
 :func:`r1_penalty` is the regulariser that ``train.r1_gamma`` adds to any of them.
-
-Top-k training (Sinha et al. 2020, ``train.topk``) weighs the generator's loss by how D rates
-each sample: ``rank_weights`` gives the weight of the best-rated sample, the second best, and
-so on; 1/k for the first k and 0 after them lets only the k samples D finds most realistic
-teach G.
 """
 
 from __future__ import annotations
@@ -62,32 +57,23 @@ def discriminator_loss(
     return real_loss.mean() + F.softplus(fake).mean()
 
 
-def generator_loss(
-    kind: str, fake_logits: torch.Tensor, rank_weights: torch.Tensor | None = None
-) -> torch.Tensor:
+def generator_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
     """The generator's loss on the discriminator's logits (B,) for generated images.
 
     Args:
         kind: ``bce`` (non-saturating), ``minimax`` (saturating) or ``hinge``.
         fake_logits: Logits (B,) on generated images.
-        rank_weights: None: the mean over the samples. Else (B,) weights by D's rating, the
-            highest-rated sample first; the loss is the weighted sum of the per-sample losses in
-            that order (top-k training: 1/k for the first k, then 0).
 
     Returns:
         A scalar float32 tensor.
     """
     _check(kind)
     fake = fake_logits.float()
-    if rank_weights is not None:
-        fake = fake.sort(descending=True).values
     if kind == "bce":
-        per_sample = F.softplus(-fake)  # -log(sigmoid(x))
-    elif kind == "minimax":
-        per_sample = -F.softplus(fake)  # log(1 - sigmoid(x))
-    else:
-        per_sample = -fake
-    return per_sample.mean() if rank_weights is None else per_sample @ rank_weights
+        return F.softplus(-fake).mean()  # -log(sigmoid(x))
+    if kind == "minimax":
+        return -F.softplus(fake).mean()  # log(1 - sigmoid(x))
+    return -fake.mean()
 
 
 def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

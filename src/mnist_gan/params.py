@@ -159,11 +159,6 @@ class TrainParams:
     label_smoothing: float = 0.1  # one-sided: real targets become 1 - label_smoothing
     # R1 penalty: r1_gamma / 2 * E||grad_x D(x)||^2 on real images, added to D's loss; 0 = off.
     r1_gamma: float = 0.1
-    # Top-k training (Sinha et al. 2020): G learns only from the share of each batch that D
-    # rates most realistic. The share starts at 1 and is multiplied by topk_decay each epoch,
-    # down to topk; topk 1.0 = off (every sample counts).
-    topk: float = 1.0
-    topk_decay: float = 0.99
     # How the step runs (mnist_gan.strategy): each true | false | auto. auto decides before the
     # first step by device; true where it cannot be met stops the stage (exit 2).
     amp: bool | Literal["auto"] = "auto"  # bf16 autocast (auto: where bf16 is native)
@@ -205,8 +200,6 @@ class TrainParams:
             "label_smoothing: applies to the bce and minimax losses only; use 0 with hinge",
         )
         _check(self.r1_gamma >= 0.0, "r1_gamma: must be >= 0 (0 = off)")
-        _check(0.0 < self.topk <= 1.0, "topk: must be in (0, 1] (1 = off)")
-        _check(0.0 < self.topk_decay <= 1.0, "topk_decay: must be in (0, 1]")
         _check(self.nproc >= 1, "nproc: must be >= 1")
         _check(
             self.batch_size % self.nproc == 0,

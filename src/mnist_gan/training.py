@@ -449,8 +449,6 @@ class GANTrainer:
         if self.labels is not None:
             self._batch["y_real"] = torch.empty(b, dtype=torch.int64, device=dev)
             self._batch["y_fake"] = torch.empty(b, dtype=torch.int64, device=dev)
-        # Top-k training: G's loss weighs its samples by D's rating, best first (set each epoch).
-        self._topk_weights = torch.full((b,), 1.0 / b, device=dev) if cfg.topk < 1.0 else None
         self._step_metrics = torch.zeros(len(METRICS), device=dev)
         self._record = torch.zeros(self.steps_per_epoch, len(METRICS), device=dev)
         self._run_step = self._new_runner()
@@ -473,15 +471,6 @@ class GANTrainer:
                     group["lr"].fill_(lr * factor)  # in place: a graph or compiled code reads it
                 else:
                     group["lr"] = lr * factor
-
-    def _set_topk(self, epoch: int) -> None:
-        """Top-k's weights for ``epoch`` (1-based): 1/k for the k best-rated samples, 0 for the
-        rest, with k this rank's batch times ``max(topk, topk_decay ** (epoch - 1))``."""
-        if self._topk_weights is None:
-            return
-        share = max(self.cfg.topk, self.cfg.topk_decay ** (epoch - 1))
-        k = max(1, round(share * self.batch_size))
-        self._topk_weights.zero_()[:k] = 1.0 / k  # in place: a graph or compiled code reads it
 
     def _new_runner(self) -> Callable[[], None]:
         if not self.strategy.cuda_graph:
@@ -539,7 +528,7 @@ class GANTrainer:
         # gradients are never computed.
         with self._autocast():
             fake_logits_g = self._d_for_g(fake, y_fake).float()  # (B,)
-        loss_g = generator_loss(cfg.loss, fake_logits_g, self._topk_weights)
+        loss_g = generator_loss(cfg.loss, fake_logits_g)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward(inputs=self._g_params)
         grad_norm_g = _grad_norm(self._g_params)
@@ -605,7 +594,6 @@ class GANTrainer:
         bar = _progress(self.steps_per_epoch, f"epoch {epoch}/{self.cfg.epochs}", self.progress)
         start = time.perf_counter()
         self._set_lr(epoch)
-        self._set_topk(epoch)
         n = self.images.shape[0]
         perm = torch.randperm(n, device=self.device, generator=self.data_generator)
         with self._own_rng():
