@@ -146,7 +146,7 @@ def test_clone_b_pulls_instead_of_training(team: Team, remote: str) -> None:
     run_a = (team.clone_a / ".mlflow_run_id").read_text().strip()
     run_b = (b / ".mlflow_run_id").read_text().strip()
     assert run_a != run_b
-    for run_id, lr_g in ((run_a, "0.0002"), (run_b, "0.0001")):
+    for run_id, lr_g in ((run_a, "0.0004"), (run_b, "0.0001")):
         check_tracked_run(
             team.tracking_uri, run_id, {"train.lr_g": lr_g}, team.work / f"downloads-{remote}"
         )

@@ -194,7 +194,7 @@ def test_stage_writes_every_output_and_logs_the_run(
     assert client.get_experiment(r.info.experiment_id).name == "mnist-gan"
     assert r.data.tags["stage"] == "train" and r.data.tags["dvc_exp_name"] == "tiny-exp"
     assert r.data.tags["dvc_exp_baseline_rev"] == "abc123"
-    assert r.data.params["train.hidden"] == "32" and r.data.params["train.lr_g"] == "0.0002"
+    assert r.data.params["train.hidden"] == "32" and r.data.params["train.lr_g"] == "0.0004"
     assert r.data.params["base.seed"] == "0" and r.data.params["train.model"] == "mlp"
     sha = sha256_file(root / "data/normalized/train.safetensors")
     assert r.data.params["data.train_sha256"] == sha

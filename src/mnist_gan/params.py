@@ -122,9 +122,10 @@ class TrainParams:
 
     Defaults: the article's sizes, loss, optimiser, batch and epochs, with the fixes that
     measurement chose (BatchNorm in G, LeakyReLU and dropout in D, an EMA of G, one-sided label
-    smoothing, an R1 penalty on D, a minibatch standard deviation in D). The article literally:
+    smoothing, an R1 penalty on D, a minibatch standard deviation in D, twice Adam's learning
+    rates). The article literally:
     ``g_batchnorm=False, d_activation="relu", d_dropout=0.0, ema=0.0, label_smoothing=0.0,
-    r1_gamma=0.0, d_minibatch_std=0``.
+    r1_gamma=0.0, d_minibatch_std=0, lr_g=2e-4, lr_d=2e-4``.
     """
 
     model: Literal["mlp", "dcgan"] = "mlp"
@@ -147,8 +148,8 @@ class TrainParams:
     seed: int | None = None
     batch_size: int = 128
     epochs: int = 100
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
+    lr_g: float = 4e-4  # twice the article's 2e-4: measured better with the fixes above
+    lr_d: float = 4e-4
     beta1: float = 0.5
     beta2: float = 0.999
     ema: float = 0.9995  # decay of the generator's weight EMA; 0 disables it
