@@ -525,8 +525,9 @@ def test_compiled_step_trains_like_the_eager_one() -> None:
         for key in METRICS:
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
     # The bias of a Linear in front of BatchNorm has no gradient but rounding, which Adam
-    # turns into steps of up to lr: it, and the running mean that follows it, are compared by
-    # what they do together, G's output.
+    # turns into steps of up to lr: it, and the running mean that follows it, are left out, and
+    # G's output is compared with batch statistics, where that bias cancels exactly. (The
+    # running mean lags the bias, so in eval mode the two differ by about lr: 1.7e-4 at 4e-4.)
     layers = list(eager.generator.named_modules())
     shifted = {
         f"{net}.{key}"
@@ -542,7 +543,7 @@ def test_compiled_step_trains_like_the_eager_one() -> None:
     z = torch.randn(64, TINY.latent_dim, generator=torch.Generator().manual_seed(1))
     for net in ("generator", "ema_generator"):
         with torch.no_grad():
-            out = [getattr(t, net).eval()(z) for t in (compiled, eager)]
+            out = [getattr(t, net).train()(z) for t in (compiled, eager)]
         torch.testing.assert_close(*out, rtol=1e-3, atol=1e-4, msg=net)
 
 
