@@ -26,6 +26,7 @@ SMALL_PARAMS = {
     "classifier": {"epochs": 1, "batch_size": 128},
     "train": {
         "hidden": [32, 32],
+        "d_hidden": None,
         "latent_dim": 16,
         "batch_size": 64,
         "epochs": 1,

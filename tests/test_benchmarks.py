@@ -30,7 +30,8 @@ from mnist_gan.strategy import EAGER, Strategy
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 # Small networks, so a step takes milliseconds.
-TINY = ["--set", "hidden=[32,32]", "--set", "channels=4", "--set", "latent_dim=8"]
+SETTINGS = ("hidden=[32,32]", "d_hidden=null", "channels=4", "latent_dim=8")
+TINY = [arg for setting in SETTINGS for arg in ("--set", setting)]
 CPU_AUTO = str(conftest.CPU_AUTO)  # what auto runs on this CPU, in words
 
 
@@ -169,7 +170,7 @@ def test_benchmark_with_r1_says_why_it_does_not_compile(
 def test_baseline_adds_the_r1_penalty_the_params_ask_for(bench, tmp_path: Path) -> None:
     """Like for like with the trainer: the tutorial loop's D loss holds R1's term too."""
     raw = write_idx(tmp_path / "raw")
-    cfg = TrainParams(hidden=(16,), latent_dim=4, batch_size=16, d_dropout=0.0)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, latent_dim=4, batch_size=16, d_dropout=0.0)
     losses = []
     for gamma in (0.0, 100.0):
         base = bench.baseline.BaselineTrainer(
@@ -183,7 +184,7 @@ def test_baseline_adds_the_r1_penalty_the_params_ask_for(bench, tmp_path: Path) 
 
 def test_epoch_trainer_times_whole_epochs_through_fit(bench) -> None:
     kit = bench.benchkit
-    cfg = TrainParams(hidden=(16,), latent_dim=4, batch_size=8, channels=4)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, latent_dim=4, batch_size=8, channels=4)
     images = torch.rand(40, 1, 28, 28) * 2 - 1
     trainer = kit.epoch_trainer(cfg, images, 3, strategy=EAGER)
     assert trainer.steps_per_epoch == 3 and trainer.strategy == EAGER
@@ -226,7 +227,7 @@ def test_baseline_is_the_tutorial_loop(
         return real_item(self)
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
-    cfg = TrainParams(hidden=(16,), latent_dim=4, batch_size=16)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, latent_dim=4, batch_size=16)
     trainer = baseline.BaselineTrainer(cfg, raw)
     try:
         loader = trainer.loader

@@ -20,7 +20,7 @@ from mnist_gan_cli import main, tracking_uri
 
 
 def make_gan(folder: Path, conditional: bool) -> Path:
-    cfg = TrainParams(hidden=(16,), latent_dim=6, conditional=conditional)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, latent_dim=6, conditional=conditional)
     torch.manual_seed(0)
     folder.mkdir(parents=True)
     save_gan(folder, cfg, 0, build_generator(cfg), build_discriminator(cfg))

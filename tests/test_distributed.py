@@ -40,7 +40,7 @@ def params_only(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_ranks_hold_shards_and_a_two_rank_run_resumes_exactly(tmp_path: Path) -> None:
     """The default recipe (BatchNorm, dropout, EMA) on 2 ranks: shards, one model, exact resume."""
-    cfg = {"hidden": [32], "batch_size": 32, "epochs": 2, "ema": 0.9}
+    cfg = {"hidden": [32], "d_hidden": None, "batch_size": 32, "epochs": 2, "ema": 0.9}
     whole = ddpkit.spawn(ddpkit.fit_epochs, 2, tmp_path, cfg, None)
     images = ddpkit.blobs(240)
     for rank, r in enumerate(whole):
@@ -80,7 +80,7 @@ def test_a_batchnorm_discriminator_trains_on_two_ranks(tmp_path: Path) -> None:
 def test_the_r1_penalty_trains_one_model_on_two_ranks(tmp_path: Path) -> None:
     """R1's double backward runs through D under DDP: its share of D's gradients is averaged
     with the rest (the ranks' different shards would otherwise part their weights)."""
-    cfg = {"hidden": [32], "batch_size": 32, "epochs": 1, "r1_gamma": 1.0}
+    cfg = {"hidden": [32], "d_hidden": None, "batch_size": 32, "epochs": 1, "r1_gamma": 1.0}
     ranks = ddpkit.spawn(ddpkit.fit_epochs, 2, tmp_path, cfg, None)
     assert max_diff(params_only(ranks[0]["weights"]), params_only(ranks[1]["weights"])) == 0.0
     plain = ddpkit.spawn(ddpkit.fit_epochs, 2, tmp_path, {**cfg, "r1_gamma": 0.0}, None)
@@ -97,7 +97,7 @@ def test_a_batch_the_ranks_do_not_divide_is_an_error(tmp_path: Path) -> None:
 
 
 def test_a_checkpoint_of_another_world_size_is_not_resumed(tmp_path: Path) -> None:
-    cfg = TrainParams(hidden=(16,), batch_size=32, epochs=1)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, batch_size=32, epochs=1)
     trainer = GANTrainer(cfg, ddpkit.blobs(64), seed=0, progress=False, strategy=EAGER)
     CheckpointStore(
         tmp_path, fingerprint(cfg, 0, "d", "cpu", "c", world_size=2, strategy=str(EAGER))
@@ -134,7 +134,7 @@ def test_rank_seeds() -> None:
 
 def test_the_ranks_split_the_batch_or_refuse(tmp_path: Path) -> None:
     """Without a process group the trainer is one rank with the whole batch."""
-    cfg = TrainParams(hidden=(16,), batch_size=32, nproc=2)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, batch_size=32, nproc=2)
     t = GANTrainer(cfg, ddpkit.blobs(64), seed=0, progress=False, strategy=EAGER)
     assert (t.rank, t.world_size, t.batch_size) == (0, 1, 32)
     assert torch.equal(t.images, ddpkit.blobs(64))

@@ -47,7 +47,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def make_gan(folder: Path, seed: int, conditional: bool = False) -> Path:
     """An untrained GAN (with EMA) in ``folder``; its weights, and their hash, follow ``seed``."""
-    cfg = TrainParams(hidden=(32,), latent_dim=16, ema=0.9, conditional=conditional)
+    cfg = TrainParams(hidden=(32,), d_hidden=None, latent_dim=16, ema=0.9, conditional=conditional)
     torch.manual_seed(seed)
     nets = build_generator(cfg), build_discriminator(cfg), build_generator(cfg)
     folder.mkdir(parents=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -25,10 +26,10 @@ from mnist_gan.params import ParamsError, TrainParams, load_params, params_to_di
 
 CONFIGS = {
     "mlp-article": TrainParams(
-        g_batchnorm=False, d_activation="relu", d_dropout=0.0, d_minibatch_std=0
+        d_hidden=None, g_batchnorm=False, d_activation="relu", d_dropout=0.0, d_minibatch_std=0
     ),
     "mlp-default": TrainParams(),
-    "mlp-small-sn": TrainParams(hidden=(32, 16), latent_dim=8, spectral_norm=True),
+    "mlp-small-sn": TrainParams(hidden=(32, 16), d_hidden=None, latent_dim=8, spectral_norm=True),
     "dcgan": TrainParams(model="dcgan", channels=8),
     "dcgan-sn": TrainParams(model="dcgan", channels=8, spectral_norm=True, latent_dim=16),
     "dcgan-bn-wide-d": TrainParams(
@@ -56,9 +57,16 @@ def test_shapes_and_ranges(name: str) -> None:
 
 # d_minibatch_std 0: D judges one image as each of the 10 digits, a batch of 10.
 CONDITIONAL = {
-    "mlp": TrainParams(hidden=(32, 16), latent_dim=8, conditional=True, d_minibatch_std=0),
+    "mlp": TrainParams(
+        hidden=(32, 16), d_hidden=None, latent_dim=8, conditional=True, d_minibatch_std=0
+    ),
     "mlp-sn": TrainParams(
-        hidden=(32,), latent_dim=8, conditional=True, spectral_norm=True, d_minibatch_std=0
+        hidden=(32,),
+        d_hidden=None,
+        latent_dim=8,
+        conditional=True,
+        spectral_norm=True,
+        d_minibatch_std=0,
     ),
     "dcgan": TrainParams(
         model="dcgan", channels=4, latent_dim=8, conditional=True, d_minibatch_std=0
@@ -90,12 +98,14 @@ def test_conditional_networks_depend_on_the_digit(name: str) -> None:
 def test_unconditional_networks_keep_their_parameter_names() -> None:
     """train.conditional: false builds the parameters it always has (saved weights still load);
     a conditional network adds only the label embedding."""
-    cfg = TrainParams(hidden=(32,), latent_dim=8)
+    cfg = TrainParams(hidden=(32,), d_hidden=None, latent_dim=8)
     for build in (build_generator, build_discriminator):
         torch.manual_seed(0)
         plain = build(cfg)
         torch.manual_seed(0)
-        conditional = build(TrainParams(hidden=(32,), latent_dim=8, conditional=True))
+        conditional = build(
+            TrainParams(hidden=(32,), d_hidden=None, latent_dim=8, conditional=True)
+        )
         keys = set(plain.state_dict())
         assert keys == set(conditional.state_dict()) - {"embed.weight"}
         assert not any("embed" in k for k in keys)
@@ -133,6 +143,29 @@ def test_stabiliser_options_change_the_networks() -> None:
     assert len(linear) == 2 and all(torch.nn.utils.parametrize.is_parametrized(m) for m in linear)
     dc = DCGANDiscriminator(8, spectral_norm=True)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dc.modules())
+
+
+def test_d_hidden_sets_the_mlp_discriminators_widths_alone() -> None:
+    """d_hidden widens D and leaves G as hidden makes it; null gives D hidden's widths."""
+
+    def widths(net: torch.nn.Module) -> list[tuple[int, int]]:
+        return [(m.in_features, m.out_features) for m in net.modules()
+                if isinstance(m, torch.nn.Linear)]  # fmt: skip
+
+    default = TrainParams()
+    assert default.d_hidden == (512, 512, 512) and default.hidden == (256, 256, 256)
+    d = build_discriminator(dataclasses.replace(default, d_minibatch_std=0))
+    assert widths(d) == [(784, 512), (512, 512), (512, 512), (512, 1)]
+    assert widths(build_generator(default))[0] == (100, 256)  # G keeps hidden
+    cfg = TrainParams(hidden=(32, 16), d_hidden=(24,), latent_dim=8, d_minibatch_std=4)
+    assert widths(build_discriminator(cfg)) == [(784, 24), (25, 1)]  # + the minibatch std
+    assert widths(build_generator(cfg)) == [(8, 32), (32, 16), (16, 784)]
+    same = TrainParams(hidden=(32, 16), d_hidden=None, d_minibatch_std=0)
+    assert widths(build_discriminator(same)) == [(784, 32), (32, 16), (16, 1)]
+    for bad, message in (((), "d_hidden: must list at least one width"),
+                         ((8, 0), "d_hidden: widths must be >= 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            TrainParams(d_hidden=bad)
 
 
 def test_dcgan_discriminator_options() -> None:
@@ -202,8 +235,8 @@ def test_minibatch_std_lets_d_see_the_rest_of_a_group(model: str, conditional: b
             return d.eval()(batch, y)
 
     for group in (0, 4):  # groups of 4 in a batch of 8: {0, 1, 2, 3} and {4, 5, 6, 7}
-        cfg = TrainParams(model=model, channels=8, hidden=(32, 16), conditional=conditional,
-                          d_minibatch_std=group)  # fmt: skip
+        cfg = TrainParams(model=model, channels=8, hidden=(32, 16), d_hidden=None,
+                          conditional=conditional, d_minibatch_std=group)  # fmt: skip
         torch.manual_seed(0)
         d = build_discriminator(cfg)
         assert sum(isinstance(m, MinibatchStd) for m in d.modules()) == (1 if group else 0)
@@ -246,7 +279,7 @@ def test_spectral_norm_bounds_the_discriminator_weights() -> None:
 
 @pytest.mark.parametrize("ema", [True, False])
 def test_save_and_load_generator_round_trip(tmp_path: Path, ema: bool) -> None:
-    cfg = TrainParams(hidden=(16,), latent_dim=4, ema=0.9 if ema else 0.0)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, latent_dim=4, ema=0.9 if ema else 0.0)
     torch.manual_seed(0)
     g, d = build_generator(cfg), build_discriminator(cfg)
     g_ema = build_generator(cfg) if ema else None  # other weights than g
@@ -266,7 +299,7 @@ def test_save_and_load_generator_round_trip(tmp_path: Path, ema: bool) -> None:
 
 
 def test_saved_files_are_deterministic(tmp_path: Path) -> None:
-    cfg = TrainParams(hidden=(16,), latent_dim=4)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, latent_dim=4)
     for name in ("a", "b"):
         torch.manual_seed(0)
         (tmp_path / name).mkdir()
@@ -281,7 +314,7 @@ def test_saved_files_are_deterministic(tmp_path: Path) -> None:
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_saved_files_get_the_permissions_of_the_umask(tmp_path: Path, umask: int) -> None:
     # safetensors alone writes 0600: teammates on a shared checkout could not read the weights.
-    cfg = TrainParams(hidden=(16,), latent_dim=4, ema=0.9)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, latent_dim=4, ema=0.9)
     old = os.umask(umask)
     try:
         save_gan(tmp_path, cfg, 0, build_generator(cfg), build_discriminator(cfg),
@@ -295,7 +328,7 @@ def test_saved_files_get_the_permissions_of_the_umask(tmp_path: Path, umask: int
 def test_load_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_generator(tmp_path)
-    cfg = TrainParams(hidden=(16,), latent_dim=4)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, latent_dim=4)
     save_gan(tmp_path, cfg, 0, build_generator(cfg), build_discriminator(cfg))
     config = json.loads((tmp_path / "config.json").read_text())
     config["train"]["hidden"] = [32]  # no longer fits the stored weights
@@ -318,6 +351,7 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     [
         ("d_activation", "elu", "train.d_activation: must be one of 'relu', 'leaky_relu'"),
         ("hidden", 256, "train.hidden: must be a list"),
+        ("d_hidden", 512, "train.d_hidden: must be a list"),
         ("g_batchnorm", "yes", "train.g_batchnorm: must be true or false"),
         ("latent_dim", 0, "train.latent_dim: must be >= 1"),
     ],
@@ -325,7 +359,7 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
 def test_config_is_validated_like_params_yaml(
     tmp_path: Path, key: str, value: object, message: str
 ) -> None:
-    cfg = TrainParams(hidden=(16,), latent_dim=4)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, latent_dim=4)
     save_gan(tmp_path, cfg, 0, build_generator(cfg), build_discriminator(cfg))
     config = json.loads((tmp_path / "config.json").read_text())
     config["train"][key] = value
@@ -343,7 +377,7 @@ def test_config_is_validated_like_params_yaml(
     ["truncated", "empty", "not safetensors", "another network's"],
 )
 def test_unreadable_or_foreign_weights_are_one_line_errors(tmp_path: Path, broken: str) -> None:
-    cfg = TrainParams(hidden=(16,), latent_dim=4)
+    cfg = TrainParams(hidden=(16,), d_hidden=None, latent_dim=4)
     save_gan(tmp_path, cfg, 0, build_generator(cfg), build_discriminator(cfg))
     weights = tmp_path / "generator.safetensors"
     good = weights.read_bytes()

@@ -40,7 +40,7 @@ def store(tmp_path: Path) -> str:
 
 
 def make_gan(folder: Path, seed: int) -> Path:
-    cfg = TrainParams(hidden=(8,), latent_dim=4)
+    cfg = TrainParams(hidden=(8,), d_hidden=None, latent_dim=4)
     torch.manual_seed(seed)
     folder.mkdir(parents=True)
     save_gan(folder, cfg, 0, build_generator(cfg), build_discriminator(cfg))

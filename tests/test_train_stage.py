@@ -40,6 +40,7 @@ SCRIPT = ROOT / "pipeline" / "train.py"
 STRATEGY = str(CPU_AUTO)  # what the stage's trainer runs here: part of the fingerprint
 SMALL = {
     "hidden": [32],
+    "d_hidden": None,
     "batch_size": 64,
     "epochs": 2,
     "ema": 0.9,
@@ -665,7 +666,9 @@ def test_base_threads_makes_weights_independent_of_the_machine(tmp_path: Path) -
 def test_dvc_repro_train_end_to_end(project_copy: Path, shared_mirror: Path) -> None:
     params = yaml.safe_load((project_copy / "params.yaml").read_text())
     params["normalize"]["train_limit"] = 256
-    params["train"].update({"hidden": [16], "batch_size": 64, "epochs": 2, "sample_every": 1})
+    params["train"].update(
+        {"hidden": [16], "d_hidden": None, "batch_size": 64, "epochs": 2, "sample_every": 1}
+    )
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # An empty MLFLOW_TRACKING_URI means the default: mlflow.db at the project root.
     env = {"MNIST_MIRROR": str(shared_mirror), "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1"}

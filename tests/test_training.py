@@ -22,7 +22,13 @@ from mnist_gan.training import METRICS, DivergenceError, GANTrainer, fixed_noise
 from mnist_gan.utils import native_bf16
 
 TINY = TrainParams(
-    hidden=(32,), batch_size=64, epochs=3, ema=0.9, label_smoothing=0.0, checkpoint_every=1
+    hidden=(32,),
+    d_hidden=None,
+    batch_size=64,
+    epochs=3,
+    ema=0.9,
+    label_smoothing=0.0,
+    checkpoint_every=1,
 )
 FP = fingerprint(TINY, 0, "data", "cpu", "code", strategy=str(EAGER))
 TIMING = ("images_per_sec", "epoch_seconds")

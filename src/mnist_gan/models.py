@@ -5,7 +5,8 @@ Two families, chosen by ``train.model``:
 - ``mlp``: the article's fully connected networks. The generator maps z (B, latent_dim) through
   ``train.hidden`` widths (ReLU; BatchNorm before each ReLU when ``train.g_batchnorm``) to 784
   tanh outputs, reshaped to (B, 1, 28, 28). The discriminator flattens its input and maps it
-  through the same widths (``train.d_activation``, ``train.d_dropout``) to one logit.
+  through ``train.d_hidden`` widths (by default twice G's; null: ``train.hidden``), with
+  ``train.d_activation`` and ``train.d_dropout``, to one logit.
 - ``dcgan``: a DCGAN for 28x28. The generator lifts z to (2C, 7, 7) with a 7x7 transposed
   convolution, then doubles the side twice (14, 28); BatchNorm and ReLU between. The
   discriminator mirrors it with strided convolutions (base width ``train.d_channels``, by
@@ -357,7 +358,8 @@ def build_discriminator(cfg: TrainParams) -> nn.Module:
     """A freshly initialised discriminator for ``cfg`` (drawing from torch's global RNG)."""
     classes = NUM_CLASSES if cfg.conditional else 0
     if cfg.model == "mlp":
-        return MLPDiscriminator(tuple(cfg.hidden), cfg.d_activation, cfg.d_dropout,
+        widths = cfg.hidden if cfg.d_hidden is None else cfg.d_hidden
+        return MLPDiscriminator(tuple(widths), cfg.d_activation, cfg.d_dropout,
                                 cfg.spectral_norm, classes, cfg.d_minibatch_std)  # fmt: skip
     if cfg.model == "dcgan":
         width = cfg.channels if cfg.d_channels is None else cfg.d_channels

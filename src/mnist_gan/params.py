@@ -123,15 +123,17 @@ class TrainParams:
     Defaults: the article's sizes, loss, optimiser, batch and epochs, with the fixes that
     measurement chose (BatchNorm in G, LeakyReLU and dropout in D, an EMA of G, one-sided label
     smoothing, an R1 penalty on D, a minibatch standard deviation in D, twice Adam's learning
-    rates). The article literally:
-    ``g_batchnorm=False, d_activation="relu", d_dropout=0.0, ema=0.0, label_smoothing=0.0,
-    r1_gamma=0.0, d_minibatch_std=0, lr_g=2e-4, lr_d=2e-4``.
+    rates, a D twice as wide as G). The article literally:
+    ``d_hidden=None, g_batchnorm=False, d_activation="relu", d_dropout=0.0, ema=0.0,
+    label_smoothing=0.0, r1_gamma=0.0, d_minibatch_std=0, lr_g=2e-4, lr_d=2e-4``.
     """
 
     model: Literal["mlp", "dcgan"] = "mlp"
     loss: Literal["bce", "minimax", "hinge"] = "bce"
     latent_dim: int = 100
-    hidden: tuple[int, ...] = (256, 256, 256)  # mlp hidden widths (G and D)
+    hidden: tuple[int, ...] = (256, 256, 256)  # mlp hidden widths (G, and D unless d_hidden)
+    # mlp: D's hidden widths; None: hidden. Twice G's widths: measured better than equal ones.
+    d_hidden: tuple[int, ...] | None = (512, 512, 512)
     g_batchnorm: bool = True  # BatchNorm on G's hidden layers (mlp); off = the article literally
     d_activation: Literal["relu", "leaky_relu"] = "leaky_relu"  # mlp discriminator
     d_dropout: float = 0.1  # D: after each hidden activation; 0 = the article literally
@@ -180,6 +182,10 @@ class TrainParams:
         _check(self.latent_dim >= 1, "latent_dim: must be >= 1")
         _check(len(self.hidden) >= 1, "hidden: must list at least one width")
         _check(all(h >= 1 for h in self.hidden), "hidden: widths must be >= 1")
+        _check(self.d_hidden is None or len(self.d_hidden) >= 1,
+               "d_hidden: must list at least one width (or null: hidden)")  # fmt: skip
+        _check(self.d_hidden is None or all(h >= 1 for h in self.d_hidden),
+               "d_hidden: widths must be >= 1")  # fmt: skip
         _check(0.0 <= self.d_dropout < 1.0, "d_dropout: must be in [0, 1)")
         _check(self.channels >= 1, "channels: must be >= 1")
         _check(self.d_channels is None or self.d_channels >= 1,
