@@ -20,7 +20,6 @@ from mnist_gan.classifier import (
     evaluate_classifier,
     load_classifier,
     save_classifier,
-    shift_images,
     train_classifier,
 )
 from mnist_gan.metrics import inception_score
@@ -36,21 +35,6 @@ def test_shapes_and_feature_width() -> None:
     feats, logits = embed(model, x, batch_size=2)
     torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(feats, model.features(x), rtol=1e-4, atol=1e-5)
-
-
-def test_shift_images_moves_content_and_fills_background() -> None:
-    images = torch.full((64, 1, 28, 28), -1.0)
-    images[:, 0, 10:18, 10:18] = 1.0  # a square away from the borders
-    out = shift_images(images, 2, torch.Generator().manual_seed(0))
-    assert out.shape == images.shape
-    assert ((out == 1.0).sum(dim=(1, 2, 3)) == 64).all()  # nothing lost, only moved
-    moved = (out != images).flatten(1).any(1)
-    assert moved.float().mean() > 0.8  # 24 of 25 offsets move it
-    rows = (out[:, 0] == 1.0).any(2).float().argmax(1)  # first row of the square
-    assert set(rows.tolist()) <= set(range(8, 13)) and len(set(rows.tolist())) > 1
-    same = shift_images(images, 2, torch.Generator().manual_seed(0))
-    assert torch.equal(out, same)
-    assert shift_images(images, 0, torch.Generator()) is images
 
 
 def _tiny_data(n: int = 256) -> tuple[torch.Tensor, ...]:

@@ -26,6 +26,7 @@ from mnist_gan.data import (
     read_idx_images,
     read_idx_labels,
     save_normalized,
+    shift_images,
 )
 from mnist_gan.utils import _umask
 
@@ -323,3 +324,34 @@ def test_stage_failure_keeps_earlier_good_output(
     assert f"{raw.folder / TRAIN_IMAGES}: bad magic number 1234" in result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert metrics.read_bytes() == metrics_before
+
+
+def test_shift_images_moves_content_and_fills_background() -> None:
+    images = torch.full((64, 1, 28, 28), -1.0)
+    images[:, 0, 10:18, 10:18] = 1.0  # a square away from the borders
+    out = shift_images(images, 2, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    assert ((out == 1.0).sum(dim=(1, 2, 3)) == 64).all()  # nothing lost, only moved
+    moved = (out != images).flatten(1).any(1)
+    assert moved.float().mean() > 0.8  # 24 of 25 offsets move it
+    rows = (out[:, 0] == 1.0).any(2).float().argmax(1)  # first row of the square
+    assert set(rows.tolist()) <= set(range(8, 13)) and len(set(rows.tolist())) > 1
+    same = shift_images(images, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(out, same)
+    assert shift_images(images, 0, torch.Generator()) is images
+
+
+def test_shift_images_is_differentiable_and_draws_from_the_global_rng() -> None:
+    """What DiffAugment in the GAN's step (train.d_shift) relies on: the gradient reaches each
+    input pixel that stays in the image, once, and none that is shifted out; without a
+    generator the offsets come from torch's global RNG, so the trainer's seed fixes them."""
+    images = torch.rand(32, 1, 28, 28, requires_grad=True)
+    torch.manual_seed(3)
+    out = shift_images(images, 2)
+    out.sum().backward()
+    grad = images.grad
+    assert set(grad.unique().tolist()) == {0.0, 1.0}
+    kept = grad.sum(dim=(1, 2, 3))  # (28 - |dy|) * (28 - |dx|) pixels survive the shift
+    assert ((kept <= 28 * 28) & (kept >= 26 * 26)).all() and (kept < 28 * 28).any()
+    torch.manual_seed(3)
+    assert torch.equal(shift_images(images, 2), out)

@@ -69,6 +69,7 @@ def test_params_are_frozen() -> None:
         ("base:\n  seed: -1\n", "base.seed: must be >= 0"),
         ("train:\n  seed: -1\n", "train.seed: must be >= 0 (or null: base.seed)"),
         ("train:\n  r1_gamma: -0.1\n", "train.r1_gamma: must be >= 0 (0 = off)"),
+        ("train:\n  d_shift: 9\n", "train.d_shift: must be in [0, 8]"),
         ("train:\n  d_minibatch_std: -1\n", "train.d_minibatch_std: must be 0 (off) or a group"),
         ("train:\n  d_minibatch_std: 1\n", "train.d_minibatch_std: must be 0 (off) or a group"),
         (

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mnist_gan.checkpoint import CheckpointStore, fingerprint
+from mnist_gan.data import shift_images
 from mnist_gan.losses import discriminator_loss
 from mnist_gan.models import build_discriminator, build_generator
 from mnist_gan.params import TrainParams
@@ -690,3 +691,33 @@ def test_r1_penalty_is_in_ds_loss_and_its_gradient(model: str) -> None:
         torch.allclose(a, b, rtol=1e-2, atol=1e-5) for a, b in zip(*grads.values(), strict=True)
     ]
     assert not all(close)
+
+
+@pytest.mark.parametrize("model", ["mlp", "dcgan"])
+def test_d_shift_translates_what_d_sees_real_and_fake(model: str) -> None:
+    """DiffAugment (train.d_shift): D's update is the one of a D that judges translated real
+    and fake images, the offsets drawn from the global RNG in the step's order (real and fake
+    together, then the fake G is judged on). G's update goes through the translation."""
+    cfg = dataclasses.replace(TINY, model=model, channels=4, d_dropout=0.0, r1_gamma=0.0, d_shift=2)
+    t = trainer(cfg, images(), seed=0)
+    assert t._one_pass_d
+    g, d = copy.deepcopy(t.generator), copy.deepcopy(t.discriminator)
+    t._draw_batch(torch.arange(64))
+    real, z = t._batch["real"].clone(), t._batch["z"].clone()
+    torch.manual_seed(5)
+    t._one_step()
+    torch.manual_seed(5)
+    fake = g(z).detach()
+    real_logits, fake_logits = d(shift_images(torch.cat([real, fake]), 2)).chunk(2)
+    loss = discriminator_loss("bce", real_logits, fake_logits, 0.0)
+    expected = torch.autograd.grad(loss, list(d.parameters()))
+    assert t._step_metrics[METRICS.index("loss_d")].item() == pytest.approx(loss.item(), 1e-5)
+    for got, want in zip((p.grad for p in t.discriminator.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # Unshifted images give D another update, by far more than the tolerance above.
+    plain = discriminator_loss("bce", *d(torch.cat([real, fake])).chunk(2), 0.0)
+    unshifted = torch.autograd.grad(plain, list(d.parameters()))
+    pairs = zip(expected, unshifted, strict=True)
+    close = [torch.allclose(a, b, rtol=1e-2, atol=1e-5) for a, b in pairs]
+    assert not all(close)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in t.generator.parameters())

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from mnist_gan.data import NUM_CLASSES
+from mnist_gan.data import NUM_CLASSES, shift_images
 from mnist_gan.params import ClassifierParams, params_to_dict, section_from_dict
 from mnist_gan.utils import load_weights, native_bf16, save_tensors, seed_everything
 
@@ -33,7 +33,6 @@ __all__ = [
     "evaluate_classifier",
     "load_classifier",
     "save_classifier",
-    "shift_images",
     "train_classifier",
 ]
 
@@ -101,32 +100,6 @@ class DigitClassifier(nn.Module):
         model.body[4] = fuse_linear_bn_eval(model.body[4], model.body[5])
         model.body[5] = nn.Identity()
         return model.to(memory_format=torch.channels_last)
-
-
-def shift_images(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Translate each image by its own random whole-pixel offset, filling with background.
-
-    Args:
-        images: (B, 1, H, W) in [-1, 1]; -1 is the background.
-        max_shift: Largest offset in pixels along each axis; 0 returns ``images``.
-        generator: Draws the offsets, so augmentation is reproducible.
-
-    Returns:
-        The shifted images, same shape.
-    """
-    if max_shift == 0:
-        return images
-    b, _, h, w = images.shape
-    s = max_shift
-    padded = F.pad(images, (s, s, s, s), value=-1.0)  # (B, 1, H+2s, W+2s)
-    dy = torch.randint(0, 2 * s + 1, (b,), generator=generator, device=generator.device)
-    dx = torch.randint(0, 2 * s + 1, (b,), generator=generator, device=generator.device)
-    dy, dx = dy.to(images.device), dx.to(images.device)
-    rows = dy[:, None] + torch.arange(h, device=images.device)  # (B, H)
-    cols = dx[:, None] + torch.arange(w, device=images.device)  # (B, W)
-    idx = torch.arange(b, device=images.device)[:, None, None]
-    # One gather for the whole batch: (B, H, W) crops of the padded images.
-    return padded[idx, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mnist_gan.utils import load_safetensors, save_tensors
 
@@ -34,6 +35,7 @@ __all__ = [
     "read_idx_labels",
     "read_raw_split",
     "save_normalized",
+    "shift_images",
 ]
 
 IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
@@ -343,3 +345,36 @@ def dataset_stats(
     for split, (images, labels) in splits.items():
         stats.update(_summary(images, labels, split))
     return stats
+
+
+def shift_images(
+    images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Translate each image by its own random whole-pixel offset, filling with background.
+
+    Differentiable in ``images``: the classifier's augmentation, and DiffAugment's translation
+    of everything the GAN's D sees (``train.d_shift``), whose gradient reaches G through it.
+
+    Args:
+        images: (B, 1, H, W) in [-1, 1]; -1 is the background.
+        max_shift: Largest offset in pixels along each axis; 0 returns ``images``.
+        generator: Draws the offsets, so augmentation is reproducible; None: torch's global
+            generator of the images' device.
+
+    Returns:
+        The shifted images, same shape.
+    """
+    if max_shift == 0:
+        return images
+    b, _, h, w = images.shape
+    s = max_shift
+    padded = F.pad(images, (s, s, s, s), value=-1.0)  # (B, 1, H+2s, W+2s)
+    device = images.device if generator is None else generator.device
+    dy = torch.randint(0, 2 * s + 1, (b,), generator=generator, device=device)
+    dx = torch.randint(0, 2 * s + 1, (b,), generator=generator, device=device)
+    dy, dx = dy.to(images.device), dx.to(images.device)
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # (B, H)
+    cols = dx[:, None] + torch.arange(w, device=images.device)  # (B, W)
+    idx = torch.arange(b, device=images.device)[:, None, None]
+    # One gather for the whole batch: (B, H, W) crops of the padded images.
+    return padded[idx, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)

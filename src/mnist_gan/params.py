@@ -137,6 +137,9 @@ class TrainParams:
     g_batchnorm: bool = True  # BatchNorm on G's hidden layers (mlp); off = the article literally
     d_activation: Literal["relu", "leaky_relu"] = "leaky_relu"  # mlp discriminator
     d_dropout: float = 0.1  # D: after each hidden activation; 0 = the article literally
+    # D sees real and fake images translated by up to this many pixels, each by its own random
+    # offset (DiffAugment's translation; G learns through it); 0 = off.
+    d_shift: int = 0
     channels: int = 64  # dcgan base width
     d_channels: int | None = None  # dcgan: D's base width; None: channels
     d_batchnorm: bool = False  # dcgan: BatchNorm after D's second convolution (DCGAN paper)
@@ -187,6 +190,7 @@ class TrainParams:
         _check(self.d_hidden is None or all(h >= 1 for h in self.d_hidden),
                "d_hidden: widths must be >= 1")  # fmt: skip
         _check(0.0 <= self.d_dropout < 1.0, "d_dropout: must be in [0, 1)")
+        _check(0 <= self.d_shift <= 8, "d_shift: must be in [0, 8]")
         _check(self.channels >= 1, "channels: must be >= 1")
         _check(self.d_channels is None or self.d_channels >= 1,
                "d_channels: must be >= 1 (or null: channels)")  # fmt: skip

@@ -39,6 +39,7 @@ from torch import nn
 
 from mnist_gan import distributed
 from mnist_gan.checkpoint import CHECKPOINT_FORMAT, CheckpointStore
+from mnist_gan.data import shift_images
 from mnist_gan.losses import discriminator_loss, generator_loss, r1_penalty
 from mnist_gan.models import (
     IMAGE_SHAPE,
@@ -507,13 +508,19 @@ class GANTrainer:
 
         if cfg.r1_gamma:  # the R1 penalty differentiates D's output by its real input
             real = real.detach().requires_grad_()
+        # DiffAugment: every image D sees, real or fake, is translated by its own random offset
+        # (the identity when d_shift is 0); G's gradient flows back through the translation.
+        shift = functools.partial(shift_images, max_shift=cfg.d_shift)
         with self._autocast():
             fake = self._g(z, y_fake)  # (B, 1, 28, 28)
             if self._one_pass_d:
                 y = None if y_real is None else torch.cat([y_real, y_fake])
-                logits = self._d(torch.cat([real, fake.detach()]), y)  # (2B,): real, then fake
+                both = shift(torch.cat([real, fake.detach()]))
+                logits = self._d(both, y)  # (2B,): real, then fake
             else:
-                logits = torch.cat([self._d(real, y_real), self._d(fake.detach(), y_fake)])
+                logits = torch.cat(
+                    [self._d(shift(real), y_real), self._d(shift(fake.detach()), y_fake)]
+                )
         logits = logits.float()
         real_logits, fake_logits = logits.chunk(2)  # (B,) each
         loss_d = discriminator_loss(cfg.loss, real_logits, fake_logits, cfg.label_smoothing)
@@ -527,7 +534,7 @@ class GANTrainer:
         # G's update, through the updated D. inputs= limits backward to G's weights: D's weight
         # gradients are never computed.
         with self._autocast():
-            fake_logits_g = self._d_for_g(fake, y_fake).float()  # (B,)
+            fake_logits_g = self._d_for_g(shift(fake), y_fake).float()  # (B,)
         loss_g = generator_loss(cfg.loss, fake_logits_g)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward(inputs=self._g_params)
