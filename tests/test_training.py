@@ -697,7 +697,7 @@ def test_r1_penalty_is_in_ds_loss_and_its_gradient(model: str) -> None:
 def test_d_shift_translates_what_d_sees_real_and_fake(model: str) -> None:
     """DiffAugment (train.d_shift): D's update is the one of a D that judges translated real
     and fake images, the offsets drawn from the global RNG in the step's order (real and fake
-    together, then the fake G is judged on). G's update goes through the translation."""
+    together, then the fake G is judged on), and G still gets its gradients through it."""
     cfg = dataclasses.replace(TINY, model=model, channels=4, d_dropout=0.0, r1_gamma=0.0, d_shift=2)
     t = trainer(cfg, images(), seed=0)
     assert t._one_pass_d

@@ -478,6 +478,11 @@ class GANTrainer:
             return self._step
         return _CudaGraphStep(self._step, self.device, self._clear_grads)
 
+    def _shift(self, images: torch.Tensor) -> torch.Tensor:
+        """DiffAugment: each image D judges, real or fake, translated by its own random offset
+        of up to ``d_shift`` pixels (``images`` itself when 0); G learns through it."""
+        return shift_images(images, self.cfg.d_shift)
+
     def _clear_grads(self) -> None:
         self.opt_d.zero_grad(set_to_none=True)
         self.opt_g.zero_grad(set_to_none=True)
@@ -508,18 +513,18 @@ class GANTrainer:
 
         if cfg.r1_gamma:  # the R1 penalty differentiates D's output by its real input
             real = real.detach().requires_grad_()
-        # DiffAugment: every image D sees, real or fake, is translated by its own random offset
-        # (the identity when d_shift is 0); G's gradient flows back through the translation.
-        shift = functools.partial(shift_images, max_shift=cfg.d_shift)
         with self._autocast():
             fake = self._g(z, y_fake)  # (B, 1, 28, 28)
             if self._one_pass_d:
                 y = None if y_real is None else torch.cat([y_real, y_fake])
-                both = shift(torch.cat([real, fake.detach()]))
+                both = self._shift(torch.cat([real, fake.detach()]))
                 logits = self._d(both, y)  # (2B,): real, then fake
             else:
                 logits = torch.cat(
-                    [self._d(shift(real), y_real), self._d(shift(fake.detach()), y_fake)]
+                    [
+                        self._d(self._shift(real), y_real),
+                        self._d(self._shift(fake.detach()), y_fake),
+                    ]
                 )
         logits = logits.float()
         real_logits, fake_logits = logits.chunk(2)  # (B,) each
@@ -534,7 +539,7 @@ class GANTrainer:
         # G's update, through the updated D. inputs= limits backward to G's weights: D's weight
         # gradients are never computed.
         with self._autocast():
-            fake_logits_g = self._d_for_g(shift(fake), y_fake).float()  # (B,)
+            fake_logits_g = self._d_for_g(self._shift(fake), y_fake).float()  # (B,)
         loss_g = generator_loss(cfg.loss, fake_logits_g)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward(inputs=self._g_params)
